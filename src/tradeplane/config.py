@@ -83,7 +83,8 @@ class Settings(BaseSettings):
 
     @property
     def bus_kind(self) -> str:
-        return urlsplit(self.bus_url or "nats://").scheme.removesuffix("s") if self.bus_url else "nats"
+        scheme = urlsplit(self.bus_url).scheme if self.bus_url else "nats"
+        return "amqp" if scheme.startswith("amqp") else "nats"
 
     def with_urls(self, **urls: str) -> Settings:
         """A copy with server URLs filled in (by the embedded servers or the test session)."""

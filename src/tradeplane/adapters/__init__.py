@@ -1,0 +1,1 @@
+"""The outside world: PostgreSQL, Redis, the message bus, feeds, embedded servers."""

@@ -1,0 +1,29 @@
+"""Dependency aliases used at the API edge only."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from tradeplane.bootstrap import Platform
+from tradeplane.errors import AuthenticationFailed
+from tradeplane.services.identity import Principal
+
+
+def get_platform(request: Request) -> Platform:
+    platform: Platform = request.app.state.platform
+    return platform
+
+
+async def get_principal(request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise AuthenticationFailed("send the API key as 'Authorization: Bearer <key>'", code="missing_api_key")
+    platform = get_platform(request)
+    return await platform.authenticator.authenticate(platform.db.pool, key.strip())
+
+
+PlatformDep = Annotated[Platform, Depends(get_platform)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -1,0 +1,468 @@
+"""The `tradeplane` command line. Every error is one line on stderr and a non-zero exit, never a traceback.
+
+With no server URLs configured, commands use the embedded servers under TRADEPLANE_DATA_DIR, starting the
+ones that are not already running (and stopping again only those they started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tradeplane.config import Settings, load_settings
+from tradeplane.errors import ConfigError, TradeplaneError
+from tradeplane.logs import configure_logging
+from tradeplane.services.relay import OutboxRelay
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="tradeplane: self-hosted trading platform core.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+users_app = typer.Typer(help="Users and roles.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+accounts_app = typer.Typer(help="Trading accounts and deposits.", no_args_is_help=True)
+run_app = typer.Typer(help="Run one platform process in the foreground.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(run_app, name="run")
+
+out = Console()
+err = Console(stderr=True)
+
+SERVER_KINDS = {"database_url": "postgres", "redis_url": "redis", "bus_url": "nats"}
+
+
+@contextlib.contextmanager
+def servers(*needed: str) -> Iterator[Settings]:
+    """Settings with a URL for each needed server ("database_url", "redis_url", "bus_url").
+
+    Missing URLs are filled by the embedded servers of the data folder; the ones started here stop on exit.
+    """
+    settings = load_settings()
+    missing = [name for name in needed if getattr(settings, name) is None]
+    if not missing:
+        yield settings
+        return
+    from tradeplane.adapters.embedded import EmbeddedStack
+
+    stack = EmbeddedStack(settings.data_dir)
+    try:
+        with err.status(f"starting embedded {', '.join(SERVER_KINDS[n] for n in missing)} in {settings.data_dir}"):
+            urls = {name: stack.start(SERVER_KINDS[name]) for name in missing}
+        yield settings.with_urls(**urls)
+    finally:
+        stack.stop()
+
+
+def run_async(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+async def _with_db(settings: Settings, work: Callable[[Any], Awaitable[T]], operation: str) -> T:
+    from tradeplane.adapters.postgres import Database
+
+    assert settings.database_url is not None
+    db = Database(settings.database_url, min_size=1, max_size=2, timeout=settings.connect_timeout_s)
+    await db.connect()
+    try:
+        async with db.transaction(operation) as conn:
+            return await work(conn)
+    finally:
+        await db.close()
+
+
+# ---------------------------------------------------------------- up / run
+
+
+@app.command()
+def up(
+    demo: Annotated[bool, typer.Option(help="Load demo instruments, users and a funded account.")] = True,
+) -> None:
+    """Start the whole platform: embedded servers (unless URLs are set), migrations, bus setup, demo data, API."""
+    settings = load_settings()
+    configure_logging("tradeplane", settings.log_level)
+    with servers("database_url", "redis_url", "bus_url") as settings:
+        asyncio.run(_up(settings, demo=demo and settings.demo))
+
+
+async def _up(settings: Settings, *, demo: bool) -> None:
+    from tradeplane.adapters.db.migrate import upgrade
+    from tradeplane.bootstrap import build_platform
+
+    with err.status("applying database migrations"):
+        await asyncio.to_thread(upgrade, str(settings.database_url))
+    platform = build_platform(settings)
+    await platform.start()
+    try:
+        with err.status(f"creating {platform.bus.kind} streams and queues"):
+            await platform.bus.setup(settings.engine_shards)
+        demo_key = await _seed_demo(settings, platform) if demo else None
+        _print_banner(settings, demo_key)
+        stop = asyncio.Event()
+        relay = asyncio.create_task(OutboxRelay(platform.db, platform.bus).run(stop))
+        try:
+            await _serve_api(settings, platform)  # returns on Ctrl-C / SIGTERM (uvicorn handles both)
+        finally:
+            stop.set()
+            await relay
+    finally:
+        await platform.stop()
+
+
+async def _seed_demo(settings: Settings, platform: Any) -> str | None:
+    from tradeplane.services.demo import seed_demo
+
+    async with platform.db.transaction("demo.seed") as conn:
+        seed = await seed_demo(conn, settings.secret_key.get_secret_value())
+    keyfile = settings.data_dir / "demo-credentials.json"
+    if seed.issued_key is not None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        keyfile.write_text(json.dumps({"api_key": seed.issued_key, "account_id": seed.trader_account_id}))
+        keyfile.chmod(0o600)
+        return seed.issued_key
+    if keyfile.exists():
+        return str(json.loads(keyfile.read_text())["api_key"])
+    return None
+
+
+def _print_banner(settings: Settings, demo_key: str | None) -> None:
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    out.print(f"[bold green]tradeplane is up[/]  (data: {settings.data_dir.resolve()})")
+    out.print(f"  API       {base}/api/v1")
+    out.print(f"  Docs      {base}/docs")
+    out.print(f"  Health    {base}/health")
+    out.print(f"  Metrics   {base}/metrics")
+    if demo_key:
+        out.print(f"  Demo trader API key: [bold]{demo_key}[/]")
+        out.print(f"  Try: curl -H 'Authorization: Bearer {demo_key}' {base}/api/v1/me")
+    out.print("Press Ctrl-C to stop.")
+
+
+async def _serve_api(settings: Settings, platform: Any) -> None:
+    import uvicorn
+
+    from tradeplane.entrypoints.api.app import create_app
+
+    config = uvicorn.Config(
+        create_app(platform),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    await server.serve()
+    if not server.started:
+        raise TradeplaneError(
+            f"the API could not listen on {settings.api_host}:{settings.api_port}; "
+            "set TRADEPLANE_API_PORT to a free port"
+        )
+
+
+@run_app.command("api")
+def run_api() -> None:
+    """Serve the REST/WebSocket API (any number of replicas may run behind a load balancer)."""
+    settings = load_settings()
+    configure_logging("api", settings.log_level)
+
+    async def main(settings: Settings) -> None:
+        from tradeplane.bootstrap import build_platform
+
+        platform = build_platform(settings)
+        await platform.start()
+        try:
+            await _serve_api(settings, platform)
+        finally:
+            await platform.stop()
+
+    with servers("database_url", "redis_url", "bus_url") as settings:
+        asyncio.run(main(settings))
+
+
+@run_app.command("relay")
+def run_relay() -> None:
+    """Publish committed outbox rows to the bus (one relay is active per database; extras stand by)."""
+    settings = load_settings()
+    configure_logging("relay", settings.log_level)
+
+    async def main(settings: Settings) -> None:
+        from tradeplane.bootstrap import build_platform
+
+        platform = build_platform(settings)
+        await platform.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await OutboxRelay(platform.db, platform.bus).run(stop)
+        finally:
+            await platform.stop()
+
+    with servers("database_url", "redis_url", "bus_url") as settings:
+        asyncio.run(main(settings))
+
+
+# ---------------------------------------------------------------- setup / check
+
+
+@app.command()
+def setup() -> None:
+    """Apply migrations and create the bus streams (JetStream) or exchanges, queues and bindings (RabbitMQ)."""
+    from tradeplane.adapters.bus import create_bus
+    from tradeplane.adapters.db.migrate import current, upgrade
+
+    with servers("database_url", "bus_url") as settings:
+        assert settings.database_url is not None and settings.bus_url is not None
+        upgrade(settings.database_url)
+        out.print(f"database at revision {current(settings.database_url)}")
+        bus = create_bus(settings.bus_url)
+
+        async def main() -> None:
+            await bus.connect()
+            try:
+                await bus.setup(settings.engine_shards)
+            finally:
+                await bus.close()
+
+        asyncio.run(main())
+        out.print(f"{bus.kind} topology ready for {settings.engine_shards} engine shard(s)")
+
+
+@app.command()
+def check(
+    test: Annotated[bool, typer.Option("--test", help="Also write and read back a probe on each server.")] = False,
+) -> None:
+    """Health of PostgreSQL, Redis and the bus: ok/fail and latency each; exits 1 if any fails."""
+    with servers("database_url", "redis_url", "bus_url") as settings:
+        results = asyncio.run(_check(settings, test))
+    table = Table("server", "status", "latency", "detail")
+    for name, ok, latency, detail in results:
+        table.add_row(name, "[green]ok[/]" if ok else "[red]fail[/]", f"{latency * 1000:.2f} ms" if ok else "-", detail)
+    out.print(table)
+    if not all(ok for _, ok, _, _ in results):
+        raise typer.Exit(1)
+
+
+async def _check(settings: Settings, test: bool) -> list[tuple[str, bool, float, str]]:
+    from tradeplane.adapters.bus import create_bus
+    from tradeplane.adapters.cache import Cache
+    from tradeplane.adapters.postgres import Database
+
+    assert settings.database_url and settings.redis_url and settings.bus_url
+    timeout = settings.connect_timeout_s
+    probes: list[tuple[str, Any]] = [
+        ("postgres", Database(settings.database_url, min_size=1, max_size=1, timeout=timeout)),
+        ("redis", Cache(settings.redis_url, timeout=timeout)),
+        ("bus", create_bus(settings.bus_url)),
+    ]
+    results = []
+    for name, adapter in probes:
+        started = time.perf_counter()
+        try:
+            await adapter.connect()
+            latency = await adapter.ping()
+            detail = getattr(adapter, "kind", "")
+            if test:
+                await adapter.roundtrip_test()
+                detail = f"{detail} write/read ok".strip()
+            results.append((name, True, latency, detail))
+        except Exception as exc:  # report every server, not just the first failure
+            detail = exc.detail if isinstance(exc, TradeplaneError) else f"{exc.__class__.__name__}: {exc}"
+            results.append((name, False, time.perf_counter() - started, detail))
+        finally:
+            with contextlib.suppress(Exception):
+                await adapter.close()
+    return results
+
+
+# ---------------------------------------------------------------- db
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply migrations up to REVISION (default head)."""
+    from tradeplane.adapters.db.migrate import current, upgrade
+
+    with servers("database_url") as settings:
+        assert settings.database_url is not None
+        upgrade(settings.database_url, revision)
+        out.print(f"database at revision {current(settings.database_url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. -1 or base.")]) -> None:
+    """Revert migrations down to REVISION (base removes every table)."""
+    from tradeplane.adapters.db.migrate import current, downgrade
+
+    with servers("database_url") as settings:
+        assert settings.database_url is not None
+        downgrade(settings.database_url, revision)
+        out.print(f"database at revision {current(settings.database_url) or 'base'}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's current revision."""
+    from tradeplane.adapters.db.migrate import current, heads
+
+    with servers("database_url") as settings:
+        assert settings.database_url is not None
+        revision = current(settings.database_url)
+        state = "up to date" if revision in heads() else "behind: run `tradeplane db upgrade`"
+        out.print(f"{revision or 'base'} ({state})")
+
+
+@app.command()
+def backup(
+    file: Annotated[Path, typer.Argument(help="Where to write the dump (pg_dump custom format).")],
+) -> None:
+    """Dump the database to FILE."""
+    from tradeplane.adapters.db.backup import backup as run_backup
+
+    with servers("database_url") as settings, err.status(f"dumping to {file}"):
+        assert settings.database_url is not None
+        run_backup(settings.database_url, file)
+    out.print(f"backup written to {file} ({file.stat().st_size:,} bytes)")
+
+
+@app.command()
+def restore(file: Annotated[Path, typer.Argument(help="A dump made by `tradeplane backup`.")]) -> None:
+    """Restore FILE into the configured database, which must be empty (no tables of ours)."""
+    from tradeplane.adapters.db.backup import restore as run_restore
+
+    if not file.is_file():
+        raise ConfigError(f"{file} does not exist or is not a file")
+    with servers("database_url") as settings:
+        assert settings.database_url is not None
+        url = settings.database_url
+
+        async def has_tables(conn: Any) -> bool:
+            return bool(await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"))
+
+        if run_async(lambda: _with_db(settings, has_tables, "restore.check")):
+            raise TradeplaneError(
+                "the target database is not empty; restore into a new database "
+                "(createdb, then point TRADEPLANE_DATABASE_URL at it)",
+                code="not_empty",
+            )
+        with err.status(f"restoring {file}"):
+            run_restore(url, file)
+    out.print(f"restored {file}")
+
+
+# ---------------------------------------------------------------- users, keys, accounts
+
+
+@users_app.command("create")
+def users_create(
+    username: str,
+    role: Annotated[str, typer.Option(help="admin, trader, readonly or system.")] = "trader",
+    email: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Create a user."""
+    from tradeplane.services.identity import Role, create_user
+
+    try:
+        parsed = Role(role)
+    except ValueError:
+        raise ConfigError(f"--role must be one of {', '.join(r.value for r in Role)}") from None
+    with servers("database_url") as settings:
+        user_id = run_async(
+            lambda: _with_db(settings, lambda c: create_user(c, username, parsed, email=email), "users.create")
+        )
+    out.print(f"user {username} created with id {user_id} and role {parsed.value}")
+
+
+@keys_app.command("create")
+def keys_create(
+    user: Annotated[str, typer.Option(help="Username the key acts as.")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "cli",
+) -> None:
+    """Create an API key and print it once: it is stored only as a hash."""
+    from tradeplane.services.identity import issue_api_key, user_id_by_name
+
+    with servers("database_url") as settings:
+        secret = settings.secret_key.get_secret_value()
+
+        async def work(conn: Any) -> Any:
+            return await issue_api_key(conn, secret, await user_id_by_name(conn, user), name)
+
+        issued = run_async(lambda: _with_db(settings, work, "keys.create"))
+    err.print(f"API key for {user} (shown once; store it now):")
+    out.print(issued.key)
+
+
+@accounts_app.command("create")
+def accounts_create(
+    user: Annotated[str, typer.Option(help="Owner's username.")],
+    name: Annotated[str, typer.Option(help="Account name, unique per user.")] = "main",
+    kind: Annotated[str, typer.Option(help="cash or margin.")] = "cash",
+    currency: Annotated[str, typer.Option(help="Asset code of the account's cash.")] = "USD",
+) -> None:
+    """Create a trading account."""
+    from tradeplane.services.accounts import create_account
+    from tradeplane.services.demo import load_reference_data
+    from tradeplane.services.identity import user_id_by_name
+
+    with servers("database_url") as settings:
+
+        async def work(conn: Any) -> int:
+            await load_reference_data(conn)
+            return await create_account(conn, await user_id_by_name(conn, user), name, kind, currency)
+
+        account_id = run_async(lambda: _with_db(settings, work, "accounts.create"))
+    out.print(f"account {account_id} created for {user} ({kind}, {currency})")
+
+
+@accounts_app.command("deposit")
+def accounts_deposit(
+    account_id: int,
+    amount: str,
+    asset: Annotated[str | None, typer.Option(help="Defaults to the account's currency.")] = None,
+) -> None:
+    """Credit AMOUNT to ACCOUNT_ID as a balanced ledger transaction."""
+    from tradeplane.services.accounts import deposit, parse_amount
+
+    parsed: Decimal = parse_amount(amount)
+    with servers("database_url") as settings:
+        result = run_async(lambda: _with_db(settings, lambda c: deposit(c, account_id, parsed, asset), "deposit"))
+    out.print(f"deposited {parsed} to account {account_id}; balance now {result.balance}")
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        app(standalone_mode=True)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc.detail}")
+        sys.exit(2)
+    except TradeplaneError as exc:
+        err.print(f"[red]error:[/] {exc.detail}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -45,8 +45,17 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(run_app, name="run")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so every `finally` (servers, pools, relay) runs on the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
 
 SERVER_KINDS = {"database_url": "postgres", "redis_url": "redis", "bus_url": "nats"}
 
@@ -452,8 +461,13 @@ def accounts_deposit(
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # uvicorn re-raises a captured SIGTERM after its graceful shutdown; with the default handler that would kill
+    # the process before the embedded servers are stopped.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app(standalone_mode=True)
+    except Terminated:
+        sys.exit(0)
     except ConfigError as exc:
         err.print(f"[red]error:[/] {exc.detail}")
         sys.exit(2)

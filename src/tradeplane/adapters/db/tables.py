@@ -315,6 +315,8 @@ instruments = Table(
     Column("status", String(16), nullable=False, server_default="open"),
     Column("session_close_utc", Time, nullable=True, comment="DAY orders expire here"),
     created_at(),
+    Column("last_price", Amount, nullable=True, comment="mark: last trade price"),
+    Column("last_trade_at", DateTime(timezone=True), nullable=True),
     CheckConstraint("tick_size > 0", name="tick_size_positive"),
     CheckConstraint("lot_size > 0", name="lot_size_positive"),
     CheckConstraint("min_qty > 0", name="min_qty_positive"),
@@ -324,6 +326,7 @@ instruments = Table(
     CheckConstraint("taker_fee_rate >= 0", name="taker_fee_nonnegative"),
     CheckConstraint("maker_fee_rate > -1 AND maker_fee_rate < 1", name="maker_fee_range"),
     CheckConstraint("margin_rate > 0 AND margin_rate <= 1", name="margin_rate_range"),
+    CheckConstraint("last_price IS NULL OR last_price > 0", name="last_price_positive"),
     one_of("status", INSTRUMENT_STATUSES, "status"),
 )
 
@@ -367,6 +370,7 @@ orders = Table(
     Column("sequence", BigInteger, nullable=True, comment="engine time priority"),
     created_at(),
     updated_at(),
+    Column("hold_price", Amount, nullable=True, comment="price the funds hold is computed at"),
     UniqueConstraint("account_id", "client_order_id"),
     one_of("side", SIDES, "side"),
     one_of("type", ORDER_TYPES, "type"),
@@ -381,6 +385,7 @@ orders = Table(
     CheckConstraint("type NOT IN ('limit', 'stop_limit') OR price IS NOT NULL", name="limit_has_price"),
     CheckConstraint("type NOT IN ('stop', 'stop_limit') OR stop_price IS NOT NULL", name="stop_has_stop_price"),
     CheckConstraint("time_in_force <> 'gtd' OR expire_at IS NOT NULL", name="gtd_has_expiry"),
+    CheckConstraint("hold_price IS NULL OR hold_price > 0", name="hold_price_positive"),
     Index("ix_orders_account_id_created_at", "account_id", text("created_at DESC")),
     Index(
         "ix_orders_open_instrument_id_status",

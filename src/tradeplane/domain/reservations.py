@@ -1,0 +1,57 @@
+"""What an open order reserves, and which engine shard owns a symbol.
+
+Both the api (which places the hold when it acknowledges an order) and the engine (which shrinks and releases
+it as the order fills, is canceled or expires) compute holds with `reservation`, so at rest the invariant holds:
+the active holds of an account equal the sum of `reservation` over its open orders' leaves quantities.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+
+from tradeplane.domain.orders import Side
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    asset: str
+    amount: Decimal  # >= 0; zero means nothing is reserved
+
+
+def shard_for(symbol: str, shards: int) -> int:
+    """Stable across processes and restarts (unlike hash()): a symbol always maps to the same engine shard."""
+    return zlib.crc32(symbol.encode()) % shards
+
+
+def ceil_to_scale(amount: Decimal, scale: int) -> Decimal:
+    return amount.quantize(Decimal(1).scaleb(-scale), rounding=ROUND_CEILING)
+
+
+def reservation(
+    *,
+    side: Side,
+    account_kind: str,
+    leaves_qty: Decimal,
+    hold_price: Decimal,
+    maker_fee_rate: Decimal,
+    taker_fee_rate: Decimal,
+    margin_rate: Decimal,
+    base_asset: str,
+    quote_asset: str,
+    quote_scale: int,
+) -> Reservation:
+    """Funds an order with `leaves_qty` still open must keep aside.
+
+    - cash account, buy: notional at the hold price plus the worst fee, in the quote currency (a buy never
+      fills above its hold price, so the cash debited on a fill never exceeds what the hold released);
+    - cash account, sell: the quantity itself, in the base asset (a cash account cannot sell what it lacks);
+    - margin account, either side: initial margin plus the worst fee, in the quote currency.
+    """
+    fee = max(maker_fee_rate, taker_fee_rate, Decimal(0))
+    if account_kind == "margin":
+        return Reservation(quote_asset, ceil_to_scale(leaves_qty * hold_price * (margin_rate + fee), quote_scale))
+    if side is Side.BUY:
+        return Reservation(quote_asset, ceil_to_scale(leaves_qty * hold_price * (1 + fee), quote_scale))
+    return Reservation(base_asset, leaves_qty)

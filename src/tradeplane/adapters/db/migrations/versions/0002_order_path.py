@@ -13,6 +13,7 @@ Create Date: 2026-11-21
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 
 import sqlalchemy as sa
 from alembic import op
@@ -23,7 +24,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-AMOUNT = postgresql.NUMERIC(38, 18)
+AMOUNT: postgresql.NUMERIC[Decimal] = postgresql.NUMERIC(38, 18)
 
 
 def upgrade() -> None:

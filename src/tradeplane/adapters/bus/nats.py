@@ -86,7 +86,9 @@ class NatsSubscription(Subscription):
             raise ValueError("batch must be >= 1 and timeout > 0")
         try:
             msgs = await self._psub.fetch(batch, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):
+            # nats-py raises the builtin TimeoutError (an OSError!) when the deadline lapses between its
+            # no-wait probe and the lingering pull; either way nothing arrived in time
             return []
         except (nats.errors.Error, OSError) as exc:
             raise InfrastructureUnavailable(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from tradeplane.adapters.bus import MessageBus, create_bus
 from tradeplane.adapters.cache import Cache
+from tradeplane.adapters.influxdb import InfluxSink
 from tradeplane.adapters.postgres import Database
 from tradeplane.config import Settings
 from tradeplane.services.identity import ApiKeyAuthenticator
@@ -24,6 +25,9 @@ class Platform:
     cache: Cache
     bus: MessageBus
     authenticator: ApiKeyAuthenticator
+    #: The optional InfluxDB sink (seed 002), present when TRADEPLANE_INFLUXDB_URL is set. It never fails
+    #: start-up: InfluxDB may come later, and until then its points wait in a bounded buffer.
+    influx: InfluxSink | None = None
     _started: bool = field(default=False, init=False)
 
     async def start(self) -> None:
@@ -37,6 +41,8 @@ class Platform:
         except BaseException:
             await self.db.close()
             raise
+        if self.influx is not None:
+            await self.influx.start()
         self._started = True
         log.info("connected to PostgreSQL, Redis and the %s bus", self.bus.kind)
 
@@ -44,7 +50,10 @@ class Platform:
         if not self._started:
             return
         self._started = False
-        await asyncio.gather(self.bus.close(), self.cache.close(), self.db.close(), return_exceptions=True)
+        closing = [self.bus.close(), self.cache.close(), self.db.close()]
+        if self.influx is not None:
+            closing.append(self.influx.close())
+        await asyncio.gather(*closing, return_exceptions=True)
 
 
 def build_platform(settings: Settings) -> Platform:
@@ -60,4 +69,9 @@ def build_platform(settings: Settings) -> Platform:
         cache=Cache(redis_url, timeout=settings.connect_timeout_s),
         bus=create_bus(bus_url),
         authenticator=ApiKeyAuthenticator(settings.secret_key.get_secret_value()),
+        influx=(
+            InfluxSink(settings.influxdb_url, settings.influxdb_database, timeout_s=settings.connect_timeout_s)
+            if settings.influxdb_url
+            else None
+        ),
     )

@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     redis_url: RedisUrl = None
     bus_url: BusUrl = None
     influxdb_url: HttpUrl = None
+    influxdb_database: str = Field(default="market_data", min_length=1)
     data_dir: Path = Path(".tradeplane")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
@@ -67,6 +68,8 @@ class Settings(BaseSettings):
     db_pool_max: int = Field(default=20, ge=1)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     demo: bool = True
+    md_retention_days: int = Field(default=30, ge=1)
+    md_archive_dir: Path | None = None
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:

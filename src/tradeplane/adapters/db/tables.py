@@ -393,6 +393,13 @@ orders = Table(
         "status",
         postgresql_where=text("status IN ('pending_new', 'new', 'partially_filled', 'pending_cancel')"),
     ),
+    # pre-trade risk reads an account's open orders in one instrument on every placement (migration 0002)
+    Index(
+        "ix_orders_open_account_id_instrument_id",
+        "account_id",
+        "instrument_id",
+        postgresql_where=text("status IN ('pending_new', 'new', 'partially_filled', 'pending_cancel')"),
+    ),
     Index(None, "status"),
 )
 
@@ -547,6 +554,8 @@ candles = Table(
     Column("close", Amount, nullable=False),
     Column("volume", Amount, nullable=False, server_default=text("0")),
     Column("tick_count", BigInteger, nullable=False, server_default=text("0")),
+    Column("open_ts_ns", BigInteger, nullable=True, comment="epoch ns of the first trade in the bucket"),
+    Column("close_ts_ns", BigInteger, nullable=True, comment="epoch ns of the last trade in the bucket"),
     PrimaryKeyConstraint("instrument_id", "timeframe", "bucket"),
     one_of("timeframe", CANDLE_TIMEFRAMES, "timeframe"),
     CheckConstraint(

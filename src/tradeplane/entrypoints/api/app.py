@@ -18,6 +18,9 @@ from tradeplane import __version__
 from tradeplane.adapters.bus import order_stream
 from tradeplane.bootstrap import Platform
 from tradeplane.entrypoints.api import health, identity
+from tradeplane.entrypoints.api import marketdata as marketdata_api
+from tradeplane.entrypoints.api import orders as orders_api
+from tradeplane.entrypoints.api import websocket as websocket_hub
 from tradeplane.entrypoints.api.observability import RequestMetrics
 from tradeplane.errors import TradeplaneError
 from tradeplane.metrics import MESSAGE_QUEUE_LENGTH
@@ -88,4 +91,7 @@ def create_app(platform: Platform) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(identity.router)
+    app.include_router(marketdata_api.router)  # /api/v1/marketdata quotes, ticks, candles, spreads
+    app.include_router(orders_api.router)  # /api/v1 orders, fills, positions, accounts, instruments, book
+    app.include_router(websocket_hub.router)  # /ws
     return app

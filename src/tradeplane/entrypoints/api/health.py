@@ -69,3 +69,16 @@ async def health_bus(platform: PlatformDep) -> JSONResponse:
     result = await run_check("bus", platform.bus.ping)
     result["kind"] = platform.bus.kind
     return respond(result, result["status"] == "ok")
+
+
+@router.get("/health/influxdb")
+async def health_influxdb(platform: PlatformDep) -> JSONResponse:
+    """The optional InfluxDB sink: 404 when it is not configured. Not part of ``/health``: the platform trades
+    on while InfluxDB is down (the sink buffers, then drops its oldest points), so it must not be pulled
+    from a load balancer for it."""
+    if platform.influx is None:
+        return JSONResponse({"error": "not_found", "detail": "the InfluxDB sink is not configured"}, status_code=404)
+    result = await run_check("influxdb", platform.influx.ping)
+    result["buffered_points"] = platform.influx.pending
+    result["dropped_points"] = platform.influx.stats.dropped_total
+    return respond(result, result["status"] == "ok")

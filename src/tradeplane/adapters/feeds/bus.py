@@ -1,0 +1,160 @@
+"""Ticks from external publishers on the bus subject ``md.ticks.<symbol>`` (JetStream ``MD_TICKS`` or the
+RabbitMQ ``market_data`` exchange).
+
+Message format: UTF-8 JSON, one tick object or an array of them::
+
+    {"ts": "2024-03-05T12:00:00.123456789Z" | 1709640000123456789, "symbol": "BTC-USD",
+     "bid": "65000.00", "ask": "65000.50", "bid_size": "0.5", "ask_size": "1.2",
+     "last": "65000.25", "volume": "0.01"}
+
+Prices are decimals (strings, or JSON numbers read exactly as decimals) on the instrument's tick grid;
+sizes and volume are quantities in the instrument's units, whole multiples of its lot size. Absent or null
+fields are an absent side (prices) or 0 (quantities). Every row goes through the ``TickValidator``; a
+message that is not JSON, or a row that is not an object, is one ``malformed_row`` drop. Nothing raises.
+
+Delivery is at least once: a batch's messages are acked by ``on_stored`` after the ticks are committed,
+so a crash redelivers them (ticks have no key, so a redelivered batch is stored twice: publishers that
+need exactly once should de-duplicate on their side by ``msg_id``, which JetStream honours).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from tradeplane.adapters.bus import MD_TICKS_ALL, Delivery, MessageBus
+from tradeplane.adapters.feeds import FeedBatch
+from tradeplane.adapters.feeds.replay import MalformedValue, parse_ts_ns
+from tradeplane.domain.ticks import DropReason, Tick, TickValidator
+
+
+@dataclass(slots=True)
+class SettledBatch(FeedBatch):
+    """A feed batch whose source messages are settled by ``on_stored`` once the ticks are committed."""
+
+    on_stored: Callable[[], Awaitable[None]] | None = None
+
+
+def _price(value: object) -> Decimal | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise MalformedValue(f"not a price: {value!r}")
+    if isinstance(value, Decimal | int):
+        return Decimal(value)
+    if isinstance(value, str):
+        try:
+            return Decimal(value.strip())
+        except InvalidOperation as exc:
+            raise MalformedValue(f"not a price: {value!r}") from exc
+    raise MalformedValue(f"not a price: {value!r}")
+
+
+def to_lots(value: object, lot_size: Decimal) -> int:
+    """A quantity in instrument units as a whole number of lots; refuses anything else."""
+    quantity = _price(value)
+    if quantity is None:
+        return 0
+    if not quantity.is_finite():
+        raise MalformedValue(f"not a quantity: {value!r}")
+    lots, remainder = divmod(quantity, lot_size)
+    if remainder:
+        raise MalformedValue(f"{quantity} is not a whole number of lots of {lot_size}")
+    return int(lots)
+
+
+def parse_tick_message(data: bytes, validator: TickValidator, lot_sizes: Mapping[str, Decimal], out: list[Tick]) -> int:
+    """Append the accepted ticks of one bus message to ``out``; returns the rows it held (drops included)."""
+    try:
+        payload = json.loads(data, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError):
+        validator.reject(DropReason.MALFORMED_ROW, data[:200])
+        return 1
+    rows = payload if isinstance(payload, list) else [payload]
+    for row in rows:
+        tick = parse_tick_object(row, validator, lot_sizes)
+        if tick is not None:
+            out.append(tick)
+    return len(rows)
+
+
+def parse_tick_object(row: Any, validator: TickValidator, lot_sizes: Mapping[str, Decimal]) -> Tick | None:
+    if not isinstance(row, dict):
+        validator.reject(DropReason.MALFORMED_ROW, row)
+        return None
+    symbol = row.get("symbol")
+    if not isinstance(symbol, str) or not symbol:
+        validator.reject(DropReason.MALFORMED_ROW, row)
+        return None
+    lot_size = lot_sizes.get(symbol)
+    if lot_size is None:
+        validator.reject(DropReason.UNKNOWN_SYMBOL, row)
+        return None
+    try:
+        if "ts" not in row:
+            raise MalformedValue("no ts")
+        result = validator.normalize(
+            parse_ts_ns(row["ts"]),
+            symbol,
+            _price(row.get("bid")),
+            _price(row.get("ask")),
+            to_lots(row.get("bid_size"), lot_size),
+            to_lots(row.get("ask_size"), lot_size),
+            _price(row.get("last")),
+            to_lots(row.get("volume"), lot_size),
+        )
+    except (MalformedValue, InvalidOperation):
+        validator.reject(DropReason.MALFORMED_ROW, row)
+        return None
+    return result if isinstance(result, Tick) else None
+
+
+class BusTickFeed:
+    """Consumes ``md.ticks.>`` with a durable consumer and yields ``SettledBatch``es of accepted ticks.
+
+    Iteration runs until cancelled. An empty fetch yields nothing. Deliveries are acked after their
+    batch's ticks are committed (``on_stored``); if the consumer stops first they are redelivered.
+    """
+
+    def __init__(
+        self,
+        bus: MessageBus,
+        validator: TickValidator,
+        lot_sizes: Mapping[str, Decimal],
+        *,
+        durable: str = "marketdata",
+        batch: int = 500,
+        fetch_timeout: float = 0.5,
+    ) -> None:
+        self.bus = bus
+        self.validator = validator
+        self.lot_sizes = dict(lot_sizes)
+        self.durable = durable
+        self.batch = batch
+        self.fetch_timeout = fetch_timeout
+        self.rows_read = 0
+
+    async def __aiter__(self) -> AsyncIterator[SettledBatch]:
+        subscription = await self.bus.subscribe(MD_TICKS_ALL, self.durable)
+        try:
+            while True:
+                deliveries = await subscription.fetch(self.batch, self.fetch_timeout)
+                if not deliveries:
+                    continue
+                ticks: list[Tick] = []
+                for delivery in deliveries:
+                    self.rows_read += parse_tick_message(delivery.data, self.validator, self.lot_sizes, ticks)
+                yield SettledBatch(ticks, self.rows_read, on_stored=_acker(deliveries))
+        finally:
+            await subscription.close()
+
+
+def _acker(deliveries: list[Delivery]) -> Callable[[], Awaitable[None]]:
+    async def ack() -> None:
+        for delivery in deliveries:
+            await delivery.ack()
+
+    return ack

@@ -1,0 +1,383 @@
+"""Optional InfluxDB sink (seed 002): market data, trades, performance and system metrics in line protocol.
+
+Writes go to the InfluxDB 1.x HTTP API (``POST /write?db=<database>&precision=ns``; 2.x serves the same
+endpoint for compatibility) in batches from a bounded in-memory buffer, so the trading path never waits for
+InfluxDB:
+
+- ``write*`` only appends to the buffer: synchronous, O(1), never raises for a server problem, never blocks.
+- One background task sends batches of up to ``batch_size`` points, as soon as a batch is full or
+  ``flush_interval_s`` after the oldest point arrived.
+- When InfluxDB is slow or down the batch is retried with exponential backoff (capped at ``max_backoff_s``)
+  and the buffer keeps filling; beyond ``max_points`` the *oldest* points are dropped (fresh data is worth
+  more than stale) and counted in ``influxdb_points_dropped_total{measurement, reason="overflow"}``. A batch
+  the server refuses as malformed (HTTP 400) is not retried: ``reason="rejected"``.
+- When it comes back, the retained points are written, oldest first.
+
+Exact values: InfluxDB stores numbers as float64 or int64. Floats would round prices (0.1 has no float64)
+and could not be compared exactly, so prices and quantities are written as int64 counts of the instrument's
+tick size and lot size, which is how the pipeline already carries them (``domain.ticks.Tick``); the points
+carry ``tick_size`` and ``lot_size`` tags, so ``price = bid x tick_size`` is self-described, and max/min/
+first/last/sum stay exact in InfluxQL. A ``Decimal`` in a generic point (performance, P&L) is written as a
+string field with its exact text: lossless, though InfluxQL cannot aggregate it; convert to integer units
+first where aggregation matters. Float fields are for measurements that are floats anyway (latencies).
+
+Line protocol escaping (InfluxDB 1.x): measurement names escape commas and spaces; tag keys, tag values and
+field keys escape commas, equals signs and spaces; string field values escape backslashes and double quotes.
+InfluxDB 1.x does not unescape a backslash in names and tags, so one is written as it is, and a name or tag
+ending in a backslash (which would escape the delimiter after it) or holding a newline is refused.
+
+Not thread-safe: call ``write*`` from the event loop the sink was started on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from prometheus_client import Counter, Gauge
+
+from tradeplane.domain.ticks import Tick
+
+log = logging.getLogger("tradeplane.influxdb")
+
+MARKET_DATA = "market_data"
+TRADES = "trades"
+PERFORMANCE = "performance"
+SYSTEM_METRICS = "system_metrics"
+
+POINTS_DROPPED = Counter(
+    "influxdb_points_dropped_total",
+    "Points not written to InfluxDB: buffer overflow while it was slow or down, or refused by the server",
+    ["measurement", "reason"],
+)
+POINTS_WRITTEN = Counter("influxdb_points_written_total", "Points written to InfluxDB", ["measurement"])
+WRITE_FAILURES = Counter("influxdb_write_failures_total", "InfluxDB write attempts that failed (then retried)")
+BUFFERED_POINTS = Gauge("influxdb_buffered_points", "Points waiting in the InfluxDB sink's buffer")
+
+FieldValue = int | float | bool | str | Decimal
+
+
+# ------------------------------------------------------------------------------------------ line protocol
+
+
+def _name(text: str, escaped: str, what: str) -> str:
+    if not text:
+        raise ValueError(f"{what} is empty")
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"{what} {text!r} contains a line break")
+    if text.endswith("\\"):
+        raise ValueError(f"{what} {text!r} ends with a backslash")
+    for char in escaped:
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def escape_measurement(name: str) -> str:
+    return _name(name, ", ", "measurement")
+
+
+def escape_key(key: str) -> str:
+    """A tag key, tag value or field key."""
+    return _name(key, ",= ", "tag or field")
+
+
+def _field_value(value: FieldValue) -> str:
+    # bool before int: bool is an int subclass.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"integer field {value} does not fit InfluxDB's int64")
+        return f"{value}i"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"float field {value} is not finite")
+        return repr(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"decimal field {value} is not finite")
+        value = str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"unsupported field type {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One line of line protocol: ``measurement,tags fields timestamp`` with the timestamp in UTC epoch ns.
+
+    Tags with an empty value are left out (InfluxDB has no empty tag); at least one field is required.
+    """
+
+    measurement: str
+    tags: Mapping[str, str]
+    fields: Mapping[str, FieldValue]
+    ts_ns: int
+
+    def to_line(self) -> str:
+        if not self.fields:
+            raise ValueError(f"point of {self.measurement!r} has no fields")
+        parts = [escape_measurement(self.measurement)]
+        for key in sorted(self.tags):  # sorted tags: InfluxDB's fastest path
+            value = self.tags[key]
+            if value:
+                parts.append(f"{escape_key(key)}={escape_key(value)}")
+        fields = ",".join(f"{escape_key(key)}={_field_value(value)}" for key, value in self.fields.items())
+        return f"{','.join(parts)} {fields} {self.ts_ns}"
+
+
+def encode(points: Iterable[Point]) -> bytes:
+    return "\n".join(point.to_line() for point in points).encode()
+
+
+# ------------------------------------------------------------------------------------------------- sink
+
+
+@dataclass(slots=True)
+class SinkStats:
+    """Counts since the sink was created (the Prometheus counters are process-wide)."""
+
+    written: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    failures: int = 0
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+class InfluxSink:
+    """Buffered, batched, never-blocking writer to one InfluxDB database; see the module docstring.
+
+    ``url`` is the server's base URL (``http://host:8086``); credentials in it are sent as basic auth.
+    The database is created (``CREATE DATABASE`` is idempotent) before the first write.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        database: str = "market_data",
+        *,
+        max_points: int = 100_000,
+        batch_size: int = 5_000,
+        flush_interval_s: float = 1.0,
+        timeout_s: float = 5.0,
+        initial_backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not 1 <= batch_size <= max_points:
+            raise ValueError("need 1 <= batch_size <= max_points")
+        parts = urlsplit(url)
+        auth = None
+        if parts.username is not None:
+            auth = httpx.BasicAuth(parts.username, parts.password or "")
+        netloc = parts.hostname or ""
+        if parts.port is not None:
+            netloc = f"{netloc}:{parts.port}"
+        self.url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        self.database = database
+        self.max_points = max_points
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.stats = SinkStats()
+        self._client = httpx.AsyncClient(base_url=self.url, auth=auth, timeout=timeout_s, transport=transport)
+        # Oldest first: the batch being delivered, then the buffer. Together at most max_points.
+        self._batch: deque[Point] = deque()
+        self._buffer: deque[Point] = deque()
+        self._posting = False
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._database_ready = False
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the background writer. Never fails for a server problem: InfluxDB may come up later."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="influxdb-sink")
+
+    async def close(self, *, drain_timeout_s: float = 5.0) -> None:
+        """Try to write what is buffered (for at most ``drain_timeout_s``), then stop; the rest is dropped."""
+        if self._task is not None:
+            self._closing = True
+            self._wakeup.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self._drop([*self._batch, *self._buffer], "shutdown")
+        self._batch.clear()
+        self._buffer.clear()
+        BUFFERED_POINTS.set(0)
+        await self._client.aclose()
+
+    @property
+    def pending(self) -> int:
+        """Points buffered or in flight, not yet written."""
+        return len(self._batch) + len(self._buffer)
+
+    async def wait_written(self) -> None:
+        """Flush now and return once nothing is pending (it waits through an outage: bound it yourself)."""
+        while self.pending:
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
+
+    async def ping(self) -> float:
+        """Seconds for InfluxDB's ``/ping`` to answer 204; raises if it does not (for ``/health/influxdb``)."""
+        started = time.perf_counter()
+        response = await self._client.get("/ping")
+        if response.status_code != 204:
+            raise RuntimeError(f"InfluxDB /ping answered {response.status_code}")
+        return time.perf_counter() - started
+
+    # -------------------------------------------------------------------------------------- writing
+
+    def write(self, point: Point) -> None:
+        """Buffer one point; drops the oldest buffered point when full. O(1), never blocks, never raises
+        for the server's state (an unencodable point raises ``ValueError`` at write time, see ``to_line``)."""
+        point.to_line()  # refuse a bad point here, where the caller can see it, not in a batch later
+        self._buffer.append(point)
+        while len(self._batch) + len(self._buffer) > self.max_points:
+            # The batch waiting for a retry holds the oldest points; one being posted cannot be recalled.
+            oldest = self._batch if self._batch and not self._posting else self._buffer
+            self._drop([oldest.popleft()], "overflow")
+        BUFFERED_POINTS.set(self.pending)
+        if len(self._buffer) >= self.batch_size:
+            self._wakeup.set()
+
+    def write_tick(self, tick: Tick, *, tick_size: Decimal, lot_size: Decimal = Decimal(1)) -> None:
+        """A ``market_data`` point: prices in ticks of ``tick_size``, sizes and volume in lots."""
+        fields: dict[str, FieldValue] = {"bid_size": tick.bid_size, "ask_size": tick.ask_size}
+        if tick.bid is not None:
+            fields["bid"] = tick.bid
+        if tick.ask is not None:
+            fields["ask"] = tick.ask
+        if tick.last is not None:
+            fields["last"] = tick.last
+            fields["volume"] = tick.volume
+        tags = {"symbol": tick.symbol, "tick_size": str(tick_size), "lot_size": str(lot_size)}
+        self.write(Point(MARKET_DATA, tags, fields, tick.ts_ns))
+
+    def write_trade(
+        self,
+        *,
+        symbol: str,
+        trade_id: str,
+        price: int,
+        quantity: int,
+        aggressor_side: str,
+        ts_ns: int,
+        tick_size: Decimal,
+        lot_size: Decimal,
+    ) -> None:
+        """A ``trades`` point: ``price`` in ticks, ``quantity`` in lots; the trade id is a field, not a tag,
+        so it does not create a series per trade."""
+        tags = {"symbol": symbol, "side": aggressor_side, "tick_size": str(tick_size), "lot_size": str(lot_size)}
+        fields: dict[str, FieldValue] = {"price": price, "quantity": quantity, "trade_id": trade_id}
+        self.write(Point(TRADES, tags, fields, ts_ns))
+
+    def write_performance(self, tags: Mapping[str, str], fields: Mapping[str, FieldValue], ts_ns: int) -> None:
+        """A ``performance`` point (strategy or account figures such as equity, P&L, fill ratio)."""
+        self.write(Point(PERFORMANCE, tags, fields, ts_ns))
+
+    def write_system_metric(self, tags: Mapping[str, str], fields: Mapping[str, FieldValue], ts_ns: int) -> None:
+        """A ``system_metrics`` point (process or service health: latencies, queue depths, rates)."""
+        self.write(Point(SYSTEM_METRICS, tags, fields, ts_ns))
+
+    # ---------------------------------------------------------------------------------- background
+
+    def _drop(self, points: list[Point], reason: str) -> None:
+        for point in points:
+            POINTS_DROPPED.labels(point.measurement, reason).inc()
+            self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
+        if points and reason != "shutdown":
+            log.warning("influxdb: dropped %d point(s) (%s)", len(points), reason)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._buffer:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if len(self._buffer) < self.batch_size and not self._closing:
+                # Let a batch fill up, but never hold the oldest point longer than the flush interval.
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self.flush_interval_s)
+            await self._send_next_batch()
+
+    async def _send_next_batch(self) -> None:
+        self._batch.extend(self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer))))
+        try:
+            await self._deliver()
+        finally:
+            self._posting = False
+            BUFFERED_POINTS.set(self.pending)
+
+    async def _deliver(self) -> None:
+        """Send the batch until it is written or refused. While InfluxDB is down, back off; meanwhile
+        ``write`` trims the oldest points (the batch's first) so batch + buffer stay within the bound."""
+        backoff = self.initial_backoff_s
+        while self._batch:
+            batch = list(self._batch)
+            self._posting = True
+            try:
+                status: int | None = await self._post(encode(batch))
+                reason = f"HTTP {status}"
+            except httpx.HTTPError as exc:
+                status, reason = None, f"{exc.__class__.__name__}: {exc}"
+            finally:
+                self._posting = False
+            if status == 204:
+                self._batch.clear()
+                for point in batch:
+                    POINTS_WRITTEN.labels(point.measurement).inc()
+                self.stats.written += len(batch)
+                return
+            if status == 400:
+                self._batch.clear()
+                self._drop(batch, "rejected")
+                return
+            self.stats.failures += 1
+            WRITE_FAILURES.inc()
+            if self._closing:
+                self._drop(list(self._batch), "shutdown")
+                self._batch.clear()
+                return
+            log.warning("influxdb write of %d point(s) failed (%s); retrying in %.2fs", len(batch), reason, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def _post(self, body: bytes) -> int:
+        if not self._database_ready:
+            response = await self._client.post("/query", params={"q": f'CREATE DATABASE "{self._quoted_database}"'})
+            if response.status_code != 200:
+                return response.status_code
+            self._database_ready = True
+        response = await self._client.post("/write", params={"db": self.database, "precision": "ns"}, content=body)
+        if response.status_code == 404:  # database dropped under us: create it again next time
+            self._database_ready = False
+        elif response.status_code == 400:
+            log.error("influxdb refused a batch: %s", response.text[:500])
+        return response.status_code
+
+    @property
+    def _quoted_database(self) -> str:
+        return self.database.replace("\\", "\\\\").replace('"', '\\"')

@@ -1,0 +1,275 @@
+"""Market data REST: latest quote, ticks (cursor-paginated), candles (optionally filled), spreads.
+
+Any authenticated role may read, readonly included. Decimals are strings. Times are ISO 8601 UTC; ``start``
+and ``end`` bound a half-open range ``[start, end)`` and default to the last day (ticks, spreads) or the last
+1,000 buckets of the timeframe (candles).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated
+
+import asyncpg
+import orjson
+from fastapi import APIRouter, Query
+from pydantic import AfterValidator, BaseModel
+
+from tradeplane.adapters.db import marketdata as sql
+from tradeplane.adapters.db.marketdata import ListedInstrument, TickCursor
+from tradeplane.bootstrap import Platform
+from tradeplane.domain.candles import Candle, Timeframe, fill_previous
+from tradeplane.domain.ticks import OffTickGrid
+from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
+from tradeplane.errors import InvalidRequest, NotFound
+from tradeplane.services.ingest import market_data_key
+
+router = APIRouter(prefix="/api/v1/marketdata", tags=["market data"])
+
+INSTRUMENT_CACHE_SECONDS = 5.0
+MAX_TICKS = 10_000
+MAX_CANDLES = 10_000
+MAX_SPREADS = 10_000
+
+_instruments: dict[str, tuple[float, ListedInstrument]] = {}
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise ValueError("must carry a UTC offset (e.g. 2024-03-05T00:00:00Z)")
+    return value
+
+
+AwareTime = Annotated[datetime | None, AfterValidator(_aware)]
+
+
+def _plain(value: Decimal | None) -> str | None:
+    return None if value is None else format(value.normalize(), "f")
+
+
+async def instrument_of(platform: Platform, symbol: str) -> ListedInstrument:
+    """The listed instrument ``symbol`` (cached a few seconds per process), else 404."""
+    cached = _instruments.get(symbol)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < INSTRUMENT_CACHE_SECONDS:
+        return cached[1]
+    async with platform.db.connection("marketdata.instrument") as conn:
+        row = await conn.fetchrow("SELECT id, symbol, tick_size, lot_size FROM instruments WHERE symbol = $1", symbol)
+    if row is None:
+        raise NotFound(f"unknown symbol {symbol!r}", code="unknown_symbol")
+    instrument = ListedInstrument(row["id"], row["symbol"], row["tick_size"], row["lot_size"])
+    _instruments[symbol] = (now, instrument)
+    return instrument
+
+
+def _range(start: datetime | None, end: datetime | None, default: timedelta) -> tuple[datetime, datetime]:
+    end = end or datetime.now(UTC)
+    start = start or end - default
+    if start >= end:
+        raise InvalidRequest("start must be before end", code="invalid_range")
+    return start, end
+
+
+class QuotePublic(BaseModel):
+    symbol: str
+    ts: datetime | None
+    bid: str | None
+    ask: str | None
+    bid_size: str | None
+    ask_size: str | None
+    last: str | None
+    source: str  # "cache": the live quote (Redis, at most 5 s old); "ticks": the newest stored tick
+
+
+class TickPublic(BaseModel):
+    ts: datetime
+    bid: str | None
+    ask: str | None
+    bid_size: str | None
+    ask_size: str | None
+    last: str | None
+    volume: str | None
+
+
+class TickPage(BaseModel):
+    symbol: str
+    ticks: list[TickPublic]
+    next_cursor: str | None
+
+
+class CandlePublic(BaseModel):
+    bucket: datetime
+    open: str
+    high: str
+    low: str
+    close: str
+    volume: str
+    tick_count: int
+
+
+class CandleSeries(BaseModel):
+    symbol: str
+    timeframe: Timeframe
+    candles: list[CandlePublic]
+
+
+class SpreadPublic(BaseModel):
+    ts: datetime
+    spread: str
+
+
+class SpreadSeries(BaseModel):
+    symbol: str
+    spreads: list[SpreadPublic]
+
+
+@router.get("/{symbol}/quote", response_model=QuotePublic)
+async def quote(symbol: str, principal: PrincipalDep, platform: PlatformDep) -> QuotePublic:
+    """The live quote from Redis (counts toward ``cache_hit_ratio``), else the newest stored tick."""
+    instrument = await instrument_of(platform, symbol)
+    cached = await platform.cache.get_cached(market_data_key(symbol))
+    if cached is not None:
+        data = orjson.loads(cached)
+        return QuotePublic(**{k: data.get(k) for k in QuotePublic.model_fields if k != "source"}, source="cache")
+    async with platform.db.connection("marketdata.quote") as conn:
+        row = await sql.latest_tick(conn, instrument.instrument_id)
+    if row is None:
+        raise NotFound(f"no market data for {symbol} yet", code="no_market_data")
+    return QuotePublic(
+        symbol=symbol,
+        ts=row["ts"],
+        bid=_plain(row["bid"]),
+        ask=_plain(row["ask"]),
+        bid_size=_plain(row["bid_size"]),
+        ask_size=_plain(row["ask_size"]),
+        last=_plain(row["last"]),
+        source="ticks",
+    )
+
+
+@router.get("/{symbol}/ticks", response_model=TickPage)
+async def ticks(
+    symbol: str,
+    principal: PrincipalDep,
+    platform: PlatformDep,
+    start: AwareTime = None,
+    end: AwareTime = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_TICKS)] = 1000,
+    cursor: str | None = None,
+) -> TickPage:
+    """Ticks oldest first; pass ``next_cursor`` back as ``cursor`` (with the same start/end) for the next page."""
+    instrument = await instrument_of(platform, symbol)
+    lower, upper = _range(start, end, timedelta(days=1))
+    position = TickCursor.decode(cursor) if cursor else None
+    async with platform.db.connection("marketdata.ticks") as conn:
+        rows, following = await sql.fetch_ticks(conn, instrument.instrument_id, lower, upper, limit, position)
+    return TickPage(
+        symbol=symbol,
+        ticks=[
+            TickPublic(
+                ts=r["ts"],
+                bid=_plain(r["bid"]),
+                ask=_plain(r["ask"]),
+                bid_size=_plain(r["bid_size"]),
+                ask_size=_plain(r["ask_size"]),
+                last=_plain(r["last"]),
+                volume=_plain(r["volume"]),
+            )
+            for r in rows
+        ],
+        next_cursor=following.encode() if following is not None else None,
+    )
+
+
+@router.get("/{symbol}/candles", response_model=CandleSeries)
+async def candles(
+    symbol: str,
+    principal: PrincipalDep,
+    platform: PlatformDep,
+    timeframe: Timeframe = Timeframe.M1,
+    start: AwareTime = None,
+    end: AwareTime = None,
+    fill: Annotated[str | None, Query(pattern="^previous$")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_CANDLES)] = 1000,
+) -> CandleSeries:
+    """Candles with ``start <= bucket < end``; empty buckets are absent unless ``fill=previous``, which
+    carries the last close forward (volume 0, tick_count 0), never before the first real candle."""
+    instrument = await instrument_of(platform, symbol)
+    width = timedelta(microseconds=timeframe.width_ns // 1000)
+    lower, upper = _range(start, end, width * 1000)
+    async with platform.db.connection("marketdata.candles") as conn:
+        rows = await sql.fetch_candles(conn, instrument.instrument_id, timeframe, lower, upper, limit)
+        seed = await sql.candle_before(conn, instrument.instrument_id, timeframe, lower) if fill else None
+    out = [
+        CandlePublic(
+            bucket=r["bucket"],
+            open=_plain(r["open"]) or "0",
+            high=_plain(r["high"]) or "0",
+            low=_plain(r["low"]) or "0",
+            close=_plain(r["close"]) or "0",
+            volume=_plain(r["volume"]) or "0",
+            tick_count=r["tick_count"],
+        )
+        for r in rows
+    ]
+    if fill:
+        out = _filled(instrument, timeframe, rows, seed, out, lower, upper, limit)
+    return CandleSeries(symbol=symbol, timeframe=timeframe, candles=out)
+
+
+def _filled(
+    instrument: ListedInstrument,
+    timeframe: Timeframe,
+    rows: list[asyncpg.Record],
+    seed: asyncpg.Record | None,
+    real: list[CandlePublic],
+    lower: datetime,
+    upper: datetime,
+    limit: int,
+) -> list[CandlePublic]:
+    """``fill_previous`` over the stored candles (in ticks), real buckets kept as stored."""
+    scale = instrument.price_scale
+    by_bucket = {candle.bucket: candle for candle in real}
+    try:
+        domain: list[Candle] = [
+            sql.candle_from_row(instrument.symbol, timeframe, row, scale)
+            for row in ([seed] if seed is not None else []) + rows
+        ]
+    except OffTickGrid as exc:  # the tick size changed since these candles were stored
+        raise InvalidRequest(f"cannot fill {instrument.symbol}: {exc}", code="fill_unavailable") from None
+    if len(rows) == limit:  # the page ends before `upper`: fill only up to its last bucket
+        upper = real[-1].bucket + timedelta(microseconds=timeframe.width_ns // 1000)
+    filled = fill_previous(domain, sql.datetime_to_ns(lower), sql.datetime_to_ns(upper), timeframe)
+    out = []
+    for candle in filled[:limit]:
+        moment = sql.ns_to_datetime(candle.bucket_start_ns)
+        real_candle = by_bucket.get(moment)
+        if real_candle is not None:
+            out.append(real_candle)
+        else:
+            close = format(scale.to_price(candle.close).normalize(), "f")
+            out.append(
+                CandlePublic(bucket=moment, open=close, high=close, low=close, close=close, volume="0", tick_count=0)
+            )
+    return out
+
+
+@router.get("/{symbol}/spreads", response_model=SpreadSeries)
+async def spreads(
+    symbol: str,
+    principal: PrincipalDep,
+    platform: PlatformDep,
+    start: AwareTime = None,
+    end: AwareTime = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_SPREADS)] = 1000,
+) -> SpreadSeries:
+    """Sampled bid-ask spreads (at most one per symbol per second of tick time), oldest first."""
+    instrument = await instrument_of(platform, symbol)
+    lower, upper = _range(start, end, timedelta(days=1))
+    async with platform.db.connection("marketdata.spreads") as conn:
+        rows = await sql.fetch_spreads(conn, instrument.instrument_id, lower, upper, limit)
+    return SpreadSeries(
+        symbol=symbol, spreads=[SpreadPublic(ts=r["ts"], spread=_plain(r["spread"]) or "0") for r in rows]
+    )

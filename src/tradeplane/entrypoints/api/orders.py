@@ -1,0 +1,233 @@
+"""REST for the order path: orders, fills, positions, account summaries, instruments and the L2 book.
+
+Each write runs in one transaction that commits before the response is sent: a 201 (or a 422 risk_rejected)
+means the order row is in PostgreSQL. Responses are built straight from the service records (already
+JSON-shaped) to keep the acknowledgement path short; the pydantic models document them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
+from tradeplane.entrypoints.api.schemas import (
+    AccountPublic,
+    BookPublic,
+    FillPage,
+    FillPublic,
+    InstrumentPublic,
+    OrderAmend,
+    OrderCreate,
+    OrderPage,
+    OrderPublic,
+    PositionPublic,
+    RiskRejectedBody,
+)
+from tradeplane.services import queries
+from tradeplane.services.orders import OrderRequest, PlacementOutcome, order_entry, submit_order
+from tradeplane.services.queries import OrderRecord, sees_all_accounts
+
+router = APIRouter(prefix="/api/v1", tags=["trading"])
+
+_REJECTED: dict[int | str, dict[str, Any]] = {
+    422: {"model": RiskRejectedBody, "description": "risk_rejected (stored) or validation_error"}
+}
+
+
+def _order_response(order: OrderRecord, status_code: int) -> JSONResponse:
+    return JSONResponse(order.to_json(), status_code=status_code)
+
+
+def _risk_rejected(order: OrderRecord | None, reason: str, detail: str) -> JSONResponse:
+    body: dict[str, Any] = {
+        "error": "risk_rejected",
+        "detail": detail,
+        "reason": reason,
+        "order": None if order is None else order.to_json(),
+    }
+    return JSONResponse(body, status_code=422)
+
+
+@router.post(
+    "/orders",
+    status_code=201,
+    response_model=OrderPublic,
+    responses={200: {"model": OrderPublic, "description": "idempotent retry: the original order"}, **_REJECTED},
+)
+async def place_order(body: OrderCreate, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
+    """Place an order: 201 once it is committed (status pending_new); a retry with the same client_order_id
+    and parameters returns the original (200); the same id with other parameters is 409."""
+    entry = order_entry(platform)
+    request = OrderRequest(body.account_id, body.symbol, body.terms(), body.client_order_id)
+    placement = await submit_order(platform.db, entry, principal, request)
+    if placement.rejection is not None:
+        return _risk_rejected(placement.order, placement.rejection.reason.value, placement.rejection.detail)
+    assert placement.order is not None
+    if placement.outcome is PlacementOutcome.ACCEPTED:
+        if placement.owner_user_id is not None:
+            await queries.invalidate_user_caches(platform.cache, placement.owner_user_id)
+        return _order_response(placement.order, 201)
+    return _order_response(placement.order, 200)
+
+
+@router.get("/orders", response_model=OrderPage)
+async def list_orders(
+    principal: PrincipalDep,
+    platform: PlatformDep,
+    account_id: int | None = None,
+    symbol: str | None = None,
+    status: Annotated[list[str] | None, Query(description="repeatable; 'open' means every open status")] = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = queries.DEFAULT_PAGE,
+    cursor: str | None = None,
+) -> JSONResponse:
+    """Orders newest first, filtered by account, symbol, status and created_at range [start, end)."""
+    async with platform.db.connection("orders.list") as conn:
+        own_open_only = (
+            status == ["open"] and account_id is None and symbol is None and start is None and end is None
+        ) and cursor is None
+        if own_open_only and not sees_all_accounts(principal):
+            cached = await queries.open_orders_of_user(conn, platform.cache, principal.user_id)
+            if len(cached) <= limit:
+                return JSONResponse({"items": [o.to_json() for o in cached], "next_cursor": None})
+        instrument_id = None
+        if symbol is not None:
+            instrument_id = (await order_entry(platform).catalog.require(conn, symbol)).instrument_id
+        page = await queries.list_orders(
+            conn,
+            principal,
+            account_id=account_id,
+            instrument_id=instrument_id,
+            statuses=status or (),
+            start=start,
+            end=end,
+            limit=limit,
+            cursor=cursor,
+        )
+    return JSONResponse({"items": [o.to_json() for o in page.items], "next_cursor": page.next_cursor})
+
+
+@router.get("/orders/{order_id}", response_model=OrderPublic)
+async def get_order(order_id: int, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
+    async with platform.db.connection("orders.get") as conn:
+        order = await queries.get_order(conn, principal, order_id)
+    return _order_response(order, 200)
+
+
+@router.patch("/orders/{order_id}", response_model=OrderPublic, responses=_REJECTED)
+async def modify_order(order_id: int, body: OrderAmend, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
+    """Change quantity and/or price; the engine applies it (a price change or a larger quantity loses time
+    priority). The response is the order as stored now; the change shows once the engine has applied it."""
+    entry = order_entry(platform)
+    async with platform.db.transaction("orders.modify") as conn:
+        amendment = await entry.modify_order(conn, principal, order_id, quantity=body.quantity, price=body.price)
+    if amendment.rejection is not None:
+        return _risk_rejected(amendment.order, amendment.rejection.reason.value, amendment.rejection.detail)
+    if amendment.owner_user_id is not None:
+        await queries.invalidate_user_caches(platform.cache, amendment.owner_user_id)
+    return _order_response(amendment.order, 200)
+
+
+@router.delete("/orders/{order_id}", response_model=OrderPublic)
+async def cancel_order(order_id: int, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
+    """Request a cancel: the order becomes pending_cancel; the engine cancels it (or it fills first)."""
+    entry = order_entry(platform)
+    async with platform.db.transaction("orders.cancel") as conn:
+        order = await entry.cancel_order(conn, principal, order_id)
+        owner = await conn.fetchval("SELECT user_id FROM accounts WHERE id = $1", order.account_id)
+    if owner is not None:
+        await queries.invalidate_user_caches(platform.cache, owner)
+    return _order_response(order, 200)
+
+
+@router.delete("/orders", response_model=list[OrderPublic])
+async def cancel_all_orders(
+    account_id: int, principal: PrincipalDep, platform: PlatformDep, symbol: str | None = None
+) -> JSONResponse:
+    """Cancel every open order of the account (optionally one symbol); returns the orders now pending_cancel."""
+    entry = order_entry(platform)
+    async with platform.db.transaction("orders.cancel_all") as conn:
+        orders = await entry.cancel_all(conn, principal, account_id, symbol)
+        owner = await conn.fetchval("SELECT user_id FROM accounts WHERE id = $1", account_id)
+    if orders and owner is not None:
+        await queries.invalidate_user_caches(platform.cache, owner)
+    return JSONResponse([o.to_json() for o in orders])
+
+
+@router.get("/fills", response_model=FillPage)
+async def list_fills(
+    principal: PrincipalDep,
+    platform: PlatformDep,
+    account_id: int | None = None,
+    symbol: str | None = None,
+    order_id: int | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = queries.DEFAULT_PAGE,
+    cursor: str | None = None,
+) -> FillPage:
+    async with platform.db.connection("fills.list") as conn:
+        instrument_id = None
+        if symbol is not None:
+            instrument_id = (await order_entry(platform).catalog.require(conn, symbol)).instrument_id
+        page = await queries.list_fills(
+            conn,
+            principal,
+            account_id=account_id,
+            instrument_id=instrument_id,
+            order_id=order_id,
+            start=start,
+            end=end,
+            limit=limit,
+            cursor=cursor,
+        )
+    return FillPage(
+        items=[FillPublic.model_validate(f, from_attributes=True) for f in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/positions", response_model=list[PositionPublic])
+async def list_positions(
+    principal: PrincipalDep, platform: PlatformDep, account_id: int | None = None, symbol: str | None = None
+) -> list[PositionPublic]:
+    async with platform.db.connection("positions.list") as conn:
+        instrument_id = None
+        if symbol is not None:
+            instrument_id = (await order_entry(platform).catalog.require(conn, symbol)).instrument_id
+        positions = await queries.list_positions(
+            conn, platform.cache, principal, account_id=account_id, instrument_id=instrument_id
+        )
+    return [PositionPublic.model_validate(p, from_attributes=True) for p in positions]
+
+
+@router.get("/accounts/{account_id}", response_model=AccountPublic)
+async def get_account(account_id: int, principal: PrincipalDep, platform: PlatformDep) -> AccountPublic:
+    """Cash, holds, free cash, equity, realized and unrealized P&L (positions marked at the last trade)."""
+    async with platform.db.connection("accounts.summary") as conn:
+        summary = await queries.account_summary(conn, principal, account_id)
+    return AccountPublic.model_validate(summary, from_attributes=True)
+
+
+@router.get("/instruments", response_model=list[InstrumentPublic])
+async def list_instruments(principal: PrincipalDep, platform: PlatformDep) -> list[InstrumentPublic]:
+    async with platform.db.connection("instruments.list") as conn:
+        instruments = await queries.list_instruments(conn)
+    return [InstrumentPublic.model_validate(i, from_attributes=True) for i in instruments]
+
+
+@router.get("/book/{symbol}", response_model=BookPublic)
+async def get_book(
+    symbol: str,
+    principal: PrincipalDep,
+    platform: PlatformDep,
+    levels: Annotated[int, Query(ge=1, le=queries.BOOK_MAX_LEVELS)] = queries.BOOK_MAX_LEVELS,
+) -> BookPublic:
+    """L2 depth from the engine's latest snapshot in Redis (empty at seq 0 before the engine wrote one)."""
+    async with platform.db.connection("book.get") as conn:
+        await order_entry(platform).catalog.require(conn, symbol)
+    return BookPublic.model_validate(await queries.book_snapshot(platform.cache, symbol, levels))

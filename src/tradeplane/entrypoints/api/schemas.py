@@ -1,0 +1,168 @@
+"""Request and response bodies of the trading API, named so they never shadow domain types (OrderCreate,
+OrderPublic, ...). Every decimal is a JSON string in responses; requests accept strings (preferred, exact) or
+JSON numbers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+
+from tradeplane.domain.orders import OrderType, SelfTradePrevention, Side, TimeInForce
+from tradeplane.domain.risk import OrderTerms
+from tradeplane.services.queries import decimal_text
+
+DecimalText = Annotated[Decimal, PlainSerializer(decimal_text, return_type=str)]
+
+
+class OrderCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    account_id: int
+    symbol: str = Field(min_length=1, max_length=32)
+    side: Side
+    type: OrderType
+    quantity: Decimal
+    price: Decimal | None = None
+    stop_price: Decimal | None = None
+    time_in_force: TimeInForce = TimeInForce.GTC
+    expire_at: AwareDatetime | None = Field(default=None, description="GTD only; DAY orders expire at session close")
+    post_only: bool = False
+    reduce_only: bool = False
+    stp: SelfTradePrevention = SelfTradePrevention.CANCEL_NEWEST
+    client_order_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+    def terms(self) -> OrderTerms:
+        return OrderTerms(
+            side=self.side,
+            order_type=self.type,
+            quantity=self.quantity,
+            price=self.price,
+            stop_price=self.stop_price,
+            time_in_force=self.time_in_force,
+            expire_at=self.expire_at,
+            post_only=self.post_only,
+            reduce_only=self.reduce_only,
+            stp=self.stp,
+        )
+
+
+class OrderAmend(BaseModel):
+    """PATCH /orders/{id}: the new total quantity (filled part included) and/or the new limit price."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantity: Decimal | None = None
+    price: Decimal | None = None
+
+
+class OrderPublic(BaseModel):
+    id: int
+    account_id: int
+    symbol: str
+    client_order_id: str | None
+    side: Side
+    type: OrderType
+    time_in_force: TimeInForce
+    quantity: DecimalText
+    price: DecimalText | None
+    stop_price: DecimalText | None
+    expire_at: datetime | None
+    post_only: bool
+    reduce_only: bool
+    stp: SelfTradePrevention
+    status: str
+    filled_quantity: DecimalText
+    leaves_quantity: DecimalText
+    average_fill_price: DecimalText | None
+    reject_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class RiskRejectedBody(BaseModel):
+    """422 body of a risk denial; ``order`` is the stored rejected order (null for an unknown instrument)."""
+
+    error: str = "risk_rejected"
+    detail: str
+    reason: str
+    order: OrderPublic | None
+
+
+class OrderPage(BaseModel):
+    items: list[OrderPublic]
+    next_cursor: str | None
+
+
+class FillPublic(BaseModel):
+    id: int
+    fill_id: str
+    order_id: int
+    account_id: int
+    symbol: str
+    side: Side
+    quantity: DecimalText
+    price: DecimalText
+    fee: DecimalText
+    fee_asset: str
+    liquidity: str
+    trade_id: str
+    created_at: datetime
+
+
+class FillPage(BaseModel):
+    items: list[FillPublic]
+    next_cursor: str | None
+
+
+class PositionPublic(BaseModel):
+    account_id: int
+    symbol: str
+    net_quantity: DecimalText
+    average_price: DecimalText
+    realized_pnl: DecimalText
+    mark_price: DecimalText | None
+    unrealized_pnl: DecimalText
+
+
+class AccountPublic(BaseModel):
+    account_id: int
+    user_id: int | None
+    name: str
+    kind: str
+    currency: str
+    status: str
+    cash: DecimalText
+    holds: DecimalText
+    free: DecimalText
+    positions_value: DecimalText
+    equity: DecimalText
+    realized_pnl: DecimalText
+    unrealized_pnl: DecimalText
+
+
+class InstrumentPublic(BaseModel):
+    id: int
+    symbol: str
+    base_asset: str
+    quote_asset: str
+    tick_size: DecimalText
+    lot_size: DecimalText
+    min_qty: DecimalText
+    max_qty: DecimalText
+    price_band_pct: DecimalText
+    reference_price: DecimalText | None
+    last_price: DecimalText | None
+    maker_fee_rate: DecimalText
+    taker_fee_rate: DecimalText
+    margin_rate: DecimalText
+    status: str
+
+
+class BookPublic(BaseModel):
+    symbol: str
+    seq: int
+    bids: list[list[str]]
+    asks: list[list[str]]

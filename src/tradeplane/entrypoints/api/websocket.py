@@ -1,0 +1,651 @@
+"""The WebSocket hub at `/ws`: private execution reports and public market data, pushed as they happen.
+
+Protocol (JSON text frames; every reply to a request echoes the request's optional `"id"`):
+
+    client -> server                                      server -> client
+    {"op": "auth", "key": "<API key>"}                    {"event": "authenticated", "user_id": 7, "role": "trader"}
+        (or send `Authorization: Bearer <key>` on the upgrade request: the server then sends
+         {"event": "authenticated", ...} first, unprompted)
+    {"op": "subscribe", "channel": "orders"}              {"event": "subscribed", "channel": "orders", "symbol": null}
+    {"op": "subscribe", "channel": "trades", "symbol": "BTC-USD"}
+                                                          {"event": "subscribed", "channel": "trades", "symbol": ..}
+    {"op": "unsubscribe", "channel": .., "symbol": ..}    {"event": "unsubscribed", "channel": .., "symbol": ..}
+    {"op": "ping"}                                        {"event": "pong"}
+
+Channels:
+    private  `orders`, `fills`, `positions`: the authenticated user's own events, whatever account they concern
+             (from Redis `tp:user:<user_id>`). Nobody can subscribe to another user's events, admins included.
+    public   `trades`, `quotes`, `book`, `candles:<timeframe>` (M1 M5 M15 H1 H4 D1), each with a `symbol`
+             (from Redis `tp:trades:<symbol>`, `tp:quotes:<symbol>`, `tp:book:<symbol>`, `tp:candles:<tf>:<symbol>`).
+Every channel needs an authenticated connection.
+
+Data messages are the publishers' envelope, `{"channel": "trades", "symbol": "BTC-USD", "data": {...}}`, with
+decimals as strings. The `book` channel is an L2 book kept in step by sequence numbers:
+
+    {"channel": "book", "symbol": "BTC-USD", "type": "snapshot",
+     "data": {"seq": 41, "bids": [["64999.00", "1.5"], ...], "asks": [...]}}
+    {"channel": "book", "symbol": "BTC-USD", "type": "update",
+     "data": {"seq": 42, "bids": [["64999.00", "0"]], "asks": []}}
+
+after `subscribed` comes one snapshot, then updates with seq = previous seq + 1, never a gap or a repeat. A level
+whose quantity is "0" is removed. The hub re-sends a snapshot whenever it cannot guarantee that (a gap in what
+Redis delivered, or a restarted engine numbering anew): a client replaces its book on every snapshot.
+
+Errors are `{"event": "error", "error": <code>, "detail": <text>}`, codes: `bad_json`, `unknown_op`,
+`not_authenticated`, `invalid_api_key`, `already_authenticated`, `unknown_channel`, `invalid_symbol`,
+`unknown_symbol`, `too_many_subscriptions`, `message_too_large`, `unavailable`. A failed `auth` closes the
+connection with code 4001, as does not authenticating within AUTH_TIMEOUT_S.
+
+Back-pressure: each connection has a bounded send queue and one writer task. Fan-out never waits for a client:
+when a client's queue is full it is closed with code 4008 and reason "slow consumer", and everyone else goes on
+receiving. One Redis subscription per channel per process (adapters.pubsub), however many clients share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from tradeplane.adapters.cache import REDIS_ERRORS
+from tradeplane.adapters.pubsub import PubSubFanout
+from tradeplane.bootstrap import Platform
+from tradeplane.domain.candles import Timeframe
+from tradeplane.errors import AuthenticationFailed, InfrastructureUnavailable
+from tradeplane.metrics import WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES_RECEIVED, WEBSOCKET_MESSAGES_SENT
+from tradeplane.services.identity import Principal
+
+log = logging.getLogger("tradeplane.websocket")
+
+SEND_QUEUE_LIMIT = 1024
+"""Messages waiting for one client before it counts as a slow consumer and is dropped."""
+MAX_SUBSCRIPTIONS = 100
+MAX_REQUEST_BYTES = 4096
+AUTH_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 10.0
+"""How long a dropped client gets to take its close frame before the hub lets go of it."""
+BOOK_RESYNC_BACKOFF_S = 0.05
+
+CLOSE_UNAUTHENTICATED = 4001
+CLOSE_SLOW_CONSUMER = 4008
+
+PRIVATE_CHANNELS = frozenset({"orders", "fills", "positions"})
+SYMBOL_CHANNELS = frozenset({"trades", "quotes", "book"} | {f"candles:{tf.value}" for tf in Timeframe})
+_SYMBOL = re.compile(r"^[A-Za-z0-9._\-]{1,32}$")
+
+
+def user_channel(user_id: int) -> str:
+    return f"tp:user:{user_id}"
+
+
+def public_channel(channel: str, symbol: str) -> str:
+    """The Redis channel behind public channel `channel` of `symbol` (`candles:M1` -> `tp:candles:M1:<sym>`)."""
+    return f"tp:{channel}:{symbol}"
+
+
+def book_snapshot_key(symbol: str) -> str:
+    return f"tp:book:{symbol}:snapshot"
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    return orjson.dumps(message).decode()
+
+
+class _Close:
+    """Queued after the last message a client gets: the writer closes the connection with this code."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class ClientConnection:
+    """One WebSocket client: its principal, subscriptions and bounded send queue."""
+
+    def __init__(self, hub: WebSocketHub, websocket: WebSocket, send_queue_limit: int) -> None:
+        self.hub = hub
+        self.websocket = websocket
+        self.principal: Principal | None = None
+        self.outbox: asyncio.Queue[str | _Close] = asyncio.Queue(send_queue_limit)
+        self.closing = asyncio.Event()
+        self.private_channels: set[str] = set()
+        self.public: dict[tuple[str, str], BookSubscription | None] = {}  # (channel, symbol) -> book state
+
+    def __repr__(self) -> str:
+        who = self.principal.username if self.principal else "anonymous"
+        return f"ClientConnection({who}, {self.websocket.client})"
+
+    @property
+    def subscription_count(self) -> int:
+        return len(self.private_channels) + len(self.public)
+
+    def offer(self, text: str) -> None:
+        """Queue `text` for this client without waiting; a full queue drops the client as a slow consumer."""
+        if self.closing.is_set():
+            return
+        try:
+            self.outbox.put_nowait(text)
+        except asyncio.QueueFull:
+            self.hub.drop_slow_consumer(self)
+
+    def close(self, code: int, reason: str, *, discard_pending: bool = False) -> None:
+        """Close after the queued messages (or instead of them); nothing more is queued after this."""
+        if self.closing.is_set():
+            return
+        self.closing.set()
+        if discard_pending:
+            while not self.outbox.empty():
+                self.outbox.get_nowait()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.outbox.put_nowait(_Close(code, reason))
+            return
+        # Queue full and not discarding: it is a slow consumer after all.
+        while not self.outbox.empty():
+            self.outbox.get_nowait()
+        self.outbox.put_nowait(_Close(code, reason))
+
+    async def write(self) -> None:
+        """The only sender on this connection, so messages go out in the order they were queued."""
+        websocket = self.websocket
+        while True:
+            message = await self.outbox.get()
+            if isinstance(message, _Close):
+                await websocket.close(code=message.code, reason=message.reason)
+                return
+            await websocket.send_text(message)
+            WEBSOCKET_MESSAGES_SENT.inc()
+
+
+class BookSubscription:
+    """One client's view of one symbol's book: snapshot first, then contiguous updates.
+
+    While synchronising (live is False) updates from Redis are buffered. The snapshot is read from Redis, then a
+    pub/sub barrier makes sure every update published before that read has arrived; buffered updates at or
+    below the snapshot's seq are dropped and the rest must continue it without a gap. Live, an update must carry
+    last_seq + 1; anything else (Redis lost messages, or the engine restarted its numbering) starts a new
+    synchronisation, which ends in a new snapshot.
+    """
+
+    def __init__(self, hub: WebSocketHub, client: ClientConnection, symbol: str) -> None:
+        self.hub = hub
+        self.client = client
+        self.symbol = symbol
+        self.live = False
+        self.last_seq = 0
+        self.buffer: list[tuple[int, str]] = []
+        self.resync: asyncio.Task[None] | None = None
+        self.active = True
+
+    def on_update(self, seq: int, text: str) -> None:
+        if not self.active:
+            return
+        if self.live:
+            if seq == self.last_seq + 1:
+                self.last_seq = seq
+                self.client.offer(text)
+                return
+            log.info("book %s: update %d after %d, resynchronising %r", self.symbol, seq, self.last_seq, self.client)
+            self.live = False
+            self.buffer = [(seq, text)]
+            self.resync = asyncio.create_task(self._resynchronise())
+            return
+        self.buffer.append((seq, text))
+        if len(self.buffer) > self.client.outbox.maxsize:
+            self.hub.drop_slow_consumer(self.client)
+
+    async def _resynchronise(self) -> None:
+        try:
+            await self.synchronise()
+        except (InfrastructureUnavailable, *REDIS_ERRORS) as exc:
+            self.client.offer(_error("unavailable", f"book {self.symbol}: {exc}", channel="book", symbol=self.symbol))
+
+    async def synchronise(self) -> None:
+        """Send a snapshot consistent with the buffered updates, then those updates, then go live."""
+        attempt = 0
+        while self.active:
+            raw = await self.hub.redis_get(book_snapshot_key(self.symbol))
+            await self.hub.fanout.barrier()
+            # No await from here to the end of the iteration: no update can slip in between.
+            if not self.active:
+                return
+            snapshot = _parse_snapshot(raw)
+            last = int(snapshot["seq"])
+            pending = [(seq, text) for seq, text in self.buffer if seq > last]
+            if all(seq == last + 1 + i for i, (seq, _) in enumerate(pending)):
+                message = {"channel": "book", "symbol": self.symbol, "type": "snapshot", "data": snapshot}
+                self.client.offer(_dumps(message))
+                for _, text in pending:
+                    self.client.offer(text)
+                self.last_seq = pending[-1][0] if pending else last
+                self.buffer = []
+                self.live = True
+                return
+            # A gap right after the snapshot (Redis lost messages, or the numbering restarted): read a newer one.
+            self.buffer = pending
+            attempt += 1
+            await asyncio.sleep(min(BOOK_RESYNC_BACKOFF_S * attempt, 1.0))
+
+    def cancel(self) -> None:
+        self.active = False
+        if self.resync is not None:
+            self.resync.cancel()
+
+
+def _parse_snapshot(raw: bytes | None) -> dict[str, Any]:
+    """The stored snapshot, or an empty book at seq 0 when the engine has not written one yet."""
+    if raw is None:
+        return {"seq": 0, "bids": [], "asks": []}
+    snapshot = orjson.loads(raw)
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("seq"), int):
+        raise InfrastructureUnavailable("malformed book snapshot in Redis")
+    return {"seq": snapshot["seq"], "bids": snapshot.get("bids", []), "asks": snapshot.get("asks", [])}
+
+
+def _error(code: str, detail: str, **extra: Any) -> str:
+    return _dumps({"event": "error", "error": code, "detail": detail, **extra})
+
+
+# --- topics: the local audience of one Redis channel --------------------------------------------------------
+
+
+class _Topic:
+    """Receives one Redis channel's messages (once per process) and hands them to its members."""
+
+    def __init__(self, redis_channel: str) -> None:
+        self.redis_channel = redis_channel
+        self.members: set[Any] = set()
+
+    def deliver(self, channel: str, payload: bytes) -> None:
+        raise NotImplementedError
+
+
+class _PublicTopic(_Topic):
+    """trades, quotes, candles: the publisher's envelope goes to every member unchanged."""
+
+    members: set[ClientConnection]
+
+    def deliver(self, channel: str, payload: bytes) -> None:
+        text = payload.decode()
+        for client in tuple(self.members):
+            client.offer(text)
+
+
+class _BookTopic(_Topic):
+    """book: parsed once per message for its seq, then each member's BookSubscription decides."""
+
+    members: set[BookSubscription]
+
+    def __init__(self, redis_channel: str, symbol: str) -> None:
+        super().__init__(redis_channel)
+        self.symbol = symbol
+
+    def deliver(self, channel: str, payload: bytes) -> None:
+        try:
+            envelope = orjson.loads(payload)
+            data = envelope["data"] if isinstance(envelope, dict) and "data" in envelope else envelope
+            seq = int(data["seq"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("dropping malformed book update on %s: %.200r", channel, payload)
+            return
+        text = _dumps({"channel": "book", "symbol": self.symbol, "type": "update", "data": data})
+        for subscription in tuple(self.members):
+            subscription.on_update(seq, text)
+
+
+class _UserTopic(_Topic):
+    """tp:user:<id>: each member gets the event kinds (orders, fills, positions) it subscribed to."""
+
+    members: set[ClientConnection]
+
+    def deliver(self, channel: str, payload: bytes) -> None:
+        try:
+            envelope = orjson.loads(payload)
+            kind = envelope["channel"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("dropping malformed private event on %s: %.200r", channel, payload)
+            return
+        text = payload.decode()
+        for client in tuple(self.members):
+            if kind in client.private_channels:
+                client.offer(text)
+
+
+# --- the hub ------------------------------------------------------------------------------------------------
+
+
+class WebSocketHub:
+    """Every WebSocket connection of one api process, and the Redis subscriptions they share."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        *,
+        send_queue_limit: int = SEND_QUEUE_LIMIT,
+        max_subscriptions: int = MAX_SUBSCRIPTIONS,
+    ) -> None:
+        if send_queue_limit < 8:
+            raise ValueError("send_queue_limit must be at least 8")
+        self.platform = platform
+        self.send_queue_limit = send_queue_limit
+        self.max_subscriptions = max_subscriptions
+        self.fanout = PubSubFanout(platform.cache.client, confirm_timeout=platform.settings.connect_timeout_s)
+        self.clients: set[ClientConnection] = set()
+        self.slow_consumers_dropped = 0
+        self._topics: dict[str, _Topic] = {}
+        self._known_symbols: set[str] = set()
+
+    async def close(self) -> None:
+        for client in tuple(self.clients):
+            client.close(1001, "server shutting down")
+        await self.fanout.close()
+
+    async def redis_get(self, key: str) -> bytes | None:
+        try:
+            value = await self.platform.cache.client.get(key)
+        except REDIS_ERRORS as exc:
+            raise InfrastructureUnavailable(f"Redis unavailable: {exc}") from exc
+        return value.encode() if isinstance(value, str) else value
+
+    def drop_slow_consumer(self, client: ClientConnection) -> None:
+        if client.closing.is_set():
+            return
+        self.slow_consumers_dropped += 1
+        log.warning("dropping slow consumer %r: %d messages unsent", client, client.outbox.qsize())
+        client.close(CLOSE_SLOW_CONSUMER, "slow consumer", discard_pending=True)
+
+    # --- one connection ---------------------------------------------------------------------------------
+
+    async def serve(self, websocket: WebSocket) -> None:
+        """Run one connection from accept to close; returns when the client leaves or is dropped."""
+        await websocket.accept()
+        client = ClientConnection(self, websocket, self.send_queue_limit)
+        self.clients.add(client)
+        WEBSOCKET_CONNECTIONS.inc()
+        writer = asyncio.create_task(self._run_writer(client))
+        reader = asyncio.create_task(self._read(client))
+        closing = asyncio.create_task(client.closing.wait())
+        try:
+            await asyncio.wait({writer, reader, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if client.closing.is_set() and not writer.done():
+                # Give the writer time to deliver what is queued and the close frame (it ends early if the
+                # peer disconnects); a peer that reads nothing at all does not hold the hub longer than this.
+                await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT_S)
+        finally:
+            client.closing.set()
+            for task in (reader, writer, closing):
+                task.cancel()
+            await asyncio.gather(reader, writer, closing, return_exceptions=True)
+            self.clients.discard(client)
+            WEBSOCKET_CONNECTIONS.dec()
+            await self._leave_all(client)
+
+    async def _run_writer(self, client: ClientConnection) -> None:
+        try:
+            await client.write()
+        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            log.debug("%r went away while sending: %s", client, exc)
+
+    async def _read(self, client: ClientConnection) -> None:
+        websocket = client.websocket
+        header = websocket.headers.get("authorization")
+        if header:
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                client.offer(_error("invalid_api_key", "send the API key as 'Authorization: Bearer <key>'"))
+                client.close(CLOSE_UNAUTHENTICATED, "authentication failed")
+                return
+            await self._authenticate(client, key.strip(), None)
+        while not client.closing.is_set():
+            try:
+                if client.principal is None:
+                    message = await asyncio.wait_for(websocket.receive(), AUTH_TIMEOUT_S)
+                else:
+                    message = await websocket.receive()
+            except TimeoutError:
+                client.offer(_error("not_authenticated", f"no auth within {AUTH_TIMEOUT_S:g} s"))
+                client.close(CLOSE_UNAUTHENTICATED, "authentication timeout")
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            WEBSOCKET_MESSAGES_RECEIVED.inc()
+            text = message.get("text")
+            if not isinstance(text, str):
+                raw = message.get("bytes")
+                text = raw.decode(errors="replace") if isinstance(raw, bytes) else ""
+            await self._handle(client, text)
+
+    async def _handle(self, client: ClientConnection, text: str) -> None:
+        if len(text) > MAX_REQUEST_BYTES:
+            client.offer(_error("message_too_large", f"requests are at most {MAX_REQUEST_BYTES} bytes"))
+            return
+        try:
+            request = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            client.offer(_error("bad_json", "send one JSON object per message"))
+            return
+        if not isinstance(request, dict):
+            client.offer(_error("bad_json", "send one JSON object per message"))
+            return
+        request_id = request.get("id")
+        echo: dict[str, Any] = {"id": request_id} if isinstance(request_id, int | str) else {}
+        op = request.get("op")
+        if op == "ping":
+            client.offer(_dumps({"event": "pong", **echo}))
+        elif op == "auth":
+            key = request.get("key")
+            if client.principal is not None:
+                client.offer(_error("already_authenticated", "this connection is already authenticated", **echo))
+            elif not isinstance(key, str) or not key:
+                client.offer(_error("invalid_api_key", 'auth needs a "key"', **echo))
+                client.close(CLOSE_UNAUTHENTICATED, "authentication failed")
+            else:
+                await self._authenticate(client, key, request_id)
+        elif op in ("subscribe", "unsubscribe"):
+            if client.principal is None:
+                client.offer(_error("not_authenticated", 'authenticate first: {"op": "auth", "key": ...}', **echo))
+                return
+            try:
+                if op == "subscribe":
+                    await self._subscribe(client, request, echo)
+                else:
+                    await self._unsubscribe(client, request, echo)
+            except (InfrastructureUnavailable, *REDIS_ERRORS) as exc:
+                client.offer(_error("unavailable", str(exc), **echo))
+        else:
+            client.offer(_error("unknown_op", "op must be auth, subscribe, unsubscribe or ping", **echo))
+
+    async def _authenticate(self, client: ClientConnection, key: str, request_id: object) -> None:
+        echo: dict[str, Any] = {"id": request_id} if isinstance(request_id, int | str) else {}
+        try:
+            principal = await self.platform.authenticator.authenticate(self.platform.db.pool, key)
+        except AuthenticationFailed as exc:
+            client.offer(_error(exc.code, exc.detail, **echo))
+            client.close(CLOSE_UNAUTHENTICATED, "authentication failed")
+            return
+        except InfrastructureUnavailable as exc:
+            client.offer(_error("unavailable", exc.detail, **echo))
+            return
+        client.principal = principal
+        client.offer(
+            _dumps({"event": "authenticated", "user_id": principal.user_id, "role": principal.role.value, **echo})
+        )
+
+    # --- subscriptions ----------------------------------------------------------------------------------
+
+    def _target(self, request: dict[str, Any], echo: dict[str, Any]) -> tuple[str, str | None]:
+        """(channel, symbol) named by a request; raises _Refused with the error to send."""
+        channel = request.get("channel")
+        if channel in PRIVATE_CHANNELS:
+            return channel, None
+        if channel not in SYMBOL_CHANNELS:
+            raise _Refused(
+                _error(
+                    "unknown_channel",
+                    "channel must be orders, fills, positions, trades, quotes, book or candles:<M1|M5|M15|H1|H4|D1>",
+                    **echo,
+                )
+            )
+        symbol = request.get("symbol")
+        if not isinstance(symbol, str) or not _SYMBOL.match(symbol):
+            raise _Refused(_error("invalid_symbol", f'channel {channel} needs a "symbol" such as BTC-USD', **echo))
+        assert isinstance(channel, str)
+        return channel, symbol
+
+    async def _subscribe(self, client: ClientConnection, request: dict[str, Any], echo: dict[str, Any]) -> None:
+        try:
+            channel, symbol = self._target(request, echo)
+        except _Refused as refusal:
+            client.offer(refusal.message)
+            return
+        subscribed = _dumps({"event": "subscribed", "channel": channel, "symbol": symbol, **echo})
+        if channel in client.private_channels or (symbol is not None and (channel, symbol) in client.public):
+            client.offer(subscribed)
+            return
+        if client.subscription_count >= self.max_subscriptions:
+            client.offer(_error("too_many_subscriptions", f"at most {self.max_subscriptions} per connection", **echo))
+            return
+        assert client.principal is not None
+        if symbol is None:
+            first = not client.private_channels
+            client.private_channels.add(channel)
+            if first:
+                try:
+                    await self._join(user_channel(client.principal.user_id), _UserTopic, client)
+                except BaseException:
+                    client.private_channels.discard(channel)
+                    raise
+            client.offer(subscribed)
+            return
+        if not await self._symbol_exists(symbol):
+            client.offer(_error("unknown_symbol", f"no instrument {symbol!r}", **echo))
+            return
+        if channel == "book":
+            book = BookSubscription(self, client, symbol)
+            client.public[(channel, symbol)] = book
+            try:
+                await self._join(public_channel("book", symbol), lambda key: _BookTopic(key, symbol), book)
+                client.offer(subscribed)
+                await book.synchronise()
+            except BaseException:
+                await self._drop_public(client, channel, symbol)
+                raise
+            return
+        client.public[(channel, symbol)] = None
+        try:
+            await self._join(public_channel(channel, symbol), _PublicTopic, client)
+        except BaseException:
+            client.public.pop((channel, symbol), None)
+            raise
+        client.offer(subscribed)
+
+    async def _unsubscribe(self, client: ClientConnection, request: dict[str, Any], echo: dict[str, Any]) -> None:
+        try:
+            channel, symbol = self._target(request, echo)
+        except _Refused as refusal:
+            client.offer(refusal.message)
+            return
+        # Confirm first: once the client reads this, nothing more arrives for the channel.
+        if symbol is None:
+            was_subscribed = bool(client.private_channels)
+            client.private_channels.discard(channel)
+            client.offer(_dumps({"event": "unsubscribed", "channel": channel, "symbol": None, **echo}))
+            if was_subscribed and not client.private_channels:
+                assert client.principal is not None
+                await self._leave(user_channel(client.principal.user_id), client)
+            return
+        book = client.public.get((channel, symbol))
+        if book is not None:
+            book.cancel()
+        client.offer(_dumps({"event": "unsubscribed", "channel": channel, "symbol": symbol, **echo}))
+        await self._drop_public(client, channel, symbol)
+
+    async def _drop_public(self, client: ClientConnection, channel: str, symbol: str) -> None:
+        if (channel, symbol) not in client.public:
+            return
+        book = client.public.pop((channel, symbol))
+        if book is not None:
+            book.cancel()
+            await self._leave(public_channel("book", symbol), book)
+        else:
+            await self._leave(public_channel(channel, symbol), client)
+
+    async def _leave_all(self, client: ClientConnection) -> None:
+        if client.private_channels and client.principal is not None:
+            client.private_channels.clear()
+            await self._leave(user_channel(client.principal.user_id), client)
+        for channel, symbol in list(client.public):
+            await self._drop_public(client, channel, symbol)
+
+    async def _join(self, key: str, make_topic: Callable[[str], _Topic], member: object) -> None:
+        topic = self._topics.get(key)
+        if topic is None:
+            topic = self._topics[key] = make_topic(key)
+        topic.members.add(member)
+        try:
+            await self.fanout.subscribe(key, topic.deliver)
+        except BaseException:
+            await self._leave(key, member)
+            raise
+
+    async def _leave(self, key: str, member: object) -> None:
+        topic = self._topics.get(key)
+        if topic is None:
+            return
+        topic.members.discard(member)
+        if not topic.members:
+            del self._topics[key]
+            await self.fanout.unsubscribe(key, topic.deliver)
+
+    async def _symbol_exists(self, symbol: str) -> bool:
+        if symbol in self._known_symbols:
+            return True
+        async with self.platform.db.connection("websocket.symbol") as conn:
+            found = await conn.fetchval("SELECT 1 FROM instruments WHERE symbol = $1", symbol)
+        if found:
+            self._known_symbols.add(symbol)
+        return bool(found)
+
+
+class _Refused(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# --- the router ---------------------------------------------------------------------------------------------
+
+
+def hub_of(app: FastAPI) -> WebSocketHub:
+    """The app's hub, made on first use (tests may install one with other limits beforehand)."""
+    hub: WebSocketHub | None = getattr(app.state, "websocket_hub", None)
+    if hub is None:
+        hub = WebSocketHub(app.state.platform)
+        app.state.websocket_hub = hub
+    return hub
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    hub_of(app)
+    try:
+        yield
+    finally:
+        await hub_of(app).close()
+
+
+router = APIRouter(lifespan=_lifespan)
+
+
+@router.websocket("/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    await hub_of(websocket.app).serve(websocket)

@@ -1,0 +1,1 @@
+"""Long-running platform processes other than the API: engine shards (and later market data, risk monitor)."""

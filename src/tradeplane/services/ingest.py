@@ -1,0 +1,854 @@
+"""The market data pipeline: feed batches -> validator -> candles -> binary COPY, quotes to Redis.
+
+Data flow and who owns what::
+
+    submit(ticks) ── TickValidator ── numpy columns ── CandleAggregator ── COPY rows ──▶ bounded queue
+      (producer: the feed's task, CPU)                                                       │
+    writer task: one transaction per commit interval: streaming COPY of queued chunks into ticks,
+      candle upsert (merged with stored candles), sampled spreads; commit; then acks, stats, candle events
+    publisher task: latest quote per symbol -> Redis market_data:{symbol} (TTL 5 s), price:{symbol},
+      PUBLISH tp:quotes:<symbol>; committed candles -> PUBLISH tp:candles:<tf>:<symbol> (conflated)
+
+Pipelining: the writer streams a chunk to PostgreSQL while the producer validates, aggregates and encodes
+the next one, so the server's insert work and our Python work overlap on the two cores. The queue is bounded
+(``queue_chunks``): a feed faster than the database waits in ``submit`` instead of growing memory.
+
+Invariants:
+- Bad ticks are dropped by the validator (counted in ``market_data_ticks_dropped_total{reason}``, one sample
+  per reason logged per ``drop_log_interval_s``) and never reach the aggregator or storage.
+- A tick reaches the aggregator only if it is encoded for COPY in the same chunk, so committed candles are the
+  aggregate of committed ticks (plus whatever was stored before: the upsert merges, it never overwrites).
+- Daily partitions for every day of a chunk (ticks, spreads) exist before the chunk is queued: the native
+  path refuses rows without a partition, and replayed history can be any day.
+- Candles are committed with their ticks, at most ``commit_interval_s`` after the tick was submitted.
+- ``on_stored`` callbacks (bus acks) run after the commit that made their ticks durable, in submit order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import numpy as np
+import orjson
+from prometheus_client import Counter as MetricCounter
+
+from tradeplane.adapters.cache import REDIS_ERRORS, TTL_MARKET_DATA, Cache
+from tradeplane.adapters.db import marketdata as sql
+from tradeplane.adapters.db.marketdata import ListedInstrument, TickColumns, TickCopyEncoder
+from tradeplane.adapters.db.timeseries import (
+    drop_partitions_older_than_async,
+    ensure_daily_partitions_async,
+    storage_kind_async,
+)
+from tradeplane.adapters.feeds import FeedBatch, TickFeed
+from tradeplane.adapters.postgres import CONNECTION_ERRORS, Database
+from tradeplane.domain.candles import Candle, CandleAggregator, Timeframe
+from tradeplane.domain.ticks import NS_PER_SECOND, DropReason, Tick, TickValidator
+from tradeplane.errors import InfrastructureUnavailable
+
+log = logging.getLogger("tradeplane.marketdata")
+
+TICKS_DROPPED = MetricCounter(
+    "market_data_ticks_dropped", "Ticks refused by the validator, by reason", ["reason"]
+)  # exported as market_data_ticks_dropped_total
+TICKS_STORED = MetricCounter("market_data_ticks_stored", "Ticks committed to the ticks table")
+
+#: ``price:{symbol}`` holds the last trade price; seed 002 caches prices for a minute.
+TTL_PRICE = 60
+#: How long ``close`` lets the publisher send the last quotes and candles when Redis is slow.
+CLOSE_PUBLISH_TIMEOUT_S = 5.0
+#: Chunks at least this large are encoded in a worker thread (smaller ones are not worth the hand-off).
+THREAD_MIN_ROWS = 2_000
+NS_PER_DAY = 86_400 * NS_PER_SECOND
+_M1_NS = Timeframe.M1.width_ns
+_HIGHER = tuple(tf for tf in Timeframe if tf is not Timeframe.M1)
+
+OnStored = Callable[[], Awaitable[None]]
+
+
+def quotes_channel(symbol: str) -> str:
+    return f"tp:quotes:{symbol}"
+
+
+def candles_channel(timeframe: Timeframe | str, symbol: str) -> str:
+    return f"tp:candles:{Timeframe(timeframe).value}:{symbol}"
+
+
+def market_data_key(symbol: str) -> str:
+    return f"market_data:{symbol}"
+
+
+def price_key(symbol: str) -> str:
+    return f"price:{symbol}"
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+def _day(ts_ns: int) -> date:
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=ts_ns // NS_PER_DAY)).date()
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """What a run did: rows read from feeds, ticks committed, ticks dropped by reason."""
+
+    rows_read: int = 0
+    stored: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    candles_written: int = 0
+    commits: int = 0
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+@dataclass(slots=True)
+class _Quote:
+    """Latest top of book and last trade of one instrument, in ticks/lots, each with its timestamp."""
+
+    ts_ns: int = -1
+    bid: int | None = None
+    ask: int | None = None
+    bid_size: int = 0
+    ask_size: int = 0
+    quote_ts_ns: int = -1
+    last: int | None = None
+    last_ts_ns: int = -1
+
+
+@dataclass(slots=True)
+class _Chunk:
+    data: bytes
+    rows: int
+    candles: list[Candle]
+    spans: dict[tuple[int, Timeframe, int], tuple[int, int]]
+    spreads: list[tuple[datetime, int, Decimal]]
+    days: frozenset[date]
+    newest: dict[int, int] = field(default_factory=dict)  # instrument index -> newest tick ts in the chunk
+    on_stored: OnStored | None = None
+
+
+_CLOSE = object()
+_RETRYABLE: tuple[type[BaseException], ...] = (InfrastructureUnavailable, *CONNECTION_ERRORS)
+
+
+class PipelineFailed(InfrastructureUnavailable):
+    """The writer gave up (the database stayed unreachable past the retry window); submit raises this."""
+
+
+class MarketDataPipeline:
+    """Validates, aggregates and stores ticks; see the module docstring. Use as ``async with``."""
+
+    def __init__(
+        self,
+        db: Database,
+        instruments: Sequence[ListedInstrument],
+        *,
+        cache: Cache | None = None,
+        max_out_of_order_ns: int = 5 * NS_PER_SECOND,
+        chunk_rows: int = 5_000,
+        commit_interval_s: float = 0.25,
+        max_rows_per_commit: int = 250_000,
+        queue_chunks: int = 8,
+        spread_interval_ns: int = NS_PER_SECOND,
+        candles: bool | None = None,
+        retry_for_s: float = 60.0,
+        drop_log_interval_s: float = 10.0,
+    ) -> None:
+        if not instruments:
+            raise ValueError("the market data pipeline needs at least one instrument")
+        self.db = db
+        self.cache = cache
+        self.instruments = list(instruments)
+        self.encoder = TickCopyEncoder(self.instruments)
+        self.validator = TickValidator(
+            [_Grid(i.symbol, i.tick_size) for i in self.instruments], max_out_of_order_ns=max_out_of_order_ns
+        )
+        self.aggregator = CandleAggregator(max_out_of_order_ns=max_out_of_order_ns)
+        self.stats = IngestStats()
+        self.chunk_rows = chunk_rows
+        self.commit_interval_s = commit_interval_s
+        self.max_rows_per_commit = max_rows_per_commit
+        self.spread_interval_ns = spread_interval_ns
+        self.retry_for_s = retry_for_s
+        self.drop_log_interval_s = drop_log_interval_s
+        self._tolerance_ns = max_out_of_order_ns
+        self._candles_wanted = candles
+        self.candles_enabled = candles if candles is not None else True
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_chunks)
+        self._writer: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self._ensured: set[date] = set()
+        self._ensure_lock = asyncio.Lock()
+        self._submit_lock = asyncio.Lock()
+        # Per candle (instrument index, timeframe, bucket): cumulative (volume lots, count) already upserted,
+        # and the (first, last) trade timestamps this process saw: the merge keys of the upsert.
+        self._written: dict[tuple[int, Timeframe, int], tuple[int, int]] = {}
+        self._spans: dict[tuple[int, Timeframe, int], tuple[int, int]] = {}
+        self._pending_written: dict[tuple[int, Timeframe, int], tuple[int, int]] = {}
+        # Newest tick timestamp per instrument among *committed* chunks: what pruning may rely on, since
+        # chunks still queued can carry updates of buckets the aggregator has already evicted.
+        self._committed_newest: dict[int, int] = {}
+        self._spread_last = [-1] * len(self.instruments)
+        self._quotes = [_Quote() for _ in self.instruments]
+        self._dirty_quotes: set[int] = set()
+        self._pending_candles: dict[tuple[str, str], dict[str, Any]] = {}
+        self._publish_wanted = asyncio.Event()
+        self._drops_reported: Counter[DropReason] = Counter()
+        self._last_drop_log = time.monotonic()
+        self._failure: BaseException | None = None
+        self._closing = False
+        self._hypertable = False
+        self._stored_days: set[date] = set()
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        async with self.db.connection("marketdata.start") as conn:
+            kinds = await storage_kind_async(conn)
+        if kinds["ticks"] == "missing":
+            raise InfrastructureUnavailable("the ticks table does not exist: run `tradeplane db upgrade`")
+        self._hypertable = kinds["ticks"] == "hypertable"
+        if self._candles_wanted is None:
+            # With TimescaleDB, continuous aggregates maintain candles; natively the ingester does.
+            self.candles_enabled = not self._hypertable
+        today = datetime.now(UTC).date()
+        await self.ensure_days([today - timedelta(days=1), today, today + timedelta(days=1)])
+        self._writer = asyncio.create_task(self._write_loop(), name="marketdata-writer")
+        self._publisher = asyncio.create_task(self._publish_loop(), name="marketdata-publisher")
+
+    async def close(self) -> None:
+        """Commit everything submitted, then stop the writer and publisher (publishing what is pending)."""
+        if self._writer is not None:
+            if not self._writer.done():
+                await self._queue.put(_CLOSE)
+            with contextlib.suppress(Exception):
+                await self._writer
+            self._writer = None
+        if self._publisher is not None:
+            # The publisher makes a last pass with whatever the final commits left, then returns.
+            self._closing = True
+            self._publish_wanted.set()
+            done, _ = await asyncio.wait({self._publisher}, timeout=CLOSE_PUBLISH_TIMEOUT_S)
+            if not done:
+                self._publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._publisher
+            self._publisher = None
+        self._report_drops(force_log=True)
+        await self._refresh_history()
+
+    async def _refresh_history(self) -> None:
+        """TimescaleDB: continuous aggregates refresh only a recent window (migration 0003), so candles of
+        replayed history are materialized here, once, over the days it touched (``tp_refresh_candles``)."""
+        horizon = datetime.now(UTC).date() - timedelta(days=1)
+        old = sorted(day for day in self._stored_days if day < horizon)
+        self._stored_days.clear()
+        if not old:
+            return
+        start = datetime.combine(old[0], datetime.min.time(), UTC)
+        end = datetime.combine(old[-1] + timedelta(days=1), datetime.min.time(), UTC)
+        async with self.db.connection("marketdata.refresh") as conn:
+            # simple protocol, no transaction block: the procedure commits between timeframes
+            await conn.execute(f"CALL tp_refresh_candles('{start.isoformat()}', '{end.isoformat()}')")
+
+    async def __aenter__(self) -> MarketDataPipeline:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------------------------- producer
+
+    async def run_feed(self, feed: TickFeed, *, validated: bool = False) -> None:
+        """Drain ``feed`` into the pipeline. ``validated``: the feed already ran its ticks through
+        ``self.validator`` (replay, bus, engine trades); otherwise they are validated here."""
+        read = 0
+        async for batch in feed:
+            self.stats.rows_read += batch.rows_read - read
+            read = batch.rows_read
+            await self.submit(batch.ticks, validated=validated, on_stored=getattr(batch, "on_stored", None))
+
+    async def submit(
+        self, ticks: Sequence[Tick], *, validated: bool = False, on_stored: OnStored | None = None
+    ) -> None:
+        """Queue ``ticks`` for storage (waits while the queue is full). ``on_stored`` runs after their commit."""
+        self._raise_if_failed()
+        # Feeds submit concurrently: chunks must reach the queue in the order they were aggregated, because
+        # each carries the aggregator's cumulative candles as of that chunk.
+        async with self._submit_lock:
+            for start in range(0, len(ticks), self.chunk_rows):
+                part = list(ticks[start : start + self.chunk_rows])
+                accepted = part if validated else self.validator.accept_batch(part)
+                self._report_drops()
+                if not accepted:
+                    continue
+                chunk = await self._prepare(accepted)
+                if start + self.chunk_rows >= len(ticks):
+                    chunk.on_stored, on_stored = on_stored, None
+                await self._put(chunk)
+            if on_stored is not None:  # nothing to store in the last part: settle after what is queued
+                await self._put(_Chunk(b"", 0, [], {}, [], frozenset(), on_stored=on_stored))
+
+    async def flush(self) -> None:
+        """Wait until every submitted tick is committed (or the writer failed: then raise)."""
+        self._raise_if_failed()
+        join = asyncio.ensure_future(self._queue.join())
+        waiters: set[asyncio.Future[Any]] = {join}
+        if self._writer is not None:
+            waiters.add(self._writer)
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        join.cancel()
+        self._raise_if_failed()
+        await self._publish_pending()
+
+    async def _put(self, chunk: _Chunk) -> None:
+        if self._writer is None:
+            raise RuntimeError("start the pipeline before submitting ticks")
+        put = asyncio.ensure_future(self._queue.put(chunk))
+        done, _ = await asyncio.wait({put, self._writer}, return_when=asyncio.FIRST_COMPLETED)
+        if put not in done:
+            put.cancel()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise PipelineFailed(f"market data writer stopped: {self._failure}") from self._failure
+
+    async def _prepare(self, ticks: list[Tick]) -> _Chunk:
+        """Encode a chunk, off the event loop when it is large (so the writer keeps the server fed meanwhile),
+        then make sure its days have partitions and fold it into the latest quotes."""
+        if len(ticks) >= THREAD_MIN_ROWS:
+            chunk, cols = await asyncio.to_thread(self._encode_chunk, ticks)
+        else:
+            chunk, cols = self._encode_chunk(ticks)
+        self._report_drops()
+        if not chunk.days <= self._ensured:
+            await self.ensure_days(sorted(chunk.days))
+        if len(cols):
+            self._note_quotes(cols)
+        return chunk
+
+    def _encode_chunk(self, ticks: list[Tick]) -> tuple[_Chunk, TickColumns]:
+        """The CPU part of a chunk: columns, candles, trade spans, spread samples, COPY bytes.
+
+        Runs in a worker thread; it touches only state no other task uses while the submit lock is held
+        (aggregator, encoder, spread sampler), plus ``validator.reject`` for the rare unstorable tick.
+        """
+        encoder = self.encoder
+        try:
+            cols = encoder.columns(ticks)
+            if not bool(encoder.in_range(cols).all()):
+                raise OverflowError
+        except OverflowError:
+            flags = encoder.storable(ticks)
+            for tick, ok in zip(ticks, flags, strict=True):
+                if not ok:
+                    self.validator.reject(DropReason.MALFORMED_ROW, tick)
+            ticks = [tick for tick, ok in zip(ticks, flags, strict=True) if ok]
+            cols = encoder.columns(ticks)
+        if not len(cols):
+            return _Chunk(b"", 0, [], {}, [], frozenset()), cols
+        day_numbers = np.unique(cols.ts_ns // NS_PER_DAY).tolist()
+        days = frozenset(_day(int(d) * NS_PER_DAY) for d in day_numbers)
+        candles: list[Candle] = []
+        spans: dict[tuple[int, Timeframe, int], tuple[int, int]] = {}
+        if self.candles_enabled:
+            self.aggregator.add_batch(ticks)
+            candles = self.aggregator.drain_changed()
+            spans = self._trade_spans(cols)
+        spreads = self._sample_spreads(cols)
+        data = encoder.encode(cols)
+        newest = np.full(len(self.instruments), -1, dtype=np.int64)
+        np.maximum.at(newest, cols.instrument, cols.ts_ns)
+        newest_by_index = {i: ts for i, ts in enumerate(newest.tolist()) if ts >= 0}
+        return _Chunk(data, len(cols), candles, spans, spreads, days, newest_by_index), cols
+
+    async def ensure_days(self, days: Sequence[date]) -> None:
+        """Create the daily partitions of ``ticks`` and ``spreads`` for ``days`` (and the day after each)."""
+        async with self._ensure_lock:
+            wanted = sorted({d for day in days for d in (day, day + timedelta(days=1))} - self._ensured)
+            if not wanted:
+                return
+            async with self.db.connection("marketdata.partitions") as conn:
+                for day in wanted:
+                    for table in ("ticks", "spreads"):
+                        await ensure_daily_partitions_async(conn, table, day, 1)
+            self._ensured.update(wanted)
+
+    def forget_days_before(self, cutoff: date) -> None:
+        """Retention dropped these days' partitions: ensure them again if old ticks arrive."""
+        self._ensured = {day for day in self._ensured if day >= cutoff}
+
+    def _trade_spans(self, cols: TickColumns) -> dict[tuple[int, Timeframe, int], tuple[int, int]]:
+        """(first, last) trade timestamp per (instrument, M1 bucket) of the chunk, and for the higher
+        timeframes derived from those: the open/close timestamps the candle upsert merges on."""
+        trade = cols.last > 0
+        if not bool(trade.any()):
+            return {}
+        ts = cols.ts_ns[trade]
+        minute = ts // _M1_NS
+        key = minute * len(self.instruments) + cols.instrument[trade]
+        order = np.argsort(key, kind="stable")
+        key_sorted = key[order]
+        ts_sorted = ts[order]
+        starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
+        first = np.minimum.reduceat(ts_sorted, starts)
+        last = np.maximum.reduceat(ts_sorted, starts)
+        n = len(self.instruments)
+        spans: dict[tuple[int, Timeframe, int], tuple[int, int]] = {}
+        for k, lo, hi in zip(key_sorted[starts].tolist(), first.tolist(), last.tolist(), strict=True):
+            minute_k, index = divmod(k, n)
+            for tf in Timeframe:
+                bucket = tf.bucket_start(minute_k * _M1_NS)
+                span_key = (index, tf, bucket)
+                seen = spans.get(span_key)
+                spans[span_key] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
+        return spans
+
+    def _note_quotes(self, cols: TickColumns) -> None:
+        """Fold the chunk into the latest quote per instrument (a late tick never replaces a newer one)."""
+        quotes = self._quotes
+        dirty = self._dirty_quotes
+        for index, row in _last_rows(cols.instrument, cols.bid > 0).items():
+            q = quotes[index]
+            ts = int(cols.ts_ns[row])
+            if ts >= q.quote_ts_ns:
+                q.quote_ts_ns = ts
+                q.bid, q.bid_size = int(cols.bid[row]), int(cols.bid_size[row])
+                ask = int(cols.ask[row])
+                q.ask, q.ask_size = (ask, int(cols.ask_size[row])) if ask > 0 else (q.ask, q.ask_size)
+                q.ts_ns = max(q.ts_ns, ts)
+                dirty.add(index)
+        for index, row in _last_rows(cols.instrument, cols.ask > 0).items():
+            q = quotes[index]
+            ts = int(cols.ts_ns[row])
+            if ts >= q.quote_ts_ns and int(cols.bid[row]) == 0:  # ask-only update
+                q.quote_ts_ns = ts
+                q.ask, q.ask_size = int(cols.ask[row]), int(cols.ask_size[row])
+                q.ts_ns = max(q.ts_ns, ts)
+                dirty.add(index)
+        for index, row in _last_rows(cols.instrument, cols.last > 0).items():
+            q = quotes[index]
+            ts = int(cols.ts_ns[row])
+            if ts >= q.last_ts_ns:
+                q.last_ts_ns = ts
+                q.last = int(cols.last[row])
+                q.ts_ns = max(q.ts_ns, ts)
+                dirty.add(index)
+        if dirty:
+            self._publish_wanted.set()
+
+    def _sample_spreads(self, cols: TickColumns) -> list[tuple[datetime, int, Decimal]]:
+        """At most one spread per instrument per ``spread_interval_ns`` of tick time: the first two-sided
+        quote to arrive in it (so the sample does not depend on how ticks were batched)."""
+        both = (cols.bid > 0) & (cols.ask > 0)
+        if not bool(both.any()):
+            return []
+        interval = cols.ts_ns // self.spread_interval_ns
+        n = len(self.instruments)
+        key = np.where(both, interval * n + cols.instrument, -1)
+        rows = _first_rows(key, both)
+        out = []
+        for k in sorted(rows):
+            slot, index = divmod(k, n)
+            if slot <= self._spread_last[index]:
+                continue
+            self._spread_last[index] = slot
+            row = rows[k]
+            instrument = self.instruments[index]
+            spread = instrument.price(int(cols.ask[row]) - int(cols.bid[row]))
+            out.append((sql.ns_to_datetime(int(cols.ts_ns[row])), instrument.instrument_id, spread))
+        return out
+
+    def _report_drops(self, *, force_log: bool = False) -> None:
+        drops = self.validator.drops
+        for reason, count in drops.items():
+            delta = count - self._drops_reported[reason]
+            if delta:
+                TICKS_DROPPED.labels(reason.value).inc(delta)
+                self._drops_reported[reason] = count
+                self.stats.dropped[reason.value] = count
+        now = time.monotonic()
+        if force_log or now - self._last_drop_log >= self.drop_log_interval_s:
+            self._last_drop_log = now
+            for reason, sample in self.validator.drain_samples().items():
+                log.warning("dropping bad ticks: %s (%d so far), sample: %s", reason.value, drops[reason], sample)
+
+    # --------------------------------------------------------------------------------------- writer
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                first = await self._queue.get()
+                if first is _CLOSE:
+                    self._queue.task_done()
+                    return
+                chunks: list[_Chunk] = [first]
+                closing = False
+                deadline = loop.time() + self.commit_interval_s
+
+                async def streamed(
+                    first: _Chunk = first, chunks: list[_Chunk] = chunks, deadline: float = deadline
+                ) -> AsyncIterator[bytes]:
+                    nonlocal closing
+                    yield sql.COPY_HEADER
+                    if first.data:
+                        yield first.data
+                    rows = first.rows
+                    while rows < self.max_rows_per_commit:
+                        timeout = deadline - loop.time()
+                        if timeout <= 0:
+                            break
+                        try:
+                            item = await asyncio.wait_for(self._queue.get(), timeout)
+                        except TimeoutError:
+                            break
+                        if item is _CLOSE:
+                            closing = True
+                            break
+                        chunks.append(item)
+                        rows += item.rows
+                        if item.data:
+                            yield item.data
+                    yield sql.COPY_TRAILER
+
+                await self._commit(chunks, streamed())
+                for _ in chunks:
+                    self._queue.task_done()
+                if closing:
+                    self._queue.task_done()
+                    return
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                log.error("market data writer stopped: %s", exc)
+                self._failure = exc
+            self._drain_queue()
+            raise
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            self._queue.task_done()
+
+    async def _commit(self, chunks: list[_Chunk], source: AsyncIterator[bytes]) -> None:
+        """One transaction: COPY (streamed on the first attempt), candles, spreads. Retried while the
+        database is unreachable, up to ``retry_for_s``."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        attempt = 0
+        returned: list[asyncpg.Record] = []
+        writes: list[sql.CandleWrite] = []
+        while True:
+            attempt += 1
+            try:
+                async with self.db.transaction("marketdata.ingest") as conn:
+                    if attempt == 1:
+                        rows = await sql.copy_tick_rows(conn, source)
+                    else:
+                        body = b"".join(chunk.data for chunk in chunks)
+                        rows = await sql.copy_tick_rows(conn, sql.COPY_HEADER + body + sql.COPY_TRAILER)
+                    writes = self._candle_writes(chunks)
+                    returned = await sql.upsert_candles(conn, writes)
+                    spreads = [row for chunk in chunks for row in chunk.spreads]
+                    await sql.insert_spreads(conn, spreads)
+                break
+            except _RETRYABLE as exc:
+                if loop.time() - started > self.retry_for_s:
+                    raise
+                log.warning("market data commit failed (%s), retrying", exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(attempt, 5)))
+            except asyncpg.CheckViolationError as exc:
+                # "no partition of relation found": retention dropped a day under us; ensure and retry once.
+                if attempt > 1:
+                    raise
+                log.warning("ticks without a partition (%s): ensuring partitions and retrying", exc)
+                days = sorted({day for chunk in chunks for day in chunk.days})
+                self._ensured.difference_update(days)
+                await self.ensure_days(days)
+        expected = sum(chunk.rows for chunk in chunks)
+        if rows != expected:
+            log.error("COPY stored %d ticks, expected %d", rows, expected)
+        for w_key, cumulative in self._pending_written.items():
+            self._written[w_key] = cumulative
+        self._pending_written = {}
+        for chunk in chunks:
+            for index, ts in chunk.newest.items():
+                if ts > self._committed_newest.get(index, -1):
+                    self._committed_newest[index] = ts
+        if self._hypertable:
+            self._stored_days.update(day for chunk in chunks for day in chunk.days)
+        self.stats.stored += rows
+        self.stats.commits += 1
+        self.stats.candles_written += len(writes)
+        TICKS_STORED.inc(rows)
+        self._note_candles(returned)
+        self._prune()
+        for chunk in chunks:
+            if chunk.on_stored is not None:
+                try:
+                    await chunk.on_stored()
+                except Exception as exc:  # an ack failing must not lose the committed ticks' bookkeeping
+                    log.warning("after-commit callback failed: %s", exc)
+
+    def _candle_writes(self, chunks: Sequence[_Chunk]) -> list[sql.CandleWrite]:
+        """The candle upserts of one commit: the newest state of each changed candle, with the volume and
+        count added since the last committed upsert of it."""
+        latest: dict[tuple[int, Timeframe, int], Candle] = {}
+        spans: dict[tuple[int, Timeframe, int], tuple[int, int]] = {}
+        index = self.encoder.index
+        for chunk in chunks:
+            for candle in chunk.candles:
+                latest[(index[candle.instrument], candle.timeframe, candle.bucket_start_ns)] = candle
+            for key, (lo, hi) in chunk.spans.items():
+                seen = spans.get(key) or self._spans.get(key)
+                spans[key] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
+        self._spans.update(spans)
+        pending: dict[tuple[int, Timeframe, int], tuple[int, int]] = {}
+        writes = []
+        for key, candle in latest.items():
+            instrument = self.instruments[key[0]]
+            volume0, count0 = self._written.get(key, (0, 0))
+            span = self._spans[key]
+            writes.append(
+                sql.CandleWrite(
+                    instrument.instrument_id,
+                    candle.timeframe.value,
+                    sql.ns_to_datetime(candle.bucket_start_ns),
+                    instrument.price(candle.open),
+                    instrument.price(candle.high),
+                    instrument.price(candle.low),
+                    instrument.price(candle.close),
+                    instrument.quantity(candle.volume - volume0),
+                    candle.tick_count - count0,
+                    span[0],
+                    span[1],
+                )
+            )
+            pending[key] = (candle.volume, candle.tick_count)
+        self._pending_written = pending
+        return writes
+
+    def _prune(self) -> None:
+        """Forget candle bookkeeping for buckets the aggregator can no longer change (bounded memory)."""
+        if len(self._written) < 4 * len(self.instruments) * len(Timeframe) + 64:
+            return
+        horizon: list[int | None] = []
+        for index in range(len(self.instruments)):
+            newest = self._committed_newest.get(index)
+            horizon.append(None if newest is None else newest - self._tolerance_ns)
+        for book in (self._written, self._spans):
+            stale = [key for key in book if (h := horizon[key[0]]) is not None and key[2] + key[1].width_ns <= h]
+            for key in stale:
+                del book[key]
+
+    def _note_candles(self, rows: Sequence[asyncpg.Record]) -> None:
+        """Keep the newest committed candle per (timeframe, symbol) for the publisher."""
+        if self.cache is None or not rows:
+            return
+        by_id = {i.instrument_id: i for i in self.instruments}
+        for row in rows:
+            instrument = by_id[row["instrument_id"]]
+            key = (row["timeframe"], instrument.symbol)
+            current = self._pending_candles.get(key)
+            bucket = _iso(row["bucket"])
+            if current is not None and current["bucket"] > bucket:
+                continue
+            self._pending_candles[key] = {
+                "timeframe": row["timeframe"],
+                "bucket": bucket,
+                "open": str(row["open"].normalize()),
+                "high": str(row["high"].normalize()),
+                "low": str(row["low"].normalize()),
+                "close": str(row["close"].normalize()),
+                "volume": _plain(row["volume"]),
+                "tick_count": row["tick_count"],
+            }
+        self._publish_wanted.set()
+
+    # ------------------------------------------------------------------------------------ publisher
+
+    def quote_payload(self, index: int) -> dict[str, Any]:
+        """The public quote of one instrument: decimals as strings, ``null`` for an absent side."""
+        q = self._quotes[index]
+        instrument = self.instruments[index]
+
+        def price(ticks: int | None) -> str | None:
+            return None if ticks is None else _plain(instrument.price(ticks))
+
+        return {
+            "symbol": instrument.symbol,
+            "ts": _iso(sql.ns_to_datetime(q.ts_ns)),
+            "bid": price(q.bid),
+            "ask": price(q.ask),
+            "bid_size": None if q.bid is None else _plain(instrument.quantity(q.bid_size)),
+            "ask_size": None if q.ask is None else _plain(instrument.quantity(q.ask_size)),
+            "last": price(q.last),
+        }
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._publish_wanted.wait()
+            closing = self._closing
+            try:
+                await self._publish_pending()
+            except Exception as exc:  # Redis down: quotes are superseded anyway; keep ingesting
+                log.warning("publishing market data to Redis failed: %s", exc)
+                if not closing:
+                    await asyncio.sleep(1.0)
+            if closing:
+                return
+
+    async def _publish_pending(self) -> None:
+        self._publish_wanted.clear()
+        if self.cache is None:
+            self._dirty_quotes.clear()
+            self._pending_candles.clear()
+            return
+        dirty, self._dirty_quotes = self._dirty_quotes, set()
+        candles, self._pending_candles = self._pending_candles, {}
+        if not dirty and not candles:
+            return
+        pipe = self.cache.client.pipeline(transaction=False)
+        for index in sorted(dirty):
+            symbol = self.instruments[index].symbol
+            data = self.quote_payload(index)
+            pipe.set(market_data_key(symbol), orjson.dumps(data), ex=TTL_MARKET_DATA)
+            if data["last"] is not None:
+                pipe.set(price_key(symbol), data["last"], ex=TTL_PRICE)
+            envelope = {"channel": "quotes", "symbol": symbol, "data": data}
+            pipe.publish(quotes_channel(symbol), orjson.dumps(envelope))
+        for (timeframe, symbol), data in candles.items():
+            envelope = {"channel": f"candles:{timeframe}", "symbol": symbol, "data": data}
+            pipe.publish(candles_channel(timeframe, symbol), orjson.dumps(envelope))
+        try:
+            await pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise InfrastructureUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Grid:
+    symbol: str
+    tick_size: Decimal
+
+
+def _plain(value: Decimal) -> str:
+    """A decimal as a plain string without trailing zeros or exponent: 100.500000 -> "100.5", 1E+3 -> "1000"."""
+    text = format(value.normalize(), "f")
+    return text
+
+
+def _first_rows(keys: np.ndarray[Any, Any], mask: np.ndarray[Any, Any]) -> dict[int, int]:
+    """For each key value among the rows where ``mask``: the index of its first such row (arrival order)."""
+    rows = np.flatnonzero(mask)
+    if not len(rows):
+        return {}
+    unique, first = np.unique(keys[rows], return_index=True)
+    return dict(zip(unique.tolist(), rows[first].tolist(), strict=True))
+
+
+def _last_rows(keys: np.ndarray[Any, Any], mask: np.ndarray[Any, Any]) -> dict[int, int]:
+    """For each key value among the rows where ``mask``: the index of its last such row (arrival order)."""
+    rows = np.flatnonzero(mask)
+    if not len(rows):
+        return {}
+    reversed_keys = keys[rows][::-1]
+    unique, first_in_reversed = np.unique(reversed_keys, return_index=True)
+    last = rows[len(rows) - 1 - first_in_reversed]
+    return dict(zip(unique.tolist(), last.tolist(), strict=True))
+
+
+# ------------------------------------------------------------------------------------------ retention
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionResult:
+    dropped: list[str]
+    archived: list[Path]
+
+
+RETAINED_TABLES: tuple[str, ...] = ("ticks", "spreads", "depth_snapshots")
+
+
+async def apply_retention(
+    db: Database,
+    *,
+    retention_days: int,
+    instruments: Sequence[ListedInstrument],
+    archive_dir: Path | None = None,
+    today: date | None = None,
+) -> RetentionResult:
+    """Drop market data partitions (chunks) wholly older than ``retention_days`` before ``today`` (UTC).
+
+    With ``archive_dir`` and native partitions, each expired ``ticks`` partition is first written to
+    ``<archive_dir>/<partition>.parquet`` in the replay format; a partition whose archive fails is kept.
+    Candles are kept: they are small and outlive the raw ticks.
+    """
+    if retention_days < 1:
+        raise ValueError("retention_days must be >= 1")
+    cutoff = (today or datetime.now(UTC).date()) - timedelta(days=retention_days)
+    archived: list[Path] = []
+    dropped: list[str] = []
+    async with db.connection("marketdata.retention") as conn:
+        kinds = await storage_kind_async(conn)
+        if archive_dir is not None and kinds["ticks"] == "partitioned":
+            for name in await expired_partitions(conn, "ticks", cutoff):
+                target = archive_dir / f"{name}.parquet"
+                rows = await sql.archive_tick_partition(conn, name, target, instruments)
+                log.info("archived %s (%d ticks) to %s", name, rows, target)
+                archived.append(target)
+        for table in RETAINED_TABLES:
+            dropped += await drop_partitions_older_than_async(conn, table, cutoff)
+    return RetentionResult(dropped, archived)
+
+
+async def expired_partitions(conn: asyncpg.Connection, table: str, cutoff: date) -> list[str]:
+    """Our daily partitions of ``table`` lying wholly before ``cutoff`` 00:00Z, oldest first."""
+    rows = await conn.fetch(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = to_regclass($1) ORDER BY 1",
+        table,
+    )
+    out = []
+    for (name,) in rows:
+        suffix = name.removeprefix(f"{table}_p")
+        if suffix != name and len(suffix) == 8 and suffix.isdigit():
+            day = date(int(suffix[:4]), int(suffix[4:6]), int(suffix[6:]))
+            if day < cutoff:
+                out.append(name)
+    return out
+
+
+__all__ = [
+    "TICKS_DROPPED",
+    "FeedBatch",
+    "IngestStats",
+    "MarketDataPipeline",
+    "PipelineFailed",
+    "RetentionResult",
+    "apply_retention",
+    "candles_channel",
+    "market_data_key",
+    "price_key",
+    "quotes_channel",
+]

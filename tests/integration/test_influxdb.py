@@ -1,0 +1,323 @@
+"""The optional InfluxDB sink against a real InfluxDB 1.x (Debian's ``influxdb`` package, ``influxd``): points
+land queryable with exact values and faithful escaping, and an outage costs only the oldest points beyond the
+buffer bound, counted, with everything retained written once InfluxDB is back.
+
+Each server runs from a temporary directory on free ports. Without ``influxd`` on PATH the tests skip, except
+under CI (CI=1), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.conftest import UNDER_CI
+from tradeplane.adapters.influxdb import InfluxSink, Point
+from tradeplane.bootstrap import build_platform
+from tradeplane.config import Settings
+from tradeplane.domain.ticks import Tick
+from tradeplane.entrypoints.api.app import create_app
+
+START_TIMEOUT_S = 60.0
+#: Waits for the sink bounded by this, so a broken sink fails the test instead of hanging it.
+SETTLE_TIMEOUT_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class InfluxServer:
+    """``influxd`` with a throwaway config and data directory; ``stop``/``start`` keep port and data."""
+
+    def __init__(self, binary: str, root: Path) -> None:
+        self.binary = binary
+        self.root = root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = root / "influxdb.conf"
+        self.config.write_text(
+            f"""reporting-disabled = true
+bind-address = "127.0.0.1:{_free_port()}"
+[meta]
+  dir = "{root / "meta"}"
+[data]
+  dir = "{root / "data"}"
+  wal-dir = "{root / "wal"}"
+  query-log-enabled = false
+[http]
+  bind-address = "127.0.0.1:{self.port}"
+  log-enabled = false
+[monitor]
+  store-enabled = false
+[logging]
+  level = "warn"
+"""
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.root / "influxd.log").open("ab")
+        self.process = subprocess.Popen([self.binary, "-config", str(self.config)], stdout=log, stderr=log)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                if httpx.get(f"{self.url}/ping", timeout=1.0).status_code == 204:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail("influxd did not start:\n" + (self.root / "influxd.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def _influxd() -> str:
+    binary = shutil.which("influxd")
+    if binary is None:
+        reason = "influxd not found: install Debian's influxdb package (apt-get install influxdb) for these tests"
+        if UNDER_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return binary
+
+
+@pytest.fixture
+def influxdb() -> Iterator[InfluxServer]:
+    """A server of the test's own: tests stop and start it, and query its whole database."""
+    root = Path(tempfile.mkdtemp(prefix="tradeplane-influxdb-"))
+    server = InfluxServer(_influxd(), root)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def sink(influxdb: InfluxServer) -> AsyncIterator[InfluxSink]:
+    sink = InfluxSink(
+        influxdb.url,
+        "tp_test",
+        max_points=50,
+        batch_size=10,
+        flush_interval_s=0.05,
+        initial_backoff_s=0.05,
+        max_backoff_s=0.2,
+    )
+    await sink.start()
+    yield sink
+    await sink.close(drain_timeout_s=1.0)
+
+
+async def query(server: InfluxServer, q: str, database: str = "tp_test") -> list[dict[str, Any]]:
+    """Rows of an InfluxQL query as dicts (timestamps in epoch ns), across all returned series."""
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{server.url}/query", params={"db": database, "q": q, "epoch": "ns"})
+    response.raise_for_status()
+    rows: list[dict[str, Any]] = []
+    for result in response.json()["results"]:
+        assert "error" not in result, result
+        for series in result.get("series", []):
+            rows += [dict(zip(series["columns"], values, strict=True)) for values in series["values"]]
+    return rows
+
+
+async def settled(sink: InfluxSink) -> None:
+    async with asyncio.timeout(SETTLE_TIMEOUT_S):
+        await sink.wait_written()
+
+
+def dropped(measurement: str, reason: str) -> float:
+    value = REGISTRY.get_sample_value("influxdb_points_dropped_total", {"measurement": measurement, "reason": reason})
+    return value or 0.0
+
+
+# ------------------------------------------------------------------------------------------------- writes
+
+T0 = 1_763_700_000_000_000_000  # 2025-11-21T04:40:00Z, in ns
+
+
+async def test_all_four_measurements_are_written_and_queryable_with_exact_values(
+    influxdb: InfluxServer, sink: InfluxSink
+) -> None:
+    # 2**53 + 1 ticks: no float64 holds it, so a float field would come back changed.
+    huge = 2**53 + 1
+    ticks = [Tick(T0 + i, "BTC-USD", 6_500_000 + i, 6_500_010 + i, 3, 4, 6_500_005 + i, 2) for i in range(25)]
+    ticks.append(Tick(T0 + 100, "BTC-USD", huge, huge + 1, 1, 1))  # quote only: no last, no volume
+    for tick in ticks:
+        sink.write_tick(tick, tick_size=Decimal("0.01"), lot_size=Decimal("0.001"))
+    sink.write_trade(
+        symbol="BTC-USD",
+        trade_id="T-1",
+        price=6_500_007,
+        quantity=1_500,
+        aggressor_side="buy",
+        ts_ns=T0 + 7,
+        tick_size=Decimal("0.01"),
+        lot_size=Decimal("0.001"),
+    )
+    sink.write_performance({"strategy": "mm-1"}, {"pnl": Decimal("-1234567890.123456789012"), "trades": 42}, T0)
+    sink.write_system_metric({"service": "engine", "shard": "0"}, {"latency_ms": 0.25, "healthy": True}, T0)
+    await settled(sink)
+    assert sink.stats.written == len(ticks) + 3
+
+    market = await query(influxdb, "SELECT * FROM market_data ORDER BY time")
+    assert len(market) == len(ticks)
+    first, quote_only = market[0], market[-1]
+    assert (first["time"], first["bid"], first["ask"], first["last"], first["volume"]) == (
+        T0,
+        6_500_000,
+        6_500_010,
+        6_500_005,
+        2,
+    )
+    assert (first["symbol"], first["tick_size"], first["lot_size"]) == ("BTC-USD", "0.01", "0.001")
+    assert (quote_only["bid"], quote_only["ask"], quote_only["last"], quote_only["volume"]) == (
+        huge,
+        huge + 1,
+        None,
+        None,
+    )
+    # Integer ticks aggregate exactly in InfluxQL.
+    (totals,) = await query(influxdb, f"SELECT max(bid), sum(volume) FROM market_data WHERE time < {T0 + 100}")
+    assert (totals["max"], totals["sum"]) == (6_500_024, 50)
+
+    (trade,) = await query(influxdb, "SELECT * FROM trades")
+    assert (trade["price"], trade["quantity"], trade["trade_id"], trade["side"]) == (6_500_007, 1_500, "T-1", "buy")
+    (performance,) = await query(influxdb, "SELECT * FROM performance")
+    assert Decimal(performance["pnl"]) == Decimal("-1234567890.123456789012")
+    assert (performance["trades"], performance["strategy"]) == (42, "mm-1")
+    (metric,) = await query(influxdb, "SELECT * FROM system_metrics")
+    assert (metric["latency_ms"], metric["healthy"], metric["service"], metric["shard"]) == (0.25, True, "engine", "0")
+
+
+async def test_names_tags_and_strings_round_trip_through_line_protocol_escaping(
+    influxdb: InfluxServer, sink: InfluxSink
+) -> None:
+    tag = 'EUR/USD, spot=1 "x" C:\\fx'
+    text = 'a "quoted" \\ backslash,\nnew line = end'
+    sink.write(Point("odd measurement,1", {"venue name": tag, "empty": ""}, {"note field": text, "n": 1}, T0))
+    await settled(sink)
+
+    rows = await query(influxdb, 'SELECT * FROM "odd measurement,1"')
+    assert rows == [{"time": T0, "venue name": tag, "note field": text, "n": 1}]
+    tags = await query(influxdb, 'SHOW TAG KEYS FROM "odd measurement,1"')
+    assert [row["tagKey"] for row in tags] == ["venue name"]  # an empty tag value is left out
+
+
+def test_unwritable_names_are_refused_when_written_not_later() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        Point("m", {"symbol": "A\nB"}, {"x": 1}, 0).to_line()
+    with pytest.raises(ValueError, match="ends with a backslash"):
+        Point("m", {"path": "C:\\"}, {"x": 1}, 0).to_line()
+    with pytest.raises(ValueError, match="no fields"):
+        Point("m", {}, {}, 0).to_line()
+    with pytest.raises(ValueError, match="int64"):
+        Point("m", {}, {"x": 2**63}, 0).to_line()
+    with pytest.raises(ValueError, match="not finite"):
+        Point("m", {}, {"x": float("nan")}, 0).to_line()
+    assert Point("m x,y", {"k=1": "v 1,2"}, {"f": 1.5, "b": False, "i": -3}, 5).to_line() == (
+        "m\\ x\\,y,k\\=1=v\\ 1\\,2 f=1.5,b=false,i=-3i 5"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- outage
+
+
+async def test_an_outage_keeps_the_newest_points_within_the_bound_and_counts_the_rest(
+    influxdb: InfluxServer, sink: InfluxSink
+) -> None:
+    def point(i: int) -> Point:
+        return Point("market_data", {"symbol": "OUT"}, {"seq": i}, T0 + i)
+
+    for i in range(10):
+        sink.write(point(i))
+    await settled(sink)
+    overflow_before = dropped("market_data", "overflow")
+
+    influxdb.stop()
+    for i in range(10, 210):
+        sink.write(point(i))  # synchronous: returns without touching the network
+    assert sink.pending == sink.max_points == 50
+    assert sink.stats.dropped == {"overflow": 150}
+    assert dropped("market_data", "overflow") - overflow_before == 150
+    async with asyncio.timeout(SETTLE_TIMEOUT_S):
+        while sink.stats.failures < 3:  # noqa: ASYNC110 - polls the sink's retry count: it keeps retrying
+            await asyncio.sleep(0.05)
+    assert sink.pending == 50
+
+    influxdb.start()
+    await settled(sink)
+    rows = await query(influxdb, "SELECT seq FROM market_data WHERE symbol = 'OUT' ORDER BY time")
+    assert [row["seq"] for row in rows] == [*range(10), *range(160, 210)]
+    assert sink.stats.dropped == {"overflow": 150}
+
+
+# ------------------------------------------------------------------------------------------------- health
+
+
+async def test_health_influxdb_follows_the_server(
+    influxdb: InfluxServer, database_url: str, redis_url: str, nats_url: str
+) -> None:
+    settings = Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        bus_url=nats_url,
+        influxdb_url=influxdb.url,
+        influxdb_database="tp_health",
+        secret_key="test-secret-key-not-for-production",
+        db_pool_min=1,
+    )
+    platform = build_platform(settings)
+    assert platform.influx is not None
+    await platform.start()
+    try:
+        transport = httpx.ASGITransport(app=create_app(platform))
+        async with httpx.AsyncClient(transport=transport, base_url="http://tradeplane") as client:
+            response = await client.get("/health/influxdb")
+            assert response.status_code == 200
+            assert response.json()["status"] == "ok"
+
+            influxdb.stop()
+            response = await client.get("/health/influxdb")
+            assert response.status_code == 503
+            assert response.json()["status"] == "fail"
+            # An optional sink being down does not make the platform unhealthy.
+            assert (await client.get("/health")).status_code == 200
+
+            influxdb.start()
+            assert (await client.get("/health/influxdb")).status_code == 200
+    finally:
+        await platform.stop()
+
+
+async def test_health_influxdb_is_not_found_when_the_sink_is_not_configured(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health/influxdb")
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -23,11 +24,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tradeplane.config import Settings, load_settings
+from tradeplane.entrypoints.cli_md import md_app, run_marketdata_command
 from tradeplane.errors import ConfigError, TradeplaneError
 from tradeplane.logs import configure_logging
 from tradeplane.services.relay import OutboxRelay
 
 T = TypeVar("T")
+log = logging.getLogger("tradeplane.cli")
 
 app = typer.Typer(
     help="tradeplane: self-hosted trading platform core.",
@@ -44,6 +47,8 @@ app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(run_app, name="run")
+app.add_typer(md_app, name="md")
+run_app.command("marketdata")(run_marketdata_command)
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -105,17 +110,25 @@ async def _with_db(settings: Settings, work: Callable[[Any], Awaitable[T]], oper
 @app.command()
 def up(
     demo: Annotated[bool, typer.Option(help="Load demo instruments, users and a funded account.")] = True,
+    demo_traders: Annotated[
+        bool, typer.Option(help="Run a demo market maker and a few random traders (needs --demo).")
+    ] = True,
 ) -> None:
-    """Start the whole platform: embedded servers (unless URLs are set), migrations, bus setup, demo data, API."""
+    """Start the whole platform: embedded servers (unless URLs are set), migrations, bus setup, demo data, the API,
+    relay, matching engine shards and market data worker, in one process."""
     settings = load_settings()
     configure_logging("tradeplane", settings.log_level)
     with servers("database_url", "redis_url", "bus_url") as settings:
-        asyncio.run(_up(settings, demo=demo and settings.demo))
+        demo = demo and settings.demo
+        asyncio.run(_up(settings, demo=demo, demo_traders=demo and demo_traders))
 
 
-async def _up(settings: Settings, *, demo: bool) -> None:
+async def _up(settings: Settings, *, demo: bool, demo_traders: bool) -> None:
     from tradeplane.adapters.db.migrate import upgrade
     from tradeplane.bootstrap import build_platform
+    from tradeplane.entrypoints.workers.demo import create_demo_participants, run_demo_traders
+    from tradeplane.entrypoints.workers.marketdata import run_marketdata
+    from tradeplane.entrypoints.workers.order_queues import run_order_queues
 
     with err.status("applying database migrations"):
         await asyncio.to_thread(upgrade, str(settings.database_url))
@@ -127,12 +140,23 @@ async def _up(settings: Settings, *, demo: bool) -> None:
         demo_key = await _seed_demo(settings, platform) if demo else None
         _print_banner(settings, demo_key)
         stop = asyncio.Event()
-        relay = asyncio.create_task(OutboxRelay(platform.db, platform.bus).run(stop))
+        workers: list[asyncio.Task[Any]] = [asyncio.create_task(OutboxRelay(platform.db, platform.bus).run(stop))]
+        workers += [asyncio.create_task(worker.run(stop)) for worker in _engine_workers(settings, platform, None)]
+        workers.append(asyncio.create_task(run_marketdata(platform, stop, simulate_rate=None)))
+        if platform.bus.kind == "amqp":
+            workers.append(asyncio.create_task(run_order_queues(platform, stop)))
+        if demo_traders:
+            async with platform.db.transaction("demo.participants") as conn:
+                bots = await create_demo_participants(conn, settings.secret_key.get_secret_value())
+            base_url = f"http://{settings.api_host}:{settings.api_port}"
+            workers.append(asyncio.create_task(run_demo_traders(base_url, bots.api_keys, bots.account_ids, stop)))
         try:
             await _serve_api(settings, platform)  # returns on Ctrl-C / SIGTERM (uvicorn handles both)
         finally:
             stop.set()
-            await relay
+            for outcome in await asyncio.gather(*workers, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.warning("a worker stopped with %s: %s", outcome.__class__.__name__, outcome)
     finally:
         await platform.stop()
 
@@ -178,6 +202,7 @@ async def _serve_api(settings: Settings, platform: Any) -> None:
         log_config=None,
         access_log=False,
         lifespan="on",
+        ws_per_message_deflate=False,  # compression doubles fan-out latency for small JSON frames
     )
     server = uvicorn.Server(config)
     await server.serve()
@@ -226,6 +251,47 @@ def run_relay() -> None:
         try:
             await OutboxRelay(platform.db, platform.bus).run(stop)
         finally:
+            await platform.stop()
+
+    with servers("database_url", "redis_url", "bus_url") as settings:
+        asyncio.run(main(settings))
+
+
+def _engine_workers(settings: Settings, platform: Any, shard: int | None) -> list[Any]:
+    """One engine worker per shard: `shard` alone, or every shard of TRADEPLANE_ENGINE_SHARDS."""
+    from tradeplane.entrypoints.workers.engine import EngineWorker
+
+    shards = settings.engine_shards
+    if shard is not None and not 0 <= shard < shards:
+        raise ConfigError(f"--shard must be in 0..{shards - 1} (TRADEPLANE_ENGINE_SHARDS={shards})")
+    wanted = range(shards) if shard is None else [shard]
+    return [EngineWorker(platform.db, platform.cache, platform.bus, shard=k, shards=shards) for k in wanted]
+
+
+@run_app.command("engine")
+def run_engine(
+    shard: Annotated[
+        int | None, typer.Option(help="Run only this shard (default: every shard of TRADEPLANE_ENGINE_SHARDS).")
+    ] = None,
+) -> None:
+    """Match orders: rebuild the books from PostgreSQL, then consume the shard streams (one engine per shard)."""
+    settings = load_settings()
+    configure_logging("engine", settings.log_level)
+
+    async def main(settings: Settings) -> None:
+        from tradeplane.bootstrap import build_platform
+
+        platform = build_platform(settings)
+        workers = _engine_workers(settings, platform, shard)
+        await platform.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await asyncio.gather(*(worker.run(stop) for worker in workers))
+        finally:
+            stop.set()
             await platform.stop()
 
     with servers("database_url", "redis_url", "bus_url") as settings:

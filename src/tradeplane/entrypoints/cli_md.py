@@ -191,7 +191,7 @@ def run_marketdata_command(
     ] = None,
 ) -> None:
     """Run the market data worker: bus and engine-trade feeds (and a simulated market if asked), depth
-    snapshots, partitions and retention. Register with ``run_app.command("marketdata")(run_marketdata_command)``."""
+    snapshots, partitions and retention."""
     from tradeplane.config import load_settings
     from tradeplane.entrypoints.cli import servers
     from tradeplane.logs import configure_logging

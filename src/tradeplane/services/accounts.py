@@ -82,7 +82,7 @@ async def deposit(
 ) -> Deposit:
     """Credit `amount` to the account against the house deposits account, as one balanced transaction."""
     amount = parse_amount(amount)
-    row = await conn.fetchrow("SELECT currency, status, kind FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+    row = await conn.fetchrow("SELECT currency, status, kind FROM accounts WHERE id = $1 FOR NO KEY UPDATE", account_id)
     if row is None or row["kind"] == "house":
         raise NotFound(f"no account {account_id}", code="account_not_found")
     if row["status"] != "active":

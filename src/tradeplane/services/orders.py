@@ -3,7 +3,7 @@
 Placement, in one PostgreSQL transaction that the caller commits::
 
     shape check (422 validation_error, nothing stored)
-    lock the account row (FOR UPDATE)        ─ serialises every placement of one account, so two concurrent
+    lock the account row (FOR NO KEY UPDATE) ─ serialises every placement of one account, so two concurrent
                                                orders can never both spend the same free cash, and a retry
                                                with the same client_order_id always sees the first one
     read exposure  ‖  Redis rate counter     ─ one statement (fresh snapshot, after the lock) in parallel
@@ -11,6 +11,10 @@ Placement, in one PostgreSQL transaction that the caller commits::
     idempotency: same client_order_id → the original order (same terms) or 409 (different terms)
     domain.risk.assess → accepted or rejected
     one statement: order row + hold + outbox "new" + audit row   (rejected: order row + audit row only)
+
+The locks are FOR NO KEY UPDATE, not FOR UPDATE: the engine's batch inserts fills and ledger entries that
+reference the account and order rows (foreign keys take KEY SHARE locks), and FOR UPDATE would block those
+while this transaction waits for an order row the engine holds: a deadlock.
 
 A risk denial is a result (``Placement.rejection``), not an exception: the caller commits so the rejected
 order is kept for audit. Exceptions (``InvalidRequest``, ``NotFound``, ``PermissionDenied``, ``Conflict``)
@@ -165,7 +169,7 @@ def _rejection_of(order: OrderRecord) -> RiskRejection | None:
         return None
 
 
-_LOCK_ACCOUNT = "SELECT user_id, kind, status FROM accounts WHERE id = $1 FOR UPDATE"
+_LOCK_ACCOUNT = "SELECT user_id, kind, status FROM accounts WHERE id = $1 FOR NO KEY UPDATE"
 
 # After the account lock, in a new statement (READ COMMITTED: a fresh snapshot that sees every placement that
 # committed while we waited for the lock).
@@ -232,7 +236,7 @@ _LOCK_ORDER = f"""
 SELECT {ORDER_COLUMNS}, o.instrument_id, o.hold_price, a.user_id, a.kind AS account_kind
 FROM orders o JOIN accounts a ON a.id = o.account_id JOIN instruments i ON i.id = o.instrument_id
 WHERE o.id = $1
-FOR UPDATE OF a, o
+FOR NO KEY UPDATE OF a, o
 """
 
 _AUDIT = (
@@ -610,7 +614,7 @@ class OrderEntry:
         instrument_id = None if symbol is None else (await self.catalog.require(conn, symbol)).instrument_id
         rows = await conn.fetch(
             "SELECT o.id, o.instrument_id FROM orders o WHERE o.account_id = $1 AND o.status = ANY($2::text[])"
-            " AND ($3::bigint IS NULL OR o.instrument_id = $3) ORDER BY o.id FOR UPDATE",
+            " AND ($3::bigint IS NULL OR o.instrument_id = $3) ORDER BY o.id FOR NO KEY UPDATE",
             account_id,
             [s.value for s in _CANCELABLE],
             instrument_id,

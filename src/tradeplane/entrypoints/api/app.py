@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -72,6 +73,17 @@ def create_app(platform: Platform) -> FastAPI:
         if exc.status_code >= 500:
             log.warning("%s %s failed: %s", request.method, request.url.path, exc.detail)
         return JSONResponse(error_body(exc.code, exc.detail), status_code=exc.status_code)
+
+    @app.exception_handler(asyncpg.exceptions.DeadlockDetectedError)
+    @app.exception_handler(asyncpg.exceptions.SerializationError)
+    async def render_contention(request: Request, exc: Exception) -> JSONResponse:
+        # the transaction was rolled back whole, so nothing was stored: the client may simply retry
+        log.warning("%s %s lost a lock race: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            error_body("retry", "the request lost a race with a concurrent update and changed nothing; retry it"),
+            status_code=503,
+            headers={"Retry-After": "0"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def render_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

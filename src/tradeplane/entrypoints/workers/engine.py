@@ -1,0 +1,674 @@
+"""The engine shard worker: stream ``orders.<k>`` in, one PostgreSQL transaction per batch, reports out.
+
+One ``EngineWorker`` owns the books of the symbols that ``shard_for`` maps to its shard. Its loop:
+
+1. fetch a batch of deliveries (settle it before fetching the next: RabbitMQ's prefetch is the batch size);
+2. skip deliveries whose bus sequence is at or below ``engine_offsets(engine-<k>)`` (applied before a crash
+   or a lost ack) and "new" commands whose order the engine has already seen (RabbitMQ may redeliver a
+   re-published command under a new sequence);
+3. translate the rest into domain commands (numbers from the order row, on the instrument's grid) and run
+   them through the ``MatchingEngine``;
+4. settle every event in ONE transaction (``services.settlement.settle``) together with the offsets;
+5. commit, THEN ack, THEN publish to Redis: private ``tp:user:<id>`` reports, ``tp:trades:<symbol>``,
+   ``tp:book:<symbol>`` increments with the ``tp:book:<symbol>:snapshot`` key in the same MULTI, and DEL of
+   the ``order_book:`` / ``positions:`` caches of every user touched.
+
+Between batches it expires DAY/GTD orders from its injected clock. If a batch cannot be committed the
+in-memory books are ahead of PostgreSQL, so they are thrown away and rebuilt from it, and the deliveries are
+nak'd so the bus hands them over again: nothing is lost and nothing applies twice. PostgreSQL, Redis and
+bus outages are waited out with a capped back-off; anything else is a bug and is raised.
+
+Command sequence numbers. The domain derives trade ids and time priorities from ``seq`` ((seq << 20) + n
+must fit a BIGINT, so seq < 2**43). RabbitMQ's stream sequences are wall-clock microseconds (~2**50), so the
+worker numbers its commands itself, densely, and persists that counter as ``engine_offsets(engine-<k>.commands)``
+in the batch transaction: it grows strictly across restarts, which is all the domain requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.exceptions import RedisError
+
+from tradeplane.adapters.bus import Delivery, MessageBus, Subscription, order_stream
+from tradeplane.adapters.cache import Cache
+from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
+from tradeplane.adapters.postgres import Database
+from tradeplane.domain.matching import (
+    Cancel,
+    Command,
+    Event,
+    Expire,
+    MatchingEngine,
+    Modify,
+    NewOrder,
+    OffGridValue,
+    OrderRejected,
+    OrderState,
+)
+from tradeplane.domain.orders import OrderStatus, OrderType, SelfTradePrevention, Side, TimeInForce
+from tradeplane.domain.reservations import shard_for
+from tradeplane.errors import InfrastructureUnavailable
+from tradeplane.services.accounts import house_account
+from tradeplane.services.settlement import (
+    InstrumentInfo,
+    OrderRow,
+    SettledBatch,
+    load_instrument,
+    load_instruments,
+    load_order_rows,
+    protection_price,
+    settle,
+)
+
+log = logging.getLogger("tradeplane.engine")
+
+ENGINE_DURABLE = "engine"
+BOOK_LEVELS = 50
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_REBUILD_STATUSES = ("new", "partially_filled", "pending_cancel")
+# Errors that mean "a server is away or refused this transaction": wait and retry, never crash.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    InfrastructureUnavailable,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    RedisError,
+)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def consumer_name(shard: int) -> str:
+    """``engine_offsets`` row of the last bus sequence this shard applied."""
+    return f"engine-{shard}"
+
+
+def command_counter_name(shard: int) -> str:
+    """``engine_offsets`` row of the last domain command sequence this shard used."""
+    return f"engine-{shard}.commands"
+
+
+def to_ns(moment: datetime) -> int:
+    """Exact nanoseconds since the epoch (no float on the way)."""
+    return ((moment - _EPOCH) // timedelta(microseconds=1)) * 1000
+
+
+def book_channel(symbol: str) -> str:
+    return f"tp:book:{symbol}"
+
+
+def book_snapshot_key(symbol: str) -> str:
+    return f"tp:book:{symbol}:snapshot"
+
+
+def trades_channel(symbol: str) -> str:
+    return f"tp:trades:{symbol}"
+
+
+def user_channel(user_id: int) -> str:
+    return f"tp:user:{user_id}"
+
+
+def _message(channel: str, symbol: str | None, data: Any) -> bytes:
+    return orjson.dumps({"channel": channel, "symbol": symbol, "data": data})
+
+
+@dataclass(slots=True)
+class _PublishedBook:
+    """What subscribers have of one book: the last snapshot written to Redis and its sequence number."""
+
+    seq: int
+    bids: dict[str, str] = field(default_factory=dict)
+    asks: dict[str, str] = field(default_factory=dict)
+
+
+def _levels(spec_levels: list[tuple[int, int]], info: InstrumentInfo) -> dict[str, str]:
+    spec = info.spec
+    return {format(spec.ticks_to_price(p), "f"): format(spec.lots_to_qty(q), "f") for p, q in spec_levels}
+
+
+def _diff(old: dict[str, str], new: dict[str, str], descending: bool) -> list[list[str]]:
+    changed = [[p, q] for p, q in new.items() if old.get(p) != q]
+    changed += [[p, "0"] for p in old if p not in new]
+    changed.sort(key=lambda level: Decimal(level[0]), reverse=descending)
+    return changed
+
+
+class EngineWorker:
+    """One engine shard. ``run(stop)`` until ``stop`` is set; ``ready`` is set once the books are rebuilt."""
+
+    def __init__(
+        self,
+        db: Database,
+        cache: Cache,
+        bus: MessageBus,
+        *,
+        shard: int = 0,
+        shards: int = 1,
+        clock: Clock = utc_now,
+        batch_size: int = 500,
+        fetch_timeout: float = 0.05,
+        max_backoff: float = 5.0,
+    ) -> None:
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard must be in 0..{shards - 1} (got {shard})")
+        self.db = db
+        self.cache = cache
+        self.bus = bus
+        self.shard = shard
+        self.shards = shards
+        self.clock = clock
+        self.batch_size = batch_size
+        self.fetch_timeout = fetch_timeout
+        self.max_backoff = max_backoff
+        self.stream = order_stream(shard)
+        self.consumer = consumer_name(shard)
+        self.counter = command_counter_name(shard)
+        self.ready = asyncio.Event()
+        self.engine = MatchingEngine()
+        self.instruments: dict[str, InstrumentInfo] = {}
+        self.bus_offset = 0
+        self.command_seq = 0
+        self._published: dict[str, _PublishedBook | None] = {}
+        self._stale_books: set[str] = set()
+        self._stale_caches: set[int] = set()
+        self._subscription: Subscription | None = None
+        self._partitions_until: date | None = None
+
+    # ------------------------------------------------------------------------------------------ rebuild
+
+    async def rebuild(self) -> None:
+        """Replace the books by PostgreSQL's open orders (time priority = ``orders.sequence``).
+
+        ``pending_new`` rows and never-accepted rows are left out: their "new" is still on the bus.
+        """
+        started = time.perf_counter()
+        async with self.db.transaction("engine.rebuild") as conn:
+            instruments = await load_instruments(conn)
+            mine = {s: i for s, i in instruments.items() if shard_for(s, self.shards) == self.shard}
+            offsets = {
+                r["consumer"]: r["last_sequence"]
+                for r in await conn.fetch(
+                    "SELECT consumer, last_sequence FROM engine_offsets WHERE consumer = ANY($1::text[])",
+                    [self.consumer, self.counter],
+                )
+            }
+            # Create the fee accounts now, where a race with another shard is just a retried rebuild, rather
+            # than inside a batch.
+            for quote in sorted({i.quote_asset for i in mine.values()}):
+                await house_account(conn, "fees", quote)
+            rows = await conn.fetch(
+                "SELECT id, account_id, instrument_id, side, type, time_in_force, quantity, filled_quantity,"
+                " price, stop_price, expire_at, post_only, stp_mode, sequence FROM orders"
+                " WHERE instrument_id = ANY($1::bigint[]) AND status = ANY($2::text[]) AND sequence IS NOT NULL"
+                " ORDER BY sequence",
+                [i.instrument_id for i in mine.values()],
+                list(_REBUILD_STATUSES),
+            )
+        by_id = {i.instrument_id: i for i in mine.values()}
+        states: dict[str, list[OrderState]] = {s: [] for s in mine}
+        for r in rows:
+            info = by_id[r["instrument_id"]]
+            states[info.symbol].append(self._state_from_row(r, info))
+        engine = MatchingEngine()
+        for symbol in sorted(mine):
+            info = mine[symbol]
+            last = None if info.last_price is None else info.spec.price_to_ticks(info.last_price.normalize())
+            engine.restore(symbol, states[symbol], last_price=last)
+        self.engine = engine
+        self.instruments = mine
+        self.bus_offset = offsets.get(self.consumer, 0)
+        self.command_seq = offsets.get(self.counter, 0)
+        # Subscribers may hold a book that differs from the rebuilt one: re-read what they have, then send
+        # the difference as the next increment.
+        self._published = dict.fromkeys(mine)
+        self._stale_books = set(mine)
+        log.info(
+            "engine shard %s rebuilt %d open orders in %d books in %.3f s",
+            self.shard,
+            len(rows),
+            len(mine),
+            time.perf_counter() - started,
+        )
+
+    @staticmethod
+    def _state_from_row(r: Mapping[str, Any], info: InstrumentInfo) -> OrderState:
+        spec = info.spec
+        order_type = OrderType(r["type"])
+        price = r["price"]
+        stop = r["stop_price"]
+        filled = spec.qty_to_lots(r["filled_quantity"].normalize())
+        stop_ticks = None if stop is None else spec.price_to_ticks(stop.normalize())
+        triggered = False
+        if order_type in (OrderType.STOP, OrderType.STOP_LIMIT) and stop_ticks is not None:
+            # No column records the trigger yet: a stop that has traded, or that the mark has reached, has
+            # triggered (a trigger at or beyond the last price fires on arrival or on the trade that set it).
+            last = info.last_price
+            side = Side(r["side"])
+            crossed = last is not None and (last >= stop if side is Side.BUY else last <= stop)
+            triggered = filled > 0 or crossed
+        expire_at = r["expire_at"]
+        tif = TimeInForce(r["time_in_force"])
+        return OrderState(
+            order_id=r["id"],
+            account_id=r["account_id"],
+            side=Side(r["side"]),
+            order_type=order_type,
+            qty=spec.qty_to_lots(r["quantity"].normalize()),
+            filled_qty=filled,
+            price=None if price is None else spec.price_to_ticks(price.normalize()),
+            stop_price=stop_ticks,
+            time_in_force=tif,
+            expire_at_ns=to_ns(expire_at) if expire_at is not None and tif in _EXPIRING else None,
+            post_only=r["post_only"],
+            stp=SelfTradePrevention(r["stp_mode"]),
+            priority=r["sequence"],
+            triggered=triggered,
+        )
+
+    # --------------------------------------------------------------------------------------------- loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Rebuild, then consume until ``stop`` is set. Outages are waited out; bugs are raised."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                await self.rebuild()
+                break
+            except _TRANSIENT as exc:
+                log.warning("engine shard %s waiting for PostgreSQL to rebuild: %s", self.shard, exc)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+        if stop.is_set():
+            return
+        self.ready.set()
+        backoff = 0.1
+        try:
+            while not stop.is_set():
+                try:
+                    await self.step(stop)
+                    backoff = 0.1
+                except _TRANSIENT as exc:
+                    log.warning("engine shard %s waiting for infrastructure: %s", self.shard, exc)
+                    await self._drop_subscription()
+                    await _sleep_or_stop(stop, backoff)
+                    backoff = min(backoff * 2, self.max_backoff)
+        finally:
+            await self._drop_subscription()
+
+    async def step(self, stop: asyncio.Event | None = None) -> int:
+        """One turn of the loop: fetch and apply a batch, expire due orders, retry stale publications.
+        Returns how many deliveries were fetched."""
+        if self._subscription is None:
+            await self._resume_from_offset()
+            self._subscription = await self.bus.subscribe(self.stream, ENGINE_DURABLE)
+        deliveries = await self._subscription.fetch(self.batch_size, timeout=self.fetch_timeout)
+        if deliveries:
+            await self.apply_batch(deliveries, stop)
+        await self.expire_due(stop)
+        if self._stale_books or self._stale_caches:
+            await self._publish(SettledBatch())
+        return len(deliveries)
+
+    async def _ensure_trade_partitions(self) -> None:
+        """The trade tape has one partition per UTC day and no default one: make sure tomorrow's exists
+        before today's trades need it (a no-op on TimescaleDB)."""
+        today = self.clock().date()
+        if self._partitions_until is not None and today + timedelta(days=1) <= self._partitions_until:
+            return
+        async with self.db.connection("engine.partitions") as conn:
+            await ensure_daily_partitions_async(conn, "trades", today - timedelta(days=1), 4)
+        self._partitions_until = today + timedelta(days=2)
+
+    async def _resume_from_offset(self) -> None:
+        """JetStream only: restart the durable consumer right after the last sequence PostgreSQL applied.
+
+        A JetStream consumer redelivers a dead subscriber's unacked messages only after ``ack_wait``, and
+        meanwhile hands later messages to the next subscriber: a restarted engine would apply a cancel before
+        its order, then skip the order as "already applied". Recreating the consumer at offset + 1 replays
+        exactly the unapplied suffix in order. (RabbitMQ requeues unacked messages in place by itself.)
+        """
+        from tradeplane.adapters.bus.nats import NatsBus
+
+        if not isinstance(self.bus, NatsBus):
+            return
+        import nats.errors
+        import nats.js.errors
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        bus = self.bus
+        name = f"{ENGINE_DURABLE}-{self.stream.replace('.', '_')}"
+        subject = f"{bus.namespace}.{self.stream}" if bus.namespace else self.stream
+        config = ConsumerConfig(
+            durable_name=name,
+            name=name,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.bus_offset + 1,
+            filter_subject=subject,
+            ack_wait=bus.ack_wait,
+            max_ack_pending=bus.max_ack_pending,
+            max_deliver=-1,
+        )
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await bus.js.delete_consumer(bus.orders_stream_name, name)
+            await bus.js.add_consumer(bus.orders_stream_name, config)
+        except (nats.errors.Error, OSError) as exc:
+            raise InfrastructureUnavailable(f"NATS at {bus.endpoint}: resetting consumer {name}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Let go of the stream: unsettled deliveries go back to the bus for whoever subscribes next."""
+        await self._drop_subscription()
+
+    async def _drop_subscription(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            with contextlib.suppress(Exception):
+                await subscription.close()
+
+    # -------------------------------------------------------------------------------------------- batch
+
+    async def apply_batch(self, deliveries: list[Delivery], stop: asyncio.Event | None = None) -> None:
+        """Apply one batch: skip what was applied, settle the rest in one transaction, commit, ack, publish."""
+        todo: list[dict[str, Any]] = []
+        top = self.bus_offset
+        for d in deliveries:
+            if d.sequence and d.sequence <= self.bus_offset:
+                continue  # applied before a crash or a lost ack
+            top = max(top, d.sequence)
+            try:
+                payload = orjson.loads(d.data)
+                if not isinstance(payload, dict) or not isinstance(payload.get("order_id"), int):
+                    raise ValueError("not an order command")
+            except ValueError as exc:
+                log.error("engine shard %s drops undecodable message %s: %s", self.shard, d.msg_id, exc)
+                continue
+            todo.append(payload)
+        result: SettledBatch | None = None
+        if todo or top > self.bus_offset:
+            await self._ensure_trade_partitions()
+            before = self.command_seq
+            try:
+                async with self.db.transaction("engine.batch") as conn:
+                    result = await self._settle_commands(conn, todo, top)
+            except asyncio.CancelledError:
+                raise  # stopping: the uncommitted deliveries come back to the next engine
+            except Exception as exc:
+                self.command_seq = before
+                await self._abandon(deliveries, stop, exc)
+                raise
+            self.bus_offset = top
+            log.debug("engine shard %s applied %d deliveries up to #%d", self.shard, len(deliveries), top)
+        for d in deliveries:
+            try:
+                await d.ack()
+            except InfrastructureUnavailable as exc:
+                # Committed already: the redelivery will be skipped by its sequence.
+                log.warning("engine shard %s could not ack %s: %s", self.shard, d.msg_id, exc)
+        if result is not None:
+            await self._publish(result)
+
+    async def _abandon(self, deliveries: list[Delivery], stop: asyncio.Event | None, exc: BaseException) -> None:
+        """The batch did not commit: rebuild the books from PostgreSQL and hand the deliveries back."""
+        log.warning("engine shard %s batch not committed (%s); rebuilding books", self.shard, exc)
+        await self._rebuild_until_done(stop)
+        for d in deliveries:
+            with contextlib.suppress(InfrastructureUnavailable):
+                await d.nak()
+
+    async def _rebuild_until_done(self, stop: asyncio.Event | None) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self.rebuild()
+                return
+            except _TRANSIENT as exc:
+                if stop is not None and stop.is_set():
+                    return
+                log.warning("engine shard %s waiting for PostgreSQL to rebuild: %s", self.shard, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+
+    async def _settle_commands(self, conn: asyncpg.Connection, todo: list[dict[str, Any]], top: int) -> SettledBatch:
+        for symbol in {str(p.get("symbol")) for p in todo} - self.instruments.keys():
+            await self._adopt_instrument(conn, symbol)
+        symbols = {i.instrument_id: i.symbol for i in self.instruments.values()}
+        rows = await load_order_rows(conn, (p["order_id"] for p in todo), symbols)
+        now = self.clock()
+        now_ns = to_ns(now)
+        events: list[Event] = []
+        for payload in todo:
+            command = self._translate(payload, rows, now_ns, events)
+            if command is not None:
+                events.extend(self.engine.process(command))
+        offsets = {self.consumer: top, self.counter: self.command_seq}
+        return await settle(conn, events, instruments=self.instruments, now=now, rows=rows, offsets=offsets)
+
+    async def _adopt_instrument(self, conn: asyncpg.Connection, symbol: str) -> None:
+        """An instrument listed after this engine started: give it an empty book if it is ours."""
+        if shard_for(symbol, self.shards) != self.shard:
+            return
+        info = await load_instrument(conn, symbol)
+        if info is None:
+            return
+        self.instruments[symbol] = info
+        last = None if info.last_price is None else info.spec.price_to_ticks(info.last_price.normalize())
+        self.engine.restore(symbol, [], last_price=last)
+        self._published.setdefault(symbol, None)
+
+    def _next_seq(self) -> int:
+        self.command_seq += 1
+        return self.command_seq
+
+    def _translate(
+        self, payload: dict[str, Any], rows: dict[int, OrderRow], now_ns: int, events: list[Event]
+    ) -> Command | None:
+        """The domain command for one bus message, or None when it must be skipped."""
+        kind = payload.get("type")
+        order_id: int = payload["order_id"]
+        row = rows.get(order_id)
+        if row is None or row.symbol not in self.instruments:
+            log.error("engine shard %s: %s for unknown order %s (or not our symbol)", self.shard, kind, order_id)
+            return None
+        info = self.instruments[row.symbol]
+        spec = info.spec
+        if kind == "new":
+            # Applied once: a duplicate (re-published under a new sequence) finds the order accepted already.
+            fresh = row.status in (OrderStatus.PENDING_NEW, OrderStatus.PENDING_CANCEL) and row.sequence is None
+            if not fresh or order_id in self.engine.book(row.symbol):
+                return None
+            seq = self._next_seq()
+            try:
+                return self._new_order(row, info, seq, now_ns)
+            except OffGridValue:
+                reason = "invalid_price" if row.price is not None else "invalid_quantity"
+                events.append(OrderRejected(seq, row.symbol, order_id, reason))
+                return None
+        if kind == "cancel":
+            return Cancel(seq=self._next_seq(), ts_ns=now_ns, symbol=row.symbol, order_id=order_id)
+        if kind == "modify":
+            try:
+                new_qty = _optional_decimal(payload.get("new_qty"))
+                new_price = _optional_decimal(payload.get("new_price"))
+                return Modify(
+                    seq=self._next_seq(),
+                    ts_ns=now_ns,
+                    symbol=row.symbol,
+                    order_id=order_id,
+                    new_qty=None if new_qty is None else spec.qty_to_lots(new_qty),
+                    new_price=None if new_price is None else spec.price_to_ticks(new_price),
+                )
+            except (OffGridValue, InvalidOperation, TypeError):
+                log.error("engine shard %s: modify of order %s is off the grid: %s", self.shard, order_id, payload)
+                return None
+        log.error("engine shard %s: unknown command type %r for order %s", self.shard, kind, order_id)
+        return None
+
+    @staticmethod
+    def _new_order(row: OrderRow, info: InstrumentInfo, seq: int, now_ns: int) -> NewOrder:
+        """A new order from its row. A market order becomes an IOC (FOK) limit at its hold price: the price
+        protection that keeps every fill inside what the api reserved for it."""
+        spec = info.spec
+        tif = TimeInForce(row.time_in_force)
+        order_type = row.order_type
+        price = None if row.price is None else spec.price_to_ticks(row.price)
+        if order_type is OrderType.MARKET and row.hold_price is not None:
+            order_type = OrderType.LIMIT
+            price = protection_price(row.hold_price, row.side, spec)
+            tif = TimeInForce.FOK if tif is TimeInForce.FOK else TimeInForce.IOC
+        elif order_type is OrderType.MARKET and tif not in (TimeInForce.IOC, TimeInForce.FOK):
+            tif = TimeInForce.IOC
+        expire_at_ns = to_ns(row.expire_at) if row.expire_at is not None and tif in _EXPIRING else None
+        return NewOrder(
+            seq=seq,
+            ts_ns=now_ns,
+            symbol=row.symbol,
+            order_id=row.order_id,
+            account_id=row.account_id,
+            side=row.side,
+            order_type=order_type,
+            qty=spec.qty_to_lots(row.quantity),
+            price=price,
+            stop_price=None if row.stop_price is None else spec.price_to_ticks(row.stop_price),
+            time_in_force=tif,
+            expire_at_ns=expire_at_ns,
+            post_only=row.post_only,
+            stp=SelfTradePrevention(row.stp_mode),
+        )
+
+    # ------------------------------------------------------------------------------------------- expiry
+
+    async def expire_due(self, stop: asyncio.Event | None = None) -> int:
+        """Expire DAY/GTD orders whose time has come by the injected clock; returns how many expired."""
+        now = self.clock()
+        events = self.engine.process(Expire(seq=self.command_seq + 1, now_ns=to_ns(now)))
+        if not events:
+            return 0
+        self.command_seq += 1
+        try:
+            async with self.db.transaction("engine.expire") as conn:
+                result = await settle(
+                    conn, events, instruments=self.instruments, now=now, offsets={self.counter: self.command_seq}
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.command_seq -= 1
+            await self._abandon([], stop, exc)
+            raise
+        await self._publish(result)
+        return len(events)
+
+    # ------------------------------------------------------------------------------------------ reports
+
+    async def _publish(self, result: SettledBatch) -> None:
+        """Execution reports, book increments + snapshots and cache invalidation, in one MULTI.
+
+        Pub/sub is fire-and-forget: if Redis is away the reports are lost (PostgreSQL has them), but the
+        book snapshot and the caches are retried until Redis takes them, so no reader stays stale.
+        """
+        users = result.users | self._stale_caches
+        symbols = result.symbols | self._stale_books
+        try:
+            books = await self._book_updates(symbols)
+            async with self.cache.client.pipeline(transaction=True) as pipe:
+                for trade in result.trades:
+                    pipe.publish(trades_channel(trade.symbol), _message("trades", trade.symbol, trade.to_public()))
+                for fill in result.fills:
+                    if fill.user_id is not None:
+                        pipe.publish(user_channel(fill.user_id), _message("fills", fill.symbol, fill.to_public()))
+                for order in result.orders:
+                    if order.user_id is not None:
+                        pipe.publish(user_channel(order.user_id), _message("orders", order.symbol, order.to_public()))
+                for position in result.positions:
+                    if position.user_id is not None:
+                        pipe.publish(
+                            user_channel(position.user_id),
+                            _message("positions", position.symbol, position.to_public()),
+                        )
+                for symbol, (published, increment) in books.items():
+                    snapshot = {
+                        "seq": published.seq,
+                        "bids": [[p, q] for p, q in published.bids.items()],
+                        "asks": [[p, q] for p, q in published.asks.items()],
+                    }
+                    pipe.set(book_snapshot_key(symbol), orjson.dumps(snapshot))
+                    if increment is not None:
+                        pipe.publish(book_channel(symbol), _message("book", symbol, increment))
+                for user_id in users:
+                    pipe.delete(f"order_book:{user_id}", f"positions:{user_id}")
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("engine shard %s could not publish to Redis: %s", self.shard, exc)
+            self._stale_books |= symbols
+            self._stale_caches |= users
+            return
+        for symbol, (published, _) in books.items():
+            self._published[symbol] = published
+        self._stale_books.clear()
+        self._stale_caches.clear()
+
+    async def _book_updates(self, symbols: Iterable[str]) -> dict[str, tuple[_PublishedBook, dict[str, Any] | None]]:
+        """Per symbol, the next snapshot and the increment from what subscribers have (None if unchanged)."""
+        updates: dict[str, tuple[_PublishedBook, dict[str, Any] | None]] = {}
+        for symbol in sorted(symbols):
+            info = self.instruments.get(symbol)
+            if info is None:
+                continue
+            previous = self._published.get(symbol)
+            if previous is None:
+                previous = await self._read_snapshot(symbol)
+            bids, asks = self.engine.book(symbol).depth(BOOK_LEVELS)
+            new_bids, new_asks = _levels(bids, info), _levels(asks, info)
+            bid_changes = _diff(previous.bids, new_bids, descending=True)
+            ask_changes = _diff(previous.asks, new_asks, descending=False)
+            if bid_changes or ask_changes:
+                seq = previous.seq + 1
+                increment = {"seq": seq, "bids": bid_changes, "asks": ask_changes}
+                updates[symbol] = (_PublishedBook(seq, new_bids, new_asks), increment)
+            elif self._published.get(symbol) is None:
+                updates[symbol] = (previous, None)  # nothing to send, but now we know what subscribers have
+        return updates
+
+    async def _read_snapshot(self, symbol: str) -> _PublishedBook:
+        raw = await self.cache.client.get(book_snapshot_key(symbol))
+        if raw is None:
+            return _PublishedBook(0)
+        data = orjson.loads(raw)
+        return _PublishedBook(
+            int(data.get("seq", 0)),
+            {str(p): str(q) for p, q in data.get("bids", [])},
+            {str(p): str(q) for p, q in data.get("asks", [])},
+        )
+
+
+_EXPIRING = (TimeInForce.DAY, TimeInForce.GTD)
+
+
+def _optional_decimal(value: object) -> Decimal | None:
+    if value is None:
+        return None
+    if not isinstance(value, str | int):
+        raise TypeError(f"expected a decimal string, got {value!r}")
+    return Decimal(value)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,729 @@
+"""Settlement: the events of one engine batch become one PostgreSQL transaction.
+
+The engine worker runs ``MatchingEngine.process`` over a batch of commands and hands the events here, inside
+the transaction it opened; ``settle`` writes every consequence and nothing else commits:
+
+- order rows: status (only through ``domain.orders.transition``), filled quantity, average fill price,
+  ``sequence`` (the engine's time priority, so a restart rebuilds the same queue), and after a modify the new
+  quantity, price and hold price;
+- one ``fills`` row per side of each trade (``fill_id`` = ``Fill.maker_fill_id`` / ``taker_fill_id``: a
+  replayed batch collides on the unique key instead of filling twice) and one ``trades`` row for the tape;
+- positions netted per (account, instrument): net quantity, average price of the open position and realized
+  P&L when a fill reduces or flips it;
+- one balanced ledger transaction per trade: the buyer pays notional plus fee, the seller receives notional
+  minus fee, the house fee account ``house:fees:<quote>`` takes both fees;
+- the funds hold of every touched order set to ``reservation`` of its remaining quantity, or released when
+  the order is finished (so active holds always equal what open orders reserve);
+- ``instruments.last_price`` (the mark) and the consumer offsets given by the caller.
+
+It returns what changed (``SettledBatch``) so the worker can publish execution reports after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
+from typing import Any
+
+import asyncpg
+
+from tradeplane.domain.ledger import LedgerEntry, LedgerTransaction
+from tradeplane.domain.matching import (
+    CancelRejected,
+    Event,
+    Fill,
+    InstrumentSpec,
+    ModifyRejected,
+    OrderAccepted,
+    OrderCanceled,
+    OrderExpired,
+    OrderModified,
+    OrderRejected,
+    StopTriggered,
+)
+from tradeplane.domain.orders import (
+    OPEN_STATUSES,
+    OrderStatus,
+    OrderType,
+    Side,
+    status_after_fill,
+    transition,
+)
+from tradeplane.domain.reservations import reservation
+from tradeplane.services import ledger
+from tradeplane.services.accounts import house_account
+
+log = logging.getLogger("tradeplane.settlement")
+
+#: Scale of every NUMERIC(38, 18) column: averages are rounded here so Python and PostgreSQL agree.
+AMOUNT_QUANTUM = Decimal(1).scaleb(-18)
+
+
+@dataclass(frozen=True, slots=True)
+class InstrumentInfo:
+    """What settlement and the engine need to know about one instrument (loaded once per engine start)."""
+
+    instrument_id: int
+    symbol: str
+    spec: InstrumentSpec
+    base_asset: str
+    quote_asset: str
+    quote_scale: int
+    maker_fee_rate: Decimal
+    taker_fee_rate: Decimal
+    margin_rate: Decimal
+    last_price: Decimal | None
+
+
+INSTRUMENT_COLUMNS = (
+    "SELECT i.id, i.symbol, i.base_asset, i.quote_asset, i.tick_size, i.lot_size, i.maker_fee_rate,"
+    " i.taker_fee_rate, i.margin_rate, i.last_price, a.scale AS quote_scale"
+    " FROM instruments i JOIN assets a ON a.code = i.quote_asset"
+)
+
+
+def instrument_from_row(row: Mapping[str, Any]) -> InstrumentInfo:
+    return InstrumentInfo(
+        instrument_id=row["id"],
+        symbol=row["symbol"],
+        # normalize(): NUMERIC(38, 18) hands back 0.010000000000000000; the grid is the value, not its digits.
+        spec=InstrumentSpec(row["symbol"], row["tick_size"].normalize(), row["lot_size"].normalize()),
+        base_asset=row["base_asset"],
+        quote_asset=row["quote_asset"],
+        quote_scale=row["quote_scale"],
+        maker_fee_rate=row["maker_fee_rate"],
+        taker_fee_rate=row["taker_fee_rate"],
+        margin_rate=row["margin_rate"],
+        last_price=row["last_price"],
+    )
+
+
+async def load_instruments(conn: asyncpg.Connection) -> dict[str, InstrumentInfo]:
+    """Every instrument by symbol (the engine keeps those of its shard)."""
+    rows = await conn.fetch(INSTRUMENT_COLUMNS)
+    return {row["symbol"]: instrument_from_row(row) for row in rows}
+
+
+async def load_instrument(conn: asyncpg.Connection, symbol: str) -> InstrumentInfo | None:
+    row = await conn.fetchrow(INSTRUMENT_COLUMNS + " WHERE i.symbol = $1", symbol)
+    return None if row is None else instrument_from_row(row)
+
+
+# ------------------------------------------------------------------------------------------- order rows
+
+ORDER_COLUMNS = (
+    "SELECT o.id, o.account_id, o.instrument_id, o.client_order_id, o.side, o.type, o.time_in_force,"
+    " o.quantity, o.price, o.stop_price, o.expire_at, o.post_only, o.reduce_only, o.stp_mode, o.status,"
+    " o.filled_quantity, o.average_fill_price, o.reject_reason, o.sequence, o.hold_price, o.created_at,"
+    " a.user_id, a.kind AS account_kind"
+    " FROM orders o JOIN accounts a ON a.id = o.account_id"
+)
+
+
+@dataclass(slots=True)
+class OrderRow:
+    """The engine's working copy of one order row while a batch is settled."""
+
+    order_id: int
+    account_id: int
+    user_id: int | None
+    account_kind: str
+    instrument_id: int
+    symbol: str
+    client_order_id: str | None
+    side: Side
+    order_type: OrderType
+    time_in_force: str
+    quantity: Decimal
+    price: Decimal | None
+    stop_price: Decimal | None
+    expire_at: datetime | None
+    post_only: bool
+    reduce_only: bool
+    stp_mode: str
+    status: OrderStatus
+    filled_quantity: Decimal
+    average_fill_price: Decimal | None
+    reject_reason: str | None
+    sequence: int | None
+    hold_price: Decimal | None
+    created_at: datetime
+    updated_at: datetime | None = None
+    dirty: bool = False
+
+    @property
+    def leaves_quantity(self) -> Decimal:
+        return self.quantity - self.filled_quantity if self.status in OPEN_STATUSES else Decimal(0)
+
+    def to_public(self) -> dict[str, Any]:
+        """The order as execution reports carry it (decimals as strings, times ISO 8601 UTC)."""
+        return {
+            "id": self.order_id,
+            "account_id": self.account_id,
+            "symbol": self.symbol,
+            "client_order_id": self.client_order_id,
+            "side": self.side.value,
+            "type": self.order_type.value,
+            "time_in_force": self.time_in_force,
+            "quantity": dec(self.quantity),
+            "price": dec(self.price),
+            "stop_price": dec(self.stop_price),
+            "expire_at": None if self.expire_at is None else self.expire_at.isoformat(),
+            "post_only": self.post_only,
+            "reduce_only": self.reduce_only,
+            "stp": self.stp_mode,
+            "status": self.status.value,
+            "filled_quantity": dec(self.filled_quantity),
+            "leaves_quantity": dec(self.leaves_quantity),
+            "average_fill_price": dec(self.average_fill_price),
+            "reject_reason": self.reject_reason,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": None if self.updated_at is None else self.updated_at.isoformat(),
+        }
+
+
+def dec(value: Decimal | None) -> str | None:
+    """A decimal as the API writes it: plain notation, no trailing zeros (0.500000000000000000 -> "0.5")."""
+    if value is None:
+        return None
+    if value == 0:
+        return "0"
+    return format(value.normalize(), "f")
+
+
+async def load_order_rows(
+    conn: asyncpg.Connection, order_ids: Iterable[int], symbols: Mapping[int, str]
+) -> dict[int, OrderRow]:
+    """Lock and read the rows of ``order_ids`` (in id order, so concurrent lockers cannot deadlock on them)."""
+    ids = sorted(set(order_ids))
+    if not ids:
+        return {}
+    rows = await conn.fetch(ORDER_COLUMNS + " WHERE o.id = ANY($1::bigint[]) ORDER BY o.id FOR UPDATE OF o", ids)
+    out: dict[int, OrderRow] = {}
+    for r in rows:
+        out[r["id"]] = OrderRow(
+            order_id=r["id"],
+            account_id=r["account_id"],
+            user_id=r["user_id"],
+            account_kind=r["account_kind"],
+            instrument_id=r["instrument_id"],
+            symbol=symbols.get(r["instrument_id"], ""),
+            client_order_id=r["client_order_id"],
+            side=Side(r["side"]),
+            order_type=OrderType(r["type"]),
+            time_in_force=r["time_in_force"],
+            quantity=r["quantity"],
+            price=r["price"],
+            stop_price=r["stop_price"],
+            expire_at=r["expire_at"],
+            post_only=r["post_only"],
+            reduce_only=r["reduce_only"],
+            stp_mode=r["stp_mode"],
+            status=OrderStatus(r["status"]),
+            filled_quantity=r["filled_quantity"],
+            average_fill_price=r["average_fill_price"],
+            reject_reason=r["reject_reason"],
+            sequence=r["sequence"],
+            hold_price=r["hold_price"],
+            created_at=r["created_at"],
+        )
+    return out
+
+
+# -------------------------------------------------------------------------------------------- positions
+
+
+@dataclass(slots=True)
+class Position:
+    account_id: int
+    user_id: int | None
+    instrument_id: int
+    symbol: str
+    net_quantity: Decimal
+    average_price: Decimal
+    realized_pnl: Decimal
+    mark_price: Decimal | None = None  # the last trade price once the batch is settled
+
+    def apply_fill(self, side: Side, qty: Decimal, price: Decimal) -> None:
+        """Net a fill into the position.
+
+        Adding to the position (or opening one) moves the average price to the quantity-weighted mean;
+        reducing it realizes (price - average) per unit closed, in the position's direction, and keeps the
+        average; a fill larger than the position closes it and opens the rest at the fill price.
+        """
+        signed = qty if side is Side.BUY else -qty
+        net = self.net_quantity
+        if net == 0 or (net > 0) == (signed > 0):
+            total = abs(net) + qty
+            self.average_price = ((abs(net) * self.average_price + qty * price) / total).quantize(
+                AMOUNT_QUANTUM, ROUND_HALF_EVEN
+            )
+            self.net_quantity = net + signed
+            return
+        closed = min(abs(net), qty)
+        direction = 1 if net > 0 else -1
+        self.realized_pnl += closed * (price - self.average_price) * direction
+        self.net_quantity = net + signed
+        if self.net_quantity == 0:
+            self.average_price = Decimal(0)
+        elif (self.net_quantity > 0) != (net > 0):
+            self.average_price = price  # flipped: the remainder opened at this fill's price
+
+    def to_public(self) -> dict[str, Any]:
+        """As the API's PositionPublic: unrealized P&L = net x (mark - average)."""
+        mark = self.mark_price
+        unrealized = Decimal(0) if mark is None else self.net_quantity * (mark - self.average_price)
+        return {
+            "account_id": self.account_id,
+            "symbol": self.symbol,
+            "net_quantity": dec(self.net_quantity),
+            "average_price": dec(self.average_price),
+            "realized_pnl": dec(self.realized_pnl),
+            "mark_price": dec(mark),
+            "unrealized_pnl": dec(unrealized),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ result
+
+
+@dataclass(frozen=True, slots=True)
+class FillRecord:
+    fill_id: str
+    order_id: int
+    account_id: int
+    user_id: int | None
+    symbol: str
+    side: Side
+    quantity: Decimal
+    price: Decimal
+    fee: Decimal
+    fee_asset: str
+    liquidity: str
+    trade_id: str
+    ts: datetime
+    id: int | None = None  # the fills row's id, known once inserted
+
+    def to_public(self) -> dict[str, Any]:
+        """As the API's FillPublic."""
+        return {
+            "id": self.id,
+            "fill_id": self.fill_id,
+            "order_id": self.order_id,
+            "account_id": self.account_id,
+            "symbol": self.symbol,
+            "side": self.side.value,
+            "quantity": dec(self.quantity),
+            "price": dec(self.price),
+            "fee": dec(self.fee),
+            "fee_asset": self.fee_asset,
+            "liquidity": self.liquidity,
+            "trade_id": self.trade_id,
+            "created_at": self.ts.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TradeRecord:
+    trade_id: str
+    symbol: str
+    price: Decimal
+    quantity: Decimal
+    aggressor_side: Side
+    ts: datetime
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "trade_id": self.trade_id,
+            "price": format(self.price, "f"),
+            "qty": format(self.quantity, "f"),
+            "aggressor_side": self.aggressor_side.value,
+            "ts": self.ts.isoformat(),
+        }
+
+
+@dataclass(slots=True)
+class SettledBatch:
+    """What one committed batch changed, for execution reports and cache invalidation."""
+
+    orders: list[OrderRow] = field(default_factory=list)
+    fills: list[FillRecord] = field(default_factory=list)
+    trades: list[TradeRecord] = field(default_factory=list)
+    positions: list[Position] = field(default_factory=list)
+    symbols: set[str] = field(default_factory=set)
+
+    @property
+    def users(self) -> set[int]:
+        found = {o.user_id for o in self.orders} | {p.user_id for p in self.positions}
+        return {u for u in found if u is not None}
+
+
+# ------------------------------------------------------------------------------------------------ settle
+
+
+def fee_for(notional: Decimal, rate: Decimal, scale: int) -> Decimal:
+    """round_half_up(notional * rate) to the quote asset's scale (negative for a maker rebate)."""
+    return (notional * rate).quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+
+
+def hold_amount(row: OrderRow, info: InstrumentInfo) -> Decimal:
+    """What ``row`` must keep reserved now: ``reservation`` of its leaves at its hold price, 0 when done."""
+    leaves = row.leaves_quantity
+    if leaves <= 0 or row.hold_price is None:
+        return Decimal(0)
+    return reservation(
+        side=row.side,
+        account_kind=row.account_kind,
+        leaves_qty=leaves,
+        hold_price=row.hold_price,
+        maker_fee_rate=info.maker_fee_rate,
+        taker_fee_rate=info.taker_fee_rate,
+        margin_rate=info.margin_rate,
+        base_asset=info.base_asset,
+        quote_asset=info.quote_asset,
+        quote_scale=info.quote_scale,
+    ).amount
+
+
+def protection_price(hold_price: Decimal, side: Side, spec: InstrumentSpec) -> int:
+    """The hold price on the tick grid, rounded inwards: a market buy never pays more than its hold price and a
+    market sell never receives less than the price its margin hold assumed."""
+    ticks = hold_price / spec.tick_size
+    whole = int(ticks.to_integral_value(ROUND_FLOOR))
+    if side is Side.SELL and whole != ticks:
+        whole += 1
+    return max(whole, 1)
+
+
+class _Settler:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        instruments: Mapping[str, InstrumentInfo],
+        rows: dict[int, OrderRow],
+        now: datetime,
+    ) -> None:
+        self.conn = conn
+        self.instruments = instruments
+        self.by_id = {i.instrument_id: i for i in instruments.values()}
+        self.rows = rows
+        self.now = now
+        self.result = SettledBatch()
+        self.positions: dict[tuple[int, int], Position] = {}
+        self.fee_accounts: dict[str, int] = {}
+        self.ledger_txs: list[LedgerTransaction] = []
+        self.fill_rows: list[tuple[Any, ...]] = []
+        self.trade_rows: list[tuple[Any, ...]] = []
+        self.last_prices: dict[int, Decimal] = {}
+
+    def _set_status(self, row: OrderRow, target: OrderStatus) -> None:
+        if row.status is not target:
+            row.status = transition(row.status, target)
+        row.dirty = True
+
+    async def run(self, events: Sequence[Event]) -> SettledBatch:
+        missing = set()
+        for ev in events:
+            if type(ev) is Fill:
+                missing.add(ev.maker_order_id)
+                missing.add(ev.taker_order_id)
+            else:
+                missing.add(ev.order_id)  # type: ignore[union-attr]
+        missing -= self.rows.keys()
+        if missing:
+            symbols = {i.instrument_id: i.symbol for i in self.instruments.values()}
+            self.rows.update(await load_order_rows(self.conn, missing, symbols))
+        fills = [ev for ev in events if type(ev) is Fill]
+        if fills:
+            await self._load_positions(fills)
+        for ev in events:
+            self._apply(ev)
+        await self._write()
+        return self.result
+
+    def _row(self, order_id: int) -> OrderRow | None:
+        row = self.rows.get(order_id)
+        if row is None:
+            log.error("engine event for order %s which PostgreSQL does not have", order_id)
+        return row
+
+    def _apply(self, ev: Event) -> None:
+        kind = type(ev)
+        if kind is Fill:
+            self._fill(ev)  # type: ignore[arg-type]
+            return
+        row = self._row(ev.order_id)  # type: ignore[union-attr]
+        if row is None:
+            return
+        if kind is OrderAccepted:
+            if row.status is OrderStatus.PENDING_NEW:
+                self._set_status(row, OrderStatus.NEW)
+            row.sequence = ev.priority  # type: ignore[union-attr]
+            row.dirty = True
+        elif kind is OrderRejected:
+            row.reject_reason = ev.reason  # type: ignore[union-attr]
+            # A cancel requested before the engine saw the order cannot become "rejected" (not in the table):
+            # the order simply ends canceled, with the engine's reason kept.
+            target = OrderStatus.CANCELED if row.status is OrderStatus.PENDING_CANCEL else OrderStatus.REJECTED
+            self._set_status(row, target)
+        elif kind is OrderCanceled:
+            self._set_status(row, OrderStatus.CANCELED)
+        elif kind is OrderExpired:
+            self._set_status(row, OrderStatus.EXPIRED)
+        elif kind is OrderModified:
+            info = self.by_id[row.instrument_id]
+            m: OrderModified = ev  # type: ignore[assignment]
+            row.quantity = info.spec.lots_to_qty(m.qty)
+            if m.price is not None:
+                row.price = info.spec.ticks_to_price(m.price)
+                row.hold_price = row.price
+            row.sequence = m.priority
+            row.dirty = True
+        elif kind is StopTriggered:
+            row.sequence = ev.priority  # type: ignore[union-attr]
+            row.dirty = True
+        elif kind in (ModifyRejected, CancelRejected):
+            row.dirty = True  # the hold is recomputed: a refused modify must not keep an api-raised hold
+
+    def _fill(self, ev: Fill) -> None:
+        maker = self._row(ev.maker_order_id)
+        taker = self._row(ev.taker_order_id)
+        if maker is None or taker is None:
+            return
+        info = self.by_id[taker.instrument_id]
+        price = info.spec.ticks_to_price(ev.price)
+        qty = info.spec.lots_to_qty(ev.qty)
+        notional = price * qty
+        maker_fee = fee_for(notional, info.maker_fee_rate, info.quote_scale)
+        taker_fee = fee_for(notional, info.taker_fee_rate, info.quote_scale)
+        for row, fill_id, fee, liquidity, leaves in (
+            (maker, ev.maker_fill_id, maker_fee, "maker", ev.maker_leaves_qty),
+            (taker, ev.taker_fill_id, taker_fee, "taker", ev.taker_leaves_qty),
+        ):
+            previous = row.filled_quantity
+            row.filled_quantity = previous + qty
+            row.average_fill_price = (
+                (previous * (row.average_fill_price or Decimal(0)) + notional) / row.filled_quantity
+            ).quantize(AMOUNT_QUANTUM, ROUND_HALF_EVEN)
+            if leaves == 0:
+                self._set_status(row, OrderStatus.FILLED)
+            elif row.status is not OrderStatus.PENDING_CANCEL:  # a fill racing a cancel leaves it pending
+                self._set_status(row, status_after_fill(1, leaves))
+            row.dirty = True
+            record = FillRecord(
+                fill_id=fill_id,
+                order_id=row.order_id,
+                account_id=row.account_id,
+                user_id=row.user_id,
+                symbol=info.symbol,
+                side=row.side,
+                quantity=qty,
+                price=price,
+                fee=fee,
+                fee_asset=info.quote_asset,
+                liquidity=liquidity,
+                trade_id=ev.trade_id,
+                ts=self.now,
+            )
+            self.result.fills.append(record)
+            self.fill_rows.append(
+                (
+                    fill_id,
+                    row.order_id,
+                    row.account_id,
+                    row.instrument_id,
+                    row.side.value,
+                    qty,
+                    price,
+                    fee,
+                    info.quote_asset,
+                    liquidity,
+                    ev.trade_id,
+                )
+            )
+            position = self.positions[(row.account_id, row.instrument_id)]
+            position.apply_fill(row.side, qty, price)
+        buyer, seller = (taker, maker) if ev.aggressor_side is Side.BUY else (maker, taker)
+        buyer_fee, seller_fee = (taker_fee, maker_fee) if buyer is taker else (maker_fee, taker_fee)
+        self.trade_rows.append(
+            (
+                ev.trade_id,
+                info.instrument_id,
+                price,
+                qty,
+                buyer.order_id,
+                seller.order_id,
+                ev.aggressor_side.value,
+                self.now,
+            )
+        )
+        self.result.trades.append(TradeRecord(ev.trade_id, info.symbol, price, qty, ev.aggressor_side, self.now))
+        self.result.symbols.add(info.symbol)
+        self.last_prices[info.instrument_id] = price
+        legs: dict[int, Decimal] = {}
+        legs[buyer.account_id] = legs.get(buyer.account_id, Decimal(0)) - notional - buyer_fee
+        legs[seller.account_id] = legs.get(seller.account_id, Decimal(0)) + notional - seller_fee
+        fees = buyer_fee + seller_fee
+        if fees:
+            house = self.fee_accounts[info.quote_asset]
+            legs[house] = legs.get(house, Decimal(0)) + fees
+        entries = tuple(LedgerEntry(account, info.quote_asset, amount) for account, amount in legs.items() if amount)
+        self.ledger_txs.append(LedgerTransaction(kind="trade", reference=ev.trade_id, entries=entries))
+
+    async def _load_positions(self, fills: list[Fill]) -> None:
+        keys: set[tuple[int, int]] = set()
+        for ev in fills:
+            for order_id in (ev.maker_order_id, ev.taker_order_id):
+                row = self.rows.get(order_id)
+                if row is not None:
+                    keys.add((row.account_id, row.instrument_id))
+        ordered = sorted(keys)
+        existing = await self.conn.fetch(
+            "SELECT p.account_id, p.instrument_id, p.net_quantity, p.average_price, p.realized_pnl"
+            " FROM positions p JOIN unnest($1::bigint[], $2::bigint[]) AS k(account_id, instrument_id)"
+            " USING (account_id, instrument_id) ORDER BY p.account_id, p.instrument_id FOR UPDATE OF p",
+            [k[0] for k in ordered],
+            [k[1] for k in ordered],
+        )
+        found = {(r["account_id"], r["instrument_id"]): r for r in existing}
+        users = {row.account_id: row.user_id for row in self.rows.values()}
+        for key in ordered:
+            r = found.get(key)
+            symbol = self.by_id[key[1]].symbol
+            self.positions[key] = Position(
+                account_id=key[0],
+                user_id=users.get(key[0]),
+                instrument_id=key[1],
+                symbol=symbol,
+                net_quantity=r["net_quantity"] if r else Decimal(0),
+                average_price=r["average_price"] if r else Decimal(0),
+                realized_pnl=r["realized_pnl"] if r else Decimal(0),
+            )
+        for quote in {self.by_id[k[1]].quote_asset for k in ordered}:
+            self.fee_accounts[quote] = await house_account(self.conn, "fees", quote)
+
+    async def _write(self) -> None:
+        conn = self.conn
+        now = self.now
+        if self.fill_rows:
+            columns = list(zip(*self.fill_rows, strict=True))
+            inserted = await conn.fetch(
+                "INSERT INTO fills (fill_id, order_id, account_id, instrument_id, side, quantity, price, fee,"
+                " fee_asset, liquidity, trade_id, created_at)"
+                " SELECT f.*, $12::timestamptz FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[],"
+                " $5::text[], $6::numeric[], $7::numeric[], $8::numeric[], $9::text[], $10::text[], $11::text[]) AS f"
+                " RETURNING id, fill_id",
+                *[list(column) for column in columns],
+                now,
+            )
+            ids = {r["fill_id"]: r["id"] for r in inserted}
+            self.result.fills = [replace(f, id=ids[f.fill_id]) for f in self.result.fills]
+            await conn.executemany(
+                "INSERT INTO trades (trade_id, instrument_id, price, quantity, buy_order_id, sell_order_id,"
+                " aggressor_side, ts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                self.trade_rows,
+            )
+        if self.ledger_txs:
+            # Lock every balance this batch moves in one (account, asset) order first: two engine shards
+            # settling trades of the same accounts (and the shared fee account) then queue instead of
+            # deadlocking.
+            legs = sorted({(e.account_id, e.asset) for tx in self.ledger_txs for e in tx.entries})
+            await conn.execute(
+                "SELECT 1 FROM balances b JOIN unnest($1::bigint[], $2::text[]) AS k(account_id, asset)"
+                " USING (account_id, asset) ORDER BY b.account_id, b.asset FOR UPDATE OF b",
+                [leg[0] for leg in legs],
+                [leg[1] for leg in legs],
+            )
+        for tx in self.ledger_txs:
+            await ledger.post(conn, tx)
+        if self.positions:
+            await conn.executemany(
+                "INSERT INTO positions (account_id, instrument_id, net_quantity, average_price, realized_pnl,"
+                " updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_id, instrument_id) DO UPDATE"
+                " SET net_quantity = EXCLUDED.net_quantity, average_price = EXCLUDED.average_price,"
+                " realized_pnl = EXCLUDED.realized_pnl, updated_at = EXCLUDED.updated_at",
+                [
+                    (p.account_id, p.instrument_id, p.net_quantity, p.average_price, p.realized_pnl, now)
+                    for p in self.positions.values()
+                ],
+            )
+            for p in self.positions.values():
+                p.mark_price = self.last_prices.get(p.instrument_id)
+            self.result.positions.extend(self.positions.values())
+        if self.last_prices:
+            await conn.executemany(
+                "UPDATE instruments SET last_price = $2, last_trade_at = $3 WHERE id = $1",
+                [(instrument_id, price, now) for instrument_id, price in self.last_prices.items()],
+            )
+        dirty = [row for row in self.rows.values() if row.dirty]
+        if not dirty:
+            return
+        for row in dirty:
+            row.updated_at = now
+        await conn.executemany(
+            "UPDATE orders SET status = $2, filled_quantity = $3, average_fill_price = $4, sequence = $5,"
+            " quantity = $6, price = $7, hold_price = $8, reject_reason = $9, updated_at = $10 WHERE id = $1",
+            [
+                (
+                    r.order_id,
+                    r.status.value,
+                    r.filled_quantity,
+                    r.average_fill_price,
+                    r.sequence,
+                    r.quantity,
+                    r.price,
+                    r.hold_price,
+                    r.reject_reason,
+                    now,
+                )
+                for r in dirty
+            ],
+        )
+        keep: list[tuple[int, Decimal]] = []
+        release: list[tuple[int, datetime]] = []
+        for row in dirty:
+            amount = hold_amount(row, self.by_id[row.instrument_id])
+            if amount > 0:
+                keep.append((row.order_id, amount))
+            else:
+                release.append((row.order_id, now))
+        if keep:
+            await conn.executemany(
+                "UPDATE holds SET amount = $2 WHERE order_id = $1 AND released_at IS NULL AND amount <> $2", keep
+            )
+        if release:
+            await conn.executemany(
+                "UPDATE holds SET released_at = $2 WHERE order_id = $1 AND released_at IS NULL", release
+            )
+        self.result.orders.extend(dirty)
+        self.result.symbols.update(r.symbol for r in dirty)
+
+
+async def settle(
+    conn: asyncpg.Connection,
+    events: Sequence[Event],
+    *,
+    instruments: Mapping[str, InstrumentInfo],
+    now: datetime,
+    rows: dict[int, OrderRow] | None = None,
+    offsets: Mapping[str, int] | None = None,
+) -> SettledBatch:
+    """Persist ``events`` (in order) inside the caller's transaction and return what changed.
+
+    ``rows`` are order rows the caller already locked with ``load_order_rows`` (the rest are loaded here);
+    ``offsets`` are ``engine_offsets`` rows (consumer -> last value) written in the same transaction, so
+    the batch and the mark of how far the stream was applied commit or roll back together.
+    """
+    settler = _Settler(conn, instruments, rows if rows is not None else {}, now)
+    result = await settler.run(events)
+    if offsets:
+        await conn.executemany(
+            "INSERT INTO engine_offsets (consumer, last_sequence, updated_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (consumer) DO UPDATE SET last_sequence = EXCLUDED.last_sequence,"
+            " updated_at = EXCLUDED.updated_at",
+            [(consumer, value, now) for consumer, value in offsets.items()],
+        )
+    return result

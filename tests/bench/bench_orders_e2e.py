@@ -1,0 +1,285 @@
+"""End-to-end order benchmark on the embedded default: the whole platform as `tradeplane up` runs it.
+
+Run: ``.venv/bin/python tests/bench/bench_orders_e2e.py [--rate 500] [--seconds 20] [--concurrency 32]``
+
+It starts ``tradeplane up --no-demo-traders`` (embedded PostgreSQL, Redis, NATS; API, relay, engine and market data
+worker in one process) in a temporary data folder, creates a maker and a taker (margin accounts, funded, with a
+high order-rate limit), and measures, on AAPL (maker sells 1 @ 190.00, taker buys 1 @ 190.00, so every pair
+trades):
+
+1. open loop at --rate orders/s for --seconds: POST acknowledgement latency of every order, and order-to-fill
+   latency (POST sent -> the taker's fill report received on a WebSocket subscribed to `fills`);
+2. ``GET /api/v1/accounts/{id}`` latency, 2,000 sequential requests;
+3. sustained closed-loop throughput with --concurrency clients: orders placed, matched and persisted per
+   second (until the last order of the run is filled in PostgreSQL).
+
+The load generator runs on the same 2-core machine as the platform, so it competes with it for CPU. This is a
+benchmark, not a test: it prints figures and a one-line JSON summary and asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform as host
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import websockets
+
+from tradeplane.adapters.embedded import EmbeddedStack
+from tradeplane.services import accounts, identity
+from tradeplane.services.identity import Role
+
+SYMBOL = "AAPL"
+PRICE = "190.00"
+SECRET = "bench-secret-not-for-production"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def summary(name: str, values_ms: list[float]) -> dict[str, float]:
+    result = {
+        "n": len(values_ms),
+        "p50_ms": round(pct(values_ms, 0.50), 3),
+        "p99_ms": round(pct(values_ms, 0.99), 3),
+        "max_ms": round(max(values_ms), 3) if values_ms else float("nan"),
+        "mean_ms": round(statistics.fmean(values_ms), 3) if values_ms else float("nan"),
+    }
+    print(f"  {name:<28} n={result['n']:>6}  p50 {result['p50_ms']:>8.3f} ms  p99 {result['p99_ms']:>8.3f} ms")
+    return result
+
+
+async def create_participants(database_url: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            out: dict[str, Any] = {}
+            for name in ("bench-maker", "bench-taker"):
+                user_id = await identity.create_user(conn, f"{name}-{os.getpid()}", Role.TRADER)
+                key = (await identity.issue_api_key(conn, SECRET, user_id, "bench")).key
+                account_id = await accounts.create_account(conn, user_id, "bench", "margin", "USD")
+                await accounts.deposit(conn, account_id, Decimal("1000000000.00"))
+                await conn.execute(
+                    "INSERT INTO risk_limits (account_id, instrument_id, max_open_orders, max_orders_per_second)"
+                    " VALUES ($1, NULL, 1000000, 1000000)",
+                    account_id,
+                )
+                out[name] = {"user_id": user_id, "key": key, "account_id": account_id}
+            return out
+    finally:
+        await conn.close()
+
+
+def order(account_id: int, side: str) -> dict[str, Any]:
+    return {"account_id": account_id, "symbol": SYMBOL, "side": side, "type": "limit", "quantity": "1", "price": PRICE}
+
+
+async def open_loop(base: str, parts: dict[str, Any], rate: int, seconds: float) -> dict[str, Any]:
+    maker, taker = parts["bench-maker"], parts["bench-taker"]
+    ack_ms: list[float] = []
+    fill_ms: list[float] = []
+    sent_at: dict[int, float] = {}
+    fills_seen: dict[int, float] = {}
+    errors = 0
+    ws_url = base.replace("http://", "ws://") + "/ws"
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        await ws.send(json.dumps({"op": "auth", "key": taker["key"]}))
+        await ws.recv()
+        await ws.send(json.dumps({"op": "subscribe", "channel": "fills"}))
+        await ws.recv()
+
+        async def read_fills() -> None:
+            async for raw in ws:
+                message = json.loads(raw)
+                if message.get("channel") == "fills":
+                    fills_seen.setdefault(int(message["data"]["order_id"]), time.perf_counter())
+
+        reader = asyncio.create_task(read_fills())
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with (
+            httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as maker_http,
+            httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as taker_http,
+        ):
+            maker_http.headers["Authorization"] = f"Bearer {maker['key']}"
+            taker_http.headers["Authorization"] = f"Bearer {taker['key']}"
+
+            async def send(client: httpx.AsyncClient, body: dict[str, Any], is_taker: bool) -> None:
+                nonlocal errors
+                started = time.perf_counter()
+                response = await client.post("/api/v1/orders", json=body)
+                ack_ms.append((time.perf_counter() - started) * 1000)
+                if response.status_code != 201:
+                    errors += 1
+                elif is_taker:
+                    sent_at[int(response.json()["id"])] = started
+
+            total = int(rate * seconds)
+            interval = 1.0 / rate
+            start = time.perf_counter()
+            tasks = []
+            for i in range(total):
+                delay = start + i * interval - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                is_taker = i % 2 == 1
+                client, who = (taker_http, taker) if is_taker else (maker_http, maker)
+                body = order(who["account_id"], "buy" if is_taker else "sell")
+                tasks.append(asyncio.create_task(send(client, body, is_taker)))
+            await asyncio.gather(*tasks)
+            offered_s = time.perf_counter() - start
+        deadline = time.perf_counter() + 30
+        while time.perf_counter() < deadline and not set(sent_at) <= set(fills_seen):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        reader.cancel()
+    fill_ms = [(fills_seen[oid] - t) * 1000 for oid, t in sent_at.items() if oid in fills_seen]
+    print(f"open loop: offered {total} orders in {offered_s:.1f} s ({total / offered_s:.0f}/s), {errors} errors")
+    return {
+        "offered_rate": rate,
+        "orders": total,
+        "errors": errors,
+        "ack": summary("POST ack", ack_ms),
+        "order_to_fill": summary("order -> fill over WS", fill_ms),
+        "fills_missing": len(set(sent_at) - set(fills_seen)),
+    }
+
+
+async def account_reads(base: str, parts: dict[str, Any], n: int = 2000) -> dict[str, Any]:
+    taker = parts["bench-taker"]
+    latencies = []
+    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {taker['key']}"}) as http:
+        for _ in range(n):
+            started = time.perf_counter()
+            response = await http.get(f"/api/v1/accounts/{taker['account_id']}")
+            latencies.append((time.perf_counter() - started) * 1000)
+            response.raise_for_status()
+    return summary("GET /accounts/{id}", latencies)
+
+
+async def sustained(
+    base: str, database_url: str, parts: dict[str, Any], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    maker, taker = parts["bench-maker"], parts["bench-taker"]
+    conn = await asyncpg.connect(database_url)
+    filled_before = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'")
+    placed = 0
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+
+    async def client_loop(http_maker: httpx.AsyncClient, http_taker: httpx.AsyncClient) -> None:
+        nonlocal placed
+        while time.perf_counter() < stop_at:
+            for http, who, side in ((http_maker, maker, "sell"), (http_taker, taker, "buy")):
+                response = await http.post("/api/v1/orders", json=order(who["account_id"], side))
+                if response.status_code == 201:
+                    placed += 1
+
+    start = time.perf_counter()
+    async with (
+        httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http_maker,
+        httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http_taker,
+    ):
+        http_maker.headers["Authorization"] = f"Bearer {maker['key']}"
+        http_taker.headers["Authorization"] = f"Bearer {taker['key']}"
+        await asyncio.gather(*(client_loop(http_maker, http_taker) for _ in range(concurrency)))
+    placing_s = time.perf_counter() - start
+    target = filled_before + placed
+    while await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'") < target:
+        if time.perf_counter() - start > seconds + 120:
+            break
+        await asyncio.sleep(0.05)
+    done_s = time.perf_counter() - start
+    filled = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'") - filled_before
+    await conn.close()
+    result = {
+        "concurrency": concurrency,
+        "placed": placed,
+        "filled": filled,
+        "placed_per_s": round(placed / placing_s),
+        "placed_matched_persisted_per_s": round(filled / done_s),
+    }
+    print(
+        f"sustained: {placed} orders placed in {placing_s:.1f} s ({result['placed_per_s']}/s); "
+        f"all {filled} filled and persisted after {done_s:.1f} s ({result['placed_matched_persisted_per_s']}/s)"
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="tpbench"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADEPLANE_")}
+    env.update(
+        TRADEPLANE_DATA_DIR=str(data_dir / "data"),
+        TRADEPLANE_API_PORT=str(port),
+        TRADEPLANE_LOG_LEVEL="WARNING",
+        TRADEPLANE_SECRET_KEY=SECRET,
+    )
+    log = (data_dir / "platform.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tradeplane.entrypoints.cli", "up", "--no-demo-traders"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    stack = EmbeddedStack(data_dir / "data")
+    try:
+        print(f"starting the platform in {data_dir} ...", flush=True)
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise SystemExit(f"the platform did not start; see {data_dir / 'platform.log'}")
+        database_url = stack.start("postgres")  # attaches to the running server
+        parts = asyncio.run(create_participants(database_url))
+        results: dict[str, Any] = {"benchmark": "orders_e2e", "machine": f"{host.machine()} {os.cpu_count()} cpus"}
+        results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds))
+        results["account_reads"] = asyncio.run(account_reads(base, parts))
+        results["sustained"] = asyncio.run(sustained(base, database_url, parts, args.concurrency, args.seconds))
+        print(json.dumps(results))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        stack.stop()
+        log.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,12 @@
 """End-to-end order benchmark on the embedded default: the whole platform as `tradeplane up` runs it.
 
-Run: ``.venv/bin/python tests/bench/bench_orders_e2e.py [--rate 500] [--seconds 20] [--concurrency 32]``
+Run: ``.venv/bin/python tests/bench/bench_orders_e2e.py [--rate 500] [--seconds 20] [--concurrency 32] [--pairs 16]``
 
-It starts ``tradeplane up --no-demo-traders`` (embedded PostgreSQL, Redis, NATS; API, relay, engine and market data
-worker in one process) in a temporary data folder, creates a maker and a taker (margin accounts, funded, with a
-high order-rate limit), and measures, on AAPL (maker sells 1 @ 190.00, taker buys 1 @ 190.00, so every pair
-trades):
+It starts the embedded servers (PostgreSQL, Redis, NATS, as `tradeplane up` does) in a temporary data folder and
+the platform as separate processes, `tradeplane run api`, `run relay` and `run engine` (one process each, so
+the two cores are shared as in a deployment; `tradeplane up` runs them all in one process), creates --pairs makers and
+takers (margin accounts, funded, with a high order-rate limit), and measures, on AAPL (maker sells 1 @ 190.00,
+taker buys 1 @ 190.00, so every pair trades):
 
 1. open loop at --rate orders/s for --seconds: POST acknowledgement latency of every order, and order-to-fill
    latency (POST sent -> the taker's fill report received on a WebSocket subscribed to `fills`);
@@ -41,7 +42,7 @@ import httpx
 import websockets
 
 from tradeplane.adapters.embedded import EmbeddedStack
-from tradeplane.services import accounts, identity
+from tradeplane.services import accounts, demo, identity
 from tradeplane.services.identity import Role
 
 SYMBOL = "AAPL"
@@ -72,13 +73,20 @@ def summary(name: str, values_ms: list[float]) -> dict[str, float]:
     return result
 
 
-async def create_participants(database_url: str) -> dict[str, Any]:
+async def create_participants(database_url: str, pairs: int) -> list[dict[str, Any]]:
+    """`pairs` maker/taker pairs: placements of one account are serialised (its funds are locked while an
+    order is checked), so throughput comes from many accounts, as it would in production."""
+    return [await create_pair(database_url, i) for i in range(pairs)]
+
+
+async def create_pair(database_url: str, index: int) -> dict[str, Any]:
     conn = await asyncpg.connect(database_url)
     try:
         async with conn.transaction():
+            await demo.load_reference_data(conn)
             out: dict[str, Any] = {}
             for name in ("bench-maker", "bench-taker"):
-                user_id = await identity.create_user(conn, f"{name}-{os.getpid()}", Role.TRADER)
+                user_id = await identity.create_user(conn, f"{name}-{index}", Role.TRADER)
                 key = (await identity.issue_api_key(conn, SECRET, user_id, "bench")).key
                 account_id = await accounts.create_account(conn, user_id, "bench", "margin", "USD")
                 await accounts.deposit(conn, account_id, Decimal("1000000000.00"))
@@ -97,63 +105,69 @@ def order(account_id: int, side: str) -> dict[str, Any]:
     return {"account_id": account_id, "symbol": SYMBOL, "side": side, "type": "limit", "quantity": "1", "price": PRICE}
 
 
-async def open_loop(base: str, parts: dict[str, Any], rate: int, seconds: float) -> dict[str, Any]:
-    maker, taker = parts["bench-maker"], parts["bench-taker"]
-    ack_ms: list[float] = []
-    fill_ms: list[float] = []
-    sent_at: dict[int, float] = {}
-    fills_seen: dict[int, float] = {}
-    errors = 0
-    ws_url = base.replace("http://", "ws://") + "/ws"
-    async with websockets.connect(ws_url, max_size=None) as ws:
+def auth(who: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {who['key']}"}
+
+
+async def watch_fills(base: str, taker: dict[str, Any], seen: dict[int, float]) -> None:
+    """Record when each of the taker's fill reports arrives over the WebSocket."""
+    async with websockets.connect(base.replace("http://", "ws://") + "/ws", max_size=None, ping_interval=None) as ws:
         await ws.send(json.dumps({"op": "auth", "key": taker["key"]}))
         await ws.recv()
         await ws.send(json.dumps({"op": "subscribe", "channel": "fills"}))
         await ws.recv()
+        taker["ws_ready"].set()
+        async for raw in ws:
+            message = json.loads(raw)
+            if message.get("channel") == "fills":
+                seen.setdefault(int(message["data"]["order_id"]), time.perf_counter())
 
-        async def read_fills() -> None:
-            async for raw in ws:
-                message = json.loads(raw)
-                if message.get("channel") == "fills":
-                    fills_seen.setdefault(int(message["data"]["order_id"]), time.perf_counter())
 
-        reader = asyncio.create_task(read_fills())
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-        async with (
-            httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as maker_http,
-            httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as taker_http,
-        ):
-            maker_http.headers["Authorization"] = f"Bearer {maker['key']}"
-            taker_http.headers["Authorization"] = f"Bearer {taker['key']}"
+async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: float) -> dict[str, Any]:
+    ack_ms: list[float] = []
+    sent_at: dict[int, float] = {}
+    fills_seen: dict[int, float] = {}
+    errors = 0
+    for pair in pairs:
+        pair["bench-taker"]["ws_ready"] = asyncio.Event()
+    watchers = [asyncio.create_task(watch_fills(base, p["bench-taker"], fills_seen)) for p in pairs]
+    await asyncio.gather(*(p["bench-taker"]["ws_ready"].wait() for p in pairs))
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
 
-            async def send(client: httpx.AsyncClient, body: dict[str, Any], is_taker: bool) -> None:
-                nonlocal errors
-                started = time.perf_counter()
-                response = await client.post("/api/v1/orders", json=body)
-                ack_ms.append((time.perf_counter() - started) * 1000)
-                if response.status_code != 201:
-                    errors += 1
-                elif is_taker:
-                    sent_at[int(response.json()["id"])] = started
+        async def send(who: dict[str, Any], side: str) -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            try:
+                response = await http.post("/api/v1/orders", json=order(who["account_id"], side), headers=auth(who))
+            except httpx.HTTPError:  # the offered load outran the server: count it, keep offering
+                errors += 1
+                return
+            ack_ms.append((time.perf_counter() - started) * 1000)
+            if response.status_code != 201:
+                errors += 1
+            elif side == "buy":
+                sent_at[int(response.json()["id"])] = started
 
-            total = int(rate * seconds)
-            interval = 1.0 / rate
-            start = time.perf_counter()
-            tasks = []
-            for i in range(total):
-                delay = start + i * interval - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                is_taker = i % 2 == 1
-                client, who = (taker_http, taker) if is_taker else (maker_http, maker)
-                body = order(who["account_id"], "buy" if is_taker else "sell")
-                tasks.append(asyncio.create_task(send(client, body, is_taker)))
-            await asyncio.gather(*tasks)
-            offered_s = time.perf_counter() - start
-        deadline = time.perf_counter() + 30
-        while time.perf_counter() < deadline and not set(sent_at) <= set(fills_seen):  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        reader.cancel()
+        total = int(rate * seconds)
+        interval = 1.0 / rate
+        start = time.perf_counter()
+        tasks = []
+        for i in range(total):
+            delay = start + i * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pair = pairs[(i // 2) % len(pairs)]
+            who, side = (pair["bench-taker"], "buy") if i % 2 else (pair["bench-maker"], "sell")
+            tasks.append(asyncio.create_task(send(who, side)))
+        await asyncio.gather(*tasks)
+        offered_s = time.perf_counter() - start
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline and not set(sent_at) <= set(fills_seen):  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    for watcher in watchers:
+        watcher.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
     fill_ms = [(fills_seen[oid] - t) * 1000 for oid, t in sent_at.items() if oid in fills_seen]
     print(f"open loop: offered {total} orders in {offered_s:.1f} s ({total / offered_s:.0f}/s), {errors} errors")
     return {
@@ -166,10 +180,10 @@ async def open_loop(base: str, parts: dict[str, Any], rate: int, seconds: float)
     }
 
 
-async def account_reads(base: str, parts: dict[str, Any], n: int = 2000) -> dict[str, Any]:
-    taker = parts["bench-taker"]
+async def account_reads(base: str, pairs: list[dict[str, Any]], n: int = 2000) -> dict[str, Any]:
+    taker = pairs[0]["bench-taker"]
     latencies = []
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {taker['key']}"}) as http:
+    async with httpx.AsyncClient(base_url=base, headers=auth(taker)) as http:
         for _ in range(n):
             started = time.perf_counter()
             response = await http.get(f"/api/v1/accounts/{taker['account_id']}")
@@ -179,31 +193,25 @@ async def account_reads(base: str, parts: dict[str, Any], n: int = 2000) -> dict
 
 
 async def sustained(
-    base: str, database_url: str, parts: dict[str, Any], concurrency: int, seconds: float
+    base: str, database_url: str, pairs: list[dict[str, Any]], concurrency: int, seconds: float
 ) -> dict[str, Any]:
-    maker, taker = parts["bench-maker"], parts["bench-taker"]
     conn = await asyncpg.connect(database_url)
     filled_before = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'")
     placed = 0
     stop_at = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
 
-    async def client_loop(http_maker: httpx.AsyncClient, http_taker: httpx.AsyncClient) -> None:
+    async def client_loop(http: httpx.AsyncClient, pair: dict[str, Any]) -> None:
         nonlocal placed
         while time.perf_counter() < stop_at:
-            for http, who, side in ((http_maker, maker, "sell"), (http_taker, taker, "buy")):
-                response = await http.post("/api/v1/orders", json=order(who["account_id"], side))
+            for who, side in ((pair["bench-maker"], "sell"), (pair["bench-taker"], "buy")):
+                response = await http.post("/api/v1/orders", json=order(who["account_id"], side), headers=auth(who))
                 if response.status_code == 201:
                     placed += 1
 
     start = time.perf_counter()
-    async with (
-        httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http_maker,
-        httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http_taker,
-    ):
-        http_maker.headers["Authorization"] = f"Bearer {maker['key']}"
-        http_taker.headers["Authorization"] = f"Bearer {taker['key']}"
-        await asyncio.gather(*(client_loop(http_maker, http_taker) for _ in range(concurrency)))
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
+        await asyncio.gather(*(client_loop(http, pairs[i % len(pairs)]) for i in range(concurrency)))
     placing_s = time.perf_counter() - start
     target = filled_before + placed
     while await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'") < target:
@@ -232,6 +240,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--pairs", type=int, default=16, help="maker/taker account pairs")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="tpbench"))
@@ -244,14 +253,20 @@ def main() -> None:
         TRADEPLANE_LOG_LEVEL="WARNING",
         TRADEPLANE_SECRET_KEY=SECRET,
     )
-    log = (data_dir / "platform.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tradeplane.entrypoints.cli", "up", "--no-demo-traders"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     stack = EmbeddedStack(data_dir / "data")
+    urls = stack.start_all()
+    env.update(
+        TRADEPLANE_DATABASE_URL=urls["database_url"],
+        TRADEPLANE_REDIS_URL=urls["redis_url"],
+        TRADEPLANE_BUS_URL=urls["bus_url"],
+    )
+    cli = [sys.executable, "-m", "tradeplane.entrypoints.cli"]
+    subprocess.run([*cli, "setup"], env=env, check=True, capture_output=True)
+    log = (data_dir / "platform.log").open("w")
+    processes = [
+        subprocess.Popen([*cli, "run", worker], env=env, stdout=log, stderr=subprocess.STDOUT)
+        for worker in ("api", "relay", "engine")
+    ]
     try:
         print(f"starting the platform in {data_dir} ...", flush=True)
         for _ in range(600):
@@ -263,19 +278,25 @@ def main() -> None:
             time.sleep(0.2)
         else:
             raise SystemExit(f"the platform did not start; see {data_dir / 'platform.log'}")
-        database_url = stack.start("postgres")  # attaches to the running server
-        parts = asyncio.run(create_participants(database_url))
+        database_url = urls["database_url"]
+        parts = asyncio.run(create_participants(database_url, args.pairs))
         results: dict[str, Any] = {"benchmark": "orders_e2e", "machine": f"{host.machine()} {os.cpu_count()} cpus"}
         results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds))
         results["account_reads"] = asyncio.run(account_reads(base, parts))
         results["sustained"] = asyncio.run(sustained(base, database_url, parts, args.concurrency, args.seconds))
         print(json.dumps(results))
+    except BaseException:
+        log.flush()
+        print("platform log tail:\n" + "".join((data_dir / "platform.log").read_text().splitlines(True)[-20:]))
+        raise
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
         stack.stop()
         log.close()
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -139,9 +139,8 @@ def main() -> None:
             "p99_ms": round(q(0.99), 3),
             "max_ms": round(delays[-1] / 1e6, 3),
         }
-        print(
-            f"{args.subscribers} subscribers, {len(delays)} messages: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms"
-        )
+        counts = f"{args.subscribers} subscribers, {len(delays)} messages"
+        print(f"{counts}: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
         print(json.dumps(result))
     finally:
         api.send_signal(signal.SIGTERM)

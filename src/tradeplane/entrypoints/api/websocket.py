@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -258,15 +259,15 @@ def _error(code: str, detail: str, **extra: Any) -> str:
 # --- topics: the local audience of one Redis channel --------------------------------------------------------
 
 
-class _Topic:
+class _Topic(ABC):
     """Receives one Redis channel's messages (once per process) and hands them to its members."""
 
     def __init__(self, redis_channel: str) -> None:
         self.redis_channel = redis_channel
         self.members: set[Any] = set()
 
-    def deliver(self, channel: str, payload: bytes) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def deliver(self, channel: str, payload: bytes) -> None: ...
 
 
 class _PublicTopic(_Topic):

@@ -637,8 +637,7 @@ class _Settler:
                 [leg[0] for leg in legs],
                 [leg[1] for leg in legs],
             )
-        for tx in self.ledger_txs:
-            await ledger.post(conn, tx)
+        await ledger.post_many(conn, self.ledger_txs)
         if self.positions:
             await conn.executemany(
                 "INSERT INTO positions (account_id, instrument_id, net_quantity, average_price, realized_pnl,"

@@ -67,7 +67,7 @@ def build_platform(settings: Settings) -> Platform:
             timeout=settings.connect_timeout_s,
         ),
         cache=Cache(redis_url, timeout=settings.connect_timeout_s),
-        bus=create_bus(bus_url),
+        bus=create_bus(bus_url, namespace=settings.bus_namespace),
         authenticator=ApiKeyAuthenticator(settings.secret_key.get_secret_value()),
         influx=(
             InfluxSink(settings.influxdb_url, settings.influxdb_database, timeout_s=settings.connect_timeout_s)

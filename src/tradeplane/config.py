@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tradeplane.adapters.bus.base import check_namespace
 from tradeplane.errors import ConfigError
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "development-only-secret"})
@@ -47,6 +48,8 @@ PostgresUrl = Annotated[str | None, _url_checker("postgresql", "postgres")]
 RedisUrl = Annotated[str | None, _url_checker("redis", "rediss")]
 BusUrl = Annotated[str | None, _url_checker("nats", "amqp", "amqps")]
 HttpUrl = Annotated[str | None, _url_checker("http", "https")]
+# The bus adapters' own rule, so a bad value fails at start rather than at the first connect.
+BusNamespace = Annotated[str, AfterValidator(check_namespace)]
 
 
 class Settings(BaseSettings):
@@ -56,6 +59,9 @@ class Settings(BaseSettings):
     database_url: PostgresUrl = None
     redis_url: RedisUrl = None
     bus_url: BusUrl = None
+    #: Prefix on every bus stream, exchange and queue name, so several platforms can share one NATS or
+    #: RabbitMQ server; empty means the plain names of seed 000 (`trading`, `order_placement`, ...).
+    bus_namespace: BusNamespace = ""
     influxdb_url: HttpUrl = None
     influxdb_database: str = Field(default="market_data", min_length=1)
     data_dir: Path = Path(".tradeplane")

@@ -200,6 +200,55 @@ async def test_nak_redelivers_the_message(bus: MessageBus) -> None:
         await comeback.ack()
 
 
+async def test_start_after_resumes_in_order_right_after_the_callers_offset(bus_url: str, namespace: str) -> None:
+    """A consumer died holding #1-#5 unacked after committing #1-#3 (acking only #1 and #2); #6 came meanwhile.
+    Resubscribing at offset #3 hands out #4, #5, #6 in that order at once. (Without it JetStream keeps #4 and
+    #5 for ack_wait, 30 s here, and hands #6 out first: a cancel could overtake its order.)"""
+    async with create_bus(bus_url, namespace=namespace) as bus:
+        await bus.setup(SHARDS)
+        try:
+            stream = order_stream(0)
+            sent = await publish_orders(bus, stream, 5)
+            async with create_bus(bus_url, namespace=namespace) as doomed:
+                held = await fetch_exactly(await doomed.subscribe(stream, "engine"), 5)
+                for delivery in held[:2]:
+                    await delivery.ack()
+            # `doomed` is gone with its subscription open and #3-#5 unacked.
+            offset = held[2].sequence
+            later = await publish_orders(bus, stream, 1, tag="later")
+
+            got: list[Delivery] = []
+            async with await bus.subscribe(stream, "engine", start_after=offset) as sub:
+                while sum(d.sequence > offset for d in got) < 3:
+                    got += await fetch_exactly(sub, 1, ack=True)
+                assert await sub.fetch(10, timeout=0.5) == []
+            assert [d.msg_id for d in got if d.sequence > offset] == sent[3:] + later
+            stale = [(d.msg_id, d.redelivered) for d in got if d.sequence <= offset]
+            if bus.kind == "nats":
+                assert stale == [], "the consumer restarts after the offset"
+            else:
+                assert stale == [(sent[2], True)], "RabbitMQ cannot reposition: the caller skips #3 by sequence"
+        finally:
+            await bus.destroy(SHARDS)
+
+
+async def test_start_after_replays_acked_messages_on_jetstream_only(bus: MessageBus) -> None:
+    """The caller's database went back to a backup that had applied only #2 of four acked messages.
+    JetStream keeps messages and replays #3 and #4; a RabbitMQ queue forgot them when they were acked."""
+    stream = order_stream(1)
+    sent = await publish_orders(bus, stream, 4)
+    async with await bus.subscribe(stream, "engine") as sub:
+        acked = await fetch_exactly(sub, 4, ack=True)
+    with pytest.raises(ValueError):
+        await bus.subscribe(stream, "engine", start_after=-1)
+    async with await bus.subscribe(stream, "engine", start_after=acked[1].sequence) as sub:
+        if bus.kind == "nats":
+            replayed = await fetch_exactly(sub, 2, ack=True)
+            assert [(d.msg_id, d.sequence) for d in replayed] == [(d.msg_id, d.sequence) for d in acked[2:]]
+            assert [d.msg_id for d in replayed] == sent[2:]
+        assert await sub.fetch(10, timeout=0.5) == []
+
+
 async def test_republished_msg_id(bus: MessageBus) -> None:
     """JetStream drops a re-publish inside its window; RabbitMQ delivers it again with the same msg_id, for
     the consumer to drop (documented in base.py)."""

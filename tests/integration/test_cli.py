@@ -44,6 +44,7 @@ def test_help_everywhere() -> None:
         ["db", "upgrade"],
         ["db", "downgrade"],
         ["db", "current"],
+        ["db", "verify-audit"],
         ["backup"],
         ["restore"],
         ["users", "create"],
@@ -134,6 +135,29 @@ async def test_db_commands_round_trip(empty_database_url: str) -> None:
     down = run("db", "downgrade", "base", env=env)
     assert down.returncode == 0, down.stderr
     assert "base" in run("db", "current", env=env).stdout
+
+
+async def test_db_verify_audit_seals_checks_and_reports_a_broken_chain(
+    server_env: dict[str, str], database_url: str
+) -> None:
+    env = {**server_env, "TRADEPLANE_DATABASE_URL": database_url}
+    conn = await asyncpg.connect(database_url)
+    try:
+        for action in ("login", "order.place", "order.cancel"):
+            await conn.execute("INSERT INTO audit_log (action, entity) VALUES ($1, 'test')", action)
+        result = run("db", "verify-audit", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "audit chain intact (sealed 3 rows now" in result.stdout
+        assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE hash IS NULL") == 0
+
+        await conn.execute("ALTER TABLE audit_log DISABLE TRIGGER tp_audit_log_immutable")
+        await conn.execute("UPDATE audit_log SET action = 'forged' WHERE seq = 2")
+        forged = await conn.fetchval("SELECT id FROM audit_log WHERE seq = 2")
+    finally:
+        await conn.close()
+    result = run("db", "verify-audit", env=env)
+    assert result.returncode == 1
+    assert f"audit chain broken: 1 rows fail verification (ids {forged})" in result.stderr
 
 
 async def test_backup_then_restore_into_empty_database(

@@ -8,6 +8,7 @@ its own database, bus namespace and instrument symbol (so Redis channels never c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,9 +20,12 @@ import asyncpg
 import orjson
 import pytest
 
+from tests.conftest import create_database, drop_database, with_database
 from tradeplane.adapters.bus import Delivery, MessageBus, create_bus
 from tradeplane.adapters.cache import Cache
 from tradeplane.adapters.postgres import Database
+from tradeplane.bootstrap import Platform, build_platform
+from tradeplane.config import Settings
 from tradeplane.domain.orders import OPEN_STATUSES, OrderStatus, Side, transition
 from tradeplane.domain.reservations import reservation, shard_for
 from tradeplane.entrypoints.workers.engine import EngineWorker, book_snapshot_key
@@ -716,6 +720,42 @@ async def test_restart_rebuilds_the_books_with_time_priority(desk: Desk) -> None
     await desk.check()
 
 
+async def test_a_triggered_stop_limit_stays_in_the_live_book_across_a_restart(desk: Desk) -> None:
+    """A stop-limit that triggered and rests unfilled is a live order, even once the price has moved back
+    above its stop: a restarted engine puts it back in the book, not in the stop book."""
+    bidder = await desk.trader("bidder")
+    seller = await desk.trader("seller", base="1")
+    stopper = await desk.trader("stopper", base="1")
+    buyer = await desk.trader("buyer")
+    stop = await stopper.place("sell", "0.2", "96.00", order_type="stop_limit", stop_price="95.00")
+    await desk.pump()
+    assert (await desk.order(stop))["triggered_at"] is None
+    await bidder.place("buy", "0.1", "95.00")
+    await seller.place("sell", "0.1", "95.00")  # trades at 95 <= 95: the stop rests as a limit sell at 96
+    await desk.pump()
+    row = await desk.order(stop)
+    assert (row["status"], row["filled_quantity"], row["triggered_at"]) == ("new", D("0"), desk.clock.now)
+    await bidder.place("buy", "0.1", "95.50")
+    await seller.place("sell", "0.1", "95.50")  # the price moves back above the stop
+    await desk.pump()
+    assert await desk.value("SELECT last_price FROM instruments WHERE id = $1", desk.instrument_id) == D("95.50")
+    before = desk.worker.engine.book(desk.symbol)
+    assert before.depth() == ([], [(9600, 2000)])
+
+    await desk.worker.close()
+    restarted = desk.new_worker()
+    await restarted.rebuild()
+    desk.worker = restarted
+    rebuilt = restarted.engine.book(desk.symbol)
+    assert rebuilt.resting_orders() == before.resting_orders()
+    assert rebuilt.depth() == ([], [(9600, 2000)]), "the triggered stop-limit is back in the live book"
+
+    taker = await buyer.place("buy", "0.2", "96.00")
+    await desk.pump()
+    assert [(await desk.order(i))["status"] for i in (stop, taker)] == ["filled", "filled"]
+    await desk.check()
+
+
 async def test_execution_reports_book_and_cache_invalidation_reach_redis(desk: Desk) -> None:
     seller = await desk.trader("seller", base="5")
     buyer = await desk.trader("buyer")
@@ -803,6 +843,68 @@ async def test_the_running_worker_survives_until_stopped(desk: Desk) -> None:
         stop.set()
         await asyncio.wait_for(asyncio.gather(running, relay), 30)
     await desk.check()
+
+
+async def test_two_platforms_share_one_bus_server_in_their_own_namespaces(
+    pg_server_url: str, migrated_template: str, redis_url: str, bus_url: str
+) -> None:
+    """TRADEPLANE_BUS_NAMESPACE as build_platform wires it: two platforms, each with its own database, list the
+    same market on one NATS or RabbitMQ server, and each engine gets exactly its own platform's orders."""
+    symbol = f"T{uuid.uuid4().hex[:8].upper()}-USD"
+    databases: list[str] = []
+    platforms: list[Platform] = []
+    desks: list[Desk] = []
+    try:
+        for tag in ("a", "b"):
+            databases.append(await create_database(pg_server_url, template=migrated_template))
+            settings = Settings(
+                database_url=with_database(pg_server_url, databases[-1]),
+                redis_url=redis_url,
+                bus_url=bus_url,
+                bus_namespace=f"{tag}-{uuid.uuid4().hex[:8]}",
+                db_pool_min=1,
+            )
+            platform = build_platform(settings)
+            platforms.append(platform)
+            await platform.start()
+            assert platform.bus.namespace == settings.bus_namespace
+            await platform.bus.setup(1)
+            async with platform.db.transaction("test.instrument") as conn:
+                instrument_id = await add_instrument(conn, symbol)
+            clock = FakeClock(T0)
+            worker = EngineWorker(platform.db, platform.cache, platform.bus, clock=clock, fetch_timeout=0.5)
+            await worker.rebuild()
+            relay = OutboxRelay(platform.db, platform.bus)
+            desks.append(Desk(platform.db, platform.cache, platform.bus, symbol, instrument_id, clock, relay, worker))
+        a, b = desks
+        seller, buyer = await a.trader("seller", base="1"), await a.trader("buyer")
+        ask = await seller.place("sell", "1", "100.00")
+        bid = await buyer.place("buy", "0.5", "100.00")
+        lone = await (await b.trader("maker", base="1")).place("sell", "1", "101.00")
+        for desk in desks:
+            while published := await desk.relay.publish_pending():
+                desk.published += published
+        # Each engine drains its namespace: what it fetches is exactly its own platform's commands.
+        for desk in desks:
+            while fetched := await desk.worker.step():
+                desk.consumed += fetched
+        assert [(d.published, d.consumed) for d in desks] == [(2, 2), (1, 1)]
+        assert [(await a.order(i))["status"] for i in (ask, bid)] == ["partially_filled", "filled"]
+        assert (await b.order(lone))["status"] == "new"
+        assert await b.value("SELECT count(*) FROM fills") == 0
+        for desk in desks:
+            await desk.check()
+    finally:
+        for desk in desks:
+            await desk.worker.close()
+        if platforms:
+            await platforms[0].cache.client.delete(book_snapshot_key(symbol))
+        for platform in platforms:
+            with contextlib.suppress(Exception):
+                await platform.bus.destroy(1)
+            await platform.stop()
+        for database in databases:
+            await drop_database(pg_server_url, database)
 
 
 async def read_snapshot(desk: Desk) -> Any:

@@ -124,7 +124,7 @@ async def test_downgrade_to_base_removes_everything_and_upgrade_rebuilds_it(empt
     built = await inventory(url)
     assert ("relation", "orders") in built
     assert ("function", "tp_ledger_balanced") in built
-    assert ("trigger", "tp_audit_log_chain") in built
+    assert ("function", "tp_audit_log_seal") in built
 
     await asyncio.to_thread(downgrade, url, "base")
     assert await asyncio.to_thread(current, url) is None
@@ -314,6 +314,44 @@ async def test_ledger_entries_cannot_be_changed_or_removed(db: asyncpg.Connectio
     assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 2
 
 
+async def test_downgrade_below_the_audit_sealer_keeps_a_verifiable_chain(empty_database_url: str) -> None:
+    """0005 moved chaining to a sealer; going back to 0004 seals what is pending and renumbers rows by chain."""
+    url = empty_database_url
+    await asyncio.to_thread(upgrade, url)
+    first, second = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        pending = first.transaction()
+        await pending.start()
+        await audit(first, "committed last")
+        await audit(second, "committed first")
+        assert await seal(second) == 1  # sealed before the lower id commits: chain order differs from id order
+        await pending.commit()
+    finally:
+        await first.close()
+        await second.close()
+
+    await asyncio.to_thread(downgrade, url, "0004")
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetch("SELECT * FROM tp_audit_log_verify()") == []
+        await audit(conn, "chained by the 0001 trigger")
+        actions = [r[0] for r in await conn.fetch("SELECT action FROM audit_log ORDER BY id")]
+        assert actions == ["committed first", "committed last", "chained by the 0001 trigger"]
+        assert await conn.fetch("SELECT * FROM tp_audit_log_verify()") == []
+    finally:
+        await conn.close()
+
+    await asyncio.to_thread(upgrade, url, "head")
+    conn = await asyncpg.connect(url)
+    try:
+        await audit(conn, "sealed again")
+        assert await seal(conn) == 1
+        assert await conn.fetchval("SELECT max(seq) FROM audit_log") == 4
+        assert await conn.fetch("SELECT * FROM tp_audit_log_verify()") == []
+    finally:
+        await conn.close()
+
+
 # ------------------------------------------------------------------------------------------------ audit
 
 
@@ -328,7 +366,7 @@ async def audit(conn: asyncpg.Connection, action: str, details: str = "{}") -> N
 def expected_hash(prev_hash: bytes | None, row: asyncpg.Record) -> bytes:
     """The documented chain rule, recomputed outside the database."""
     fields = [
-        str(row["id"]),
+        str(row["seq"]),
         row["ts"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         None if row["actor_user_id"] is None else str(row["actor_user_id"]),
         row["action"],
@@ -340,14 +378,24 @@ def expected_hash(prev_hash: bytes | None, row: asyncpg.Record) -> bytes:
     return hashlib.sha256((prev_hash or b"") + content.encode()).digest()
 
 
-async def test_audit_log_rows_are_hash_chained_in_id_order(db: asyncpg.Connection) -> None:
+async def seal(conn: asyncpg.Connection) -> int:
+    sealed: int = await conn.fetchval("SELECT tp_audit_log_seal()")
+    return sealed
+
+
+async def test_audit_log_rows_are_hash_chained_when_sealed(db: asyncpg.Connection) -> None:
     await audit(db, "order.place", '{"qty": "10", "note": "a,b:c"}')
     await audit(db, "order.cancel")
     async with db.transaction():
         await audit(db, "order.replace", '{"nested": {"k": [1, 2]}}')
-    rows = await db.fetch("SELECT *, details::text AS details_text FROM audit_log ORDER BY id")
+    # written unsealed: no chain position, no hash, until the sealer runs
+    assert await db.fetchval("SELECT count(*) FROM audit_log WHERE seq IS NULL AND hash IS NULL") == 3
+    assert await seal(db) == 3
+    assert await seal(db) == 0
+    rows = await db.fetch("SELECT *, details::text AS details_text FROM audit_log ORDER BY seq")
 
-    assert [row["id"] for row in rows] == [1, 2, 3]
+    assert [row["seq"] for row in rows] == [1, 2, 3]
+    assert [row["action"] for row in rows] == ["order.place", "order.cancel", "order.replace"]
     assert rows[0]["prev_hash"] is None
     for previous, row in itertools.pairwise(rows):
         assert row["prev_hash"] == previous["hash"]
@@ -356,43 +404,80 @@ async def test_audit_log_rows_are_hash_chained_in_id_order(db: asyncpg.Connectio
     assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
 
 
-async def test_audit_log_chain_stays_linear_under_concurrent_writers(db: asyncpg.Connection, database_url: str) -> None:
+async def test_audit_writers_do_not_wait_for_each_other_and_late_commits_join_the_chain(
+    db: asyncpg.Connection, database_url: str
+) -> None:
     other = await asyncpg.connect(database_url)
     try:
         first = db.transaction()
         await first.start()
-        await audit(db, "first")
-        # The second writer waits for the chain lock held by the first transaction.
-        second = asyncio.create_task(audit(other, "second"))
+        await audit(db, "first")  # the lower id, still uncommitted
+        # A second writer commits while the first is open: no chain lock, so it does not wait.
+        await asyncio.wait_for(audit(other, "second"), timeout=10)
+        assert await seal(other) == 1  # only what has committed
         await first.commit()
-        await second
+        assert await seal(db) == 1
     finally:
         await other.close()
-    rows = await db.fetch("SELECT id, action, prev_hash, hash FROM audit_log ORDER BY id")
-    assert [row["action"] for row in rows] == ["first", "second"]
+    rows = await db.fetch("SELECT id, seq, action, prev_hash, hash FROM audit_log ORDER BY seq")
+    assert [(row["seq"], row["action"]) for row in rows] == [(1, "second"), (2, "first")]
+    assert rows[0]["id"] > rows[1]["id"]  # chain order is commit (seal) order, not id order
     assert rows[1]["prev_hash"] == rows[0]["hash"]
+    assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
+
+
+async def test_concurrent_sealers_keep_one_linear_chain(db: asyncpg.Connection, database_url: str) -> None:
+    for i in range(200):
+        await audit(db, f"a{i}")
+    sealers = [await asyncpg.connect(database_url) for _ in range(4)]
+
+    async def seal_in_batches(conn: asyncpg.Connection) -> int:
+        return sum([await conn.fetchval("SELECT tp_audit_log_seal(7)") for _ in range(10)])
+
+    try:
+        counts = await asyncio.gather(*(seal_in_batches(conn) for conn in sealers))
+    finally:
+        for conn in sealers:
+            await conn.close()
+    assert sum(counts) == 200
+    assert [r[0] for r in await db.fetch("SELECT seq FROM audit_log ORDER BY seq")] == list(range(1, 201))
     assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
 
 
 async def test_audit_log_refuses_update_delete_and_truncate(db: asyncpg.Connection) -> None:
     await audit(db, "login")
     for statement in (
-        "UPDATE audit_log SET action = 'nothing'",
+        "UPDATE audit_log SET action = 'nothing'",  # unsealed: content may still not change
         "DELETE FROM audit_log",
         "TRUNCATE audit_log",
     ):
         with pytest.raises(asyncpg.RestrictViolationError, match="append-only"):
             await db.execute(statement)
+    await seal(db)
+    for statement in (
+        "UPDATE audit_log SET action = 'nothing'",
+        "UPDATE audit_log SET hash = sha256('forged'), seq = 9",  # a sealed row cannot be re-sealed
+        "DELETE FROM audit_log",
+    ):
+        with pytest.raises(asyncpg.RestrictViolationError, match="append-only"):
+            await db.execute(statement)
     assert await db.fetchval("SELECT action FROM audit_log") == "login"
+    assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
 
 
 async def test_audit_log_verify_finds_a_row_tampered_behind_the_triggers(db: asyncpg.Connection) -> None:
     for action in ("a", "b", "c"):
         await audit(db, action)
+    await seal(db)
     # A superuser can switch the guard off; the chain still tells.
     await db.execute("ALTER TABLE audit_log DISABLE TRIGGER tp_audit_log_immutable")
-    await db.execute("UPDATE audit_log SET details = '{\"forged\": true}' WHERE id = 2")
-    assert [row[0] for row in await db.fetch("SELECT * FROM tp_audit_log_verify()")] == [2]
+    await db.execute("UPDATE audit_log SET details = '{\"forged\": true}' WHERE seq = 2")
+    forged = await db.fetchval("SELECT id FROM audit_log WHERE seq = 2")
+    assert [row[0] for row in await db.fetch("SELECT * FROM tp_audit_log_verify()")] == [forged]
+    # removing a sealed row breaks the link of the one after it
+    await db.execute("DELETE FROM audit_log WHERE seq = 2")
+    after = await db.fetchval("SELECT id FROM audit_log WHERE seq = 3")
+    assert [row[0] for row in await db.fetch("SELECT * FROM tp_audit_log_verify()")] == [after]
 
 
 # ------------------------------------------------------------------------------------------ time series

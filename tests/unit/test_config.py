@@ -37,6 +37,8 @@ def test_defaults_need_no_configuration() -> None:
         ("TRADEPLANE_BUS_URL", "kafka://localhost", "TRADEPLANE_BUS_URL: must start with nats://"),
         ("TRADEPLANE_API_PORT", "70000", "TRADEPLANE_API_PORT"),
         ("TRADEPLANE_LOG_LEVEL", "LOUD", "TRADEPLANE_LOG_LEVEL"),
+        ("TRADEPLANE_BUS_NAMESPACE", "desk one", "TRADEPLANE_BUS_NAMESPACE: namespace must be 0-32 letters"),
+        ("TRADEPLANE_BUS_NAMESPACE", "x" * 33, "TRADEPLANE_BUS_NAMESPACE"),
     ],
 )
 def test_malformed_setting_is_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str, fragment: str) -> None:
@@ -65,3 +67,9 @@ def test_bus_kind_follows_url(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_urls_are_named() -> None:
     with pytest.raises(ConfigError, match="TRADEPLANE_DATABASE_URL, TRADEPLANE_REDIS_URL, TRADEPLANE_BUS_URL"):
         load_settings().require_urls()
+
+
+def test_bus_namespace_defaults_to_the_plain_seed_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().bus_namespace == ""
+    monkeypatch.setenv("TRADEPLANE_BUS_NAMESPACE", "desk-2")
+    assert load_settings().bus_namespace == "desk-2"

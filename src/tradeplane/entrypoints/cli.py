@@ -27,6 +27,7 @@ from tradeplane.config import Settings, load_settings
 from tradeplane.entrypoints.cli_md import md_app, run_marketdata_command
 from tradeplane.errors import ConfigError, TradeplaneError
 from tradeplane.logs import configure_logging
+from tradeplane.services.audit import AuditSealer
 from tradeplane.services.relay import OutboxRelay
 
 T = TypeVar("T")
@@ -140,7 +141,10 @@ async def _up(settings: Settings, *, demo: bool, demo_traders: bool) -> None:
         demo_key = await _seed_demo(settings, platform) if demo else None
         _print_banner(settings, demo_key)
         stop = asyncio.Event()
-        workers: list[asyncio.Task[Any]] = [asyncio.create_task(OutboxRelay(platform.db, platform.bus).run(stop))]
+        workers: list[asyncio.Task[Any]] = [
+            asyncio.create_task(OutboxRelay(platform.db, platform.bus).run(stop)),
+            asyncio.create_task(AuditSealer(platform.db).run(stop)),
+        ]
         workers += [asyncio.create_task(worker.run(stop)) for worker in _engine_workers(settings, platform, None)]
         workers.append(asyncio.create_task(run_marketdata(platform, stop, simulate_rate=None)))
         if platform.bus.kind == "amqp":
@@ -235,7 +239,8 @@ def run_api() -> None:
 
 @run_app.command("relay")
 def run_relay() -> None:
-    """Publish committed outbox rows to the bus (one relay is active per database; extras stand by)."""
+    """Publish committed outbox rows to the bus (one relay is active per database; extras stand by) and seal the
+    audit chain."""
     settings = load_settings()
     configure_logging("relay", settings.log_level)
 
@@ -249,7 +254,7 @@ def run_relay() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await OutboxRelay(platform.db, platform.bus).run(stop)
+            await asyncio.gather(OutboxRelay(platform.db, platform.bus).run(stop), AuditSealer(platform.db).run(stop))
         finally:
             await platform.stop()
 
@@ -311,7 +316,7 @@ def setup() -> None:
         assert settings.database_url is not None and settings.bus_url is not None
         upgrade(settings.database_url)
         out.print(f"database at revision {current(settings.database_url)}")
-        bus = create_bus(settings.bus_url)
+        bus = create_bus(settings.bus_url, namespace=settings.bus_namespace)
 
         async def main() -> None:
             await bus.connect()
@@ -349,7 +354,7 @@ async def _check(settings: Settings, test: bool) -> list[tuple[str, bool, float,
     probes: list[tuple[str, Any]] = [
         ("postgres", Database(settings.database_url, min_size=1, max_size=1, timeout=timeout)),
         ("redis", Cache(settings.redis_url, timeout=timeout)),
-        ("bus", create_bus(settings.bus_url)),
+        ("bus", create_bus(settings.bus_url, namespace=settings.bus_namespace)),
     ]
     results = []
     for name, adapter in probes:
@@ -406,6 +411,32 @@ def db_current() -> None:
         revision = current(settings.database_url)
         state = "up to date" if revision in heads() else "behind: run `tradeplane db upgrade`"
         out.print(f"{revision or 'base'} ({state})")
+
+
+@db_app.command("verify-audit")
+def db_verify_audit() -> None:
+    """Seal the committed audit rows, then check the whole hash chain (exit 1 if any row fails)."""
+
+    async def main(settings: Settings) -> None:
+        from tradeplane.adapters.postgres import Database
+
+        assert settings.database_url is not None
+        db = Database(settings.database_url, min_size=1, max_size=2, timeout=settings.connect_timeout_s)
+        await db.connect()
+        try:
+            with err.status("sealing and verifying the audit chain"):
+                check = await AuditSealer(db).verify()
+        finally:
+            await db.close()
+        if check.bad_row_ids:
+            shown = ", ".join(map(str, check.bad_row_ids[:20]))
+            err.print(f"audit chain broken: {len(check.bad_row_ids)} rows fail verification (ids {shown})")
+            raise typer.Exit(1)
+        pending = f"{check.unsealed} written since or not yet committed"
+        out.print(f"audit chain intact (sealed {check.sealed_now} rows now; {pending})")
+
+    with servers("database_url") as settings:
+        asyncio.run(main(settings))
 
 
 @app.command()

@@ -78,6 +78,12 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
+def check_offset(start_after: int | None) -> int | None:
+    if start_after is not None and start_after < 0:
+        raise ValueError(f"start_after must be a sequence >= 0 (got {start_after})")
+    return start_after
+
+
 def endpoint(url: str) -> str:
     """`host:port` of a bus URL: safe for messages and logs because it never carries the password."""
     parts = urlsplit(url)
@@ -279,8 +285,27 @@ class MessageBus(ABC):
         """Append `data` to `stream`; returns once the server has persisted it. `msg_id` de-duplicates."""
 
     @abstractmethod
-    async def subscribe(self, stream: str, durable: str) -> Subscription:
-        """Attach to the durable consumer `durable` of `stream`, which resumes where it was left."""
+    async def subscribe(self, stream: str, durable: str, *, start_after: int | None = None) -> Subscription:
+        """Attach to the durable consumer `durable` of `stream`, which resumes where it was left.
+
+        `start_after` is the caller's committed offset: the sequence of the last message of `stream` it has
+        applied (0 for none), as recorded in its own database. With it, the subscription delivers the
+        messages after that offset in publish order, with no later message overtaking an earlier one,
+        whatever the durable consumer had handed out before:
+
+        - NATS JetStream recreates the consumer to start at `start_after + 1`. JetStream gives a dead
+          subscriber's unacked messages back only after `ack_wait` and meanwhile hands later ones to the next
+          subscriber, so without this a restarted engine could apply a cancel before its order. Messages after
+          the offset are replayed even if they were acked (say, the database was restored from a backup);
+          messages at or below it are not delivered again.
+        - RabbitMQ cannot reposition a queue and forgets a message once it is acked: there is no replay, and
+          `start_after` changes nothing about what is delivered. Order holds anyway, because the broker puts
+          unacked messages back at their original place; those at or below the offset come back flagged
+          `redelivered`, and messages acked after the offset are gone.
+
+        Either way a caller still skips deliveries whose sequence is at or below its offset (see the module
+        docstring); `start_after` only guarantees that what follows the offset arrives, in order.
+        """
 
     @abstractmethod
     async def ping(self) -> float:

@@ -7,8 +7,9 @@ Topology (names carry the bus namespace as `<ns>_ORDERS` and subject prefix `<ns
 
 Each `subscribe(stream, durable)` binds a durable pull consumer named `<durable>-<stream>` filtered to the
 stream's subject, with explicit acks: JetStream keeps its position, so a restarted engine resumes where it
-stopped. `Delivery.sequence` is the JetStream stream sequence, increasing in publish order (with gaps, since
-all shards share the ORDERS stream). JetStream itself drops a re-published `Nats-Msg-Id` inside the window.
+stopped; `subscribe(..., start_after=n)` recreates that consumer at stream sequence n + 1 instead.
+`Delivery.sequence` is the JetStream stream sequence, increasing in publish order (with gaps, since all
+shards share the ORDERS stream). JetStream itself drops a re-published `Nats-Msg-Id` inside the window.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tradeplane.adapters.bus.base import (
     Delivery,
     MessageBus,
     Subscription,
+    check_offset,
     is_md_ticks_stream,
     order_shard,
     scrub_password,
@@ -360,10 +362,14 @@ class NatsBus(MessageBus):
             except nats.js.errors.APIError as exc:
                 raise InfrastructureUnavailable(f"{where}: {exc.description}") from exc
 
-    async def subscribe(self, stream: str, durable: str) -> Subscription:
+    async def subscribe(self, stream: str, durable: str, *, start_after: int | None = None) -> Subscription:
+        """See MessageBus.subscribe. With `start_after` the durable consumer is deleted and created again
+        at stream sequence `start_after + 1`: JetStream cannot move an existing consumer's position."""
         if not _DURABLE.match(durable):
             raise ValueError(f"durable name must be 1-64 letters, digits, '_' or '-' (got {durable!r})")
+        check_offset(start_after)
         jetstream_stream = self._jetstream_stream(stream)
+        subject = self._subject(stream)
         consumer = f"{durable}-{stream.replace('.', '_').replace('>', 'all')}"
         config = ConsumerConfig(
             durable_name=consumer,
@@ -375,9 +381,19 @@ class NatsBus(MessageBus):
         )
         with _unavailable(f"NATS at {self.endpoint}: subscribing {consumer} to {stream}"):
             try:
-                psub = await self.js.pull_subscribe(
-                    self._subject(stream), durable=consumer, stream=jetstream_stream, config=config
-                )
+                if start_after is None:
+                    psub = await self.js.pull_subscribe(
+                        subject, durable=consumer, stream=jetstream_stream, config=config
+                    )
+                else:
+                    config.name = consumer
+                    config.filter_subject = subject
+                    config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+                    config.opt_start_seq = start_after + 1
+                    with contextlib.suppress(nats.js.errors.NotFoundError):
+                        await self.js.delete_consumer(jetstream_stream, consumer)
+                    await self.js.add_consumer(jetstream_stream, config)
+                    psub = await self.js.pull_subscribe_bind(consumer, stream=jetstream_stream)
             except nats.js.errors.NotFoundError as exc:
                 raise InfrastructureUnavailable(
                     f"NATS at {self.endpoint}: stream {jetstream_stream} does not exist; run setup"

@@ -53,6 +53,7 @@ from tradeplane.adapters.bus.base import (
     MessageBus,
     QueueSpec,
     Subscription,
+    check_offset,
     is_md_ticks_stream,
     order_shard,
     rabbitmq_topology,
@@ -338,10 +339,15 @@ class RabbitMqBus(MessageBus):
                     self._exchanges.clear()
                     raise InfrastructureUnavailable(f"{where}: exchange {exchange_name} missing; run setup") from exc
 
-    async def subscribe(self, stream: str, durable: str) -> Subscription:
+    async def subscribe(self, stream: str, durable: str, *, start_after: int | None = None) -> Subscription:
         """Consume the stream's queue. RabbitMQ keeps the position in the queue itself, so `durable` only
         names the consumer (its tag) for the operator. An order stream's queue is declared on the way,
-        so an engine for a shard added after setup still finds its queue."""
+        so an engine for a shard added after setup still finds its queue.
+
+        `start_after` is accepted for the interface and changes nothing: a queue has no replay and cannot be
+        repositioned, and it already resumes in order because unacked messages are requeued in place. The
+        ones at or below the caller's offset come back flagged `redelivered` for the caller to skip."""
+        check_offset(start_after)
         _, _, queue_base = self._route(stream)
         shard = order_shard(stream)
         where = f"RabbitMQ at {self.endpoint}: subscribe to {stream}"

@@ -371,6 +371,9 @@ orders = Table(
     created_at(),
     updated_at(),
     Column("hold_price", Amount, nullable=True, comment="price the funds hold is computed at"),
+    # set by the engine when a stop leaves the stop book, so a rebuild puts a triggered stop-limit back in the
+    # live book even when the price has moved back since (migration 0006)
+    Column("triggered_at", DateTime(timezone=True), nullable=True, comment="when the stop left the stop book (engine)"),
     UniqueConstraint("account_id", "client_order_id"),
     one_of("side", SIDES, "side"),
     one_of("type", ORDER_TYPES, "type"),
@@ -386,6 +389,7 @@ orders = Table(
     CheckConstraint("type NOT IN ('stop', 'stop_limit') OR stop_price IS NOT NULL", name="stop_has_stop_price"),
     CheckConstraint("time_in_force <> 'gtd' OR expire_at IS NOT NULL", name="gtd_has_expiry"),
     CheckConstraint("hold_price IS NULL OR hold_price > 0", name="hold_price_positive"),
+    CheckConstraint("triggered_at IS NULL OR type IN ('stop', 'stop_limit')", name="triggered_only_stops"),
     Index("ix_orders_account_id_created_at", "account_id", text("created_at DESC")),
     Index(
         "ix_orders_open_instrument_id_status",
@@ -589,37 +593,51 @@ spreads = Table(
 
 # ------------------------------------------------------------------------------------------------ audit
 
-#: Append-only, hash-chained. Insert without ``id``, ``prev_hash`` or ``hash``: a BEFORE INSERT trigger
-#: takes the chain lock (the single ``audit_log_head`` row, FOR UPDATE), assigns the next gapless id, sets
-#: ``prev_hash`` to the previous row's hash and ``hash = sha256(coalesce(prev_hash, '') || content)``, content
-#: being the UTF-8 of ``tp_audit_log_content(id, ts, actor_user_id, action, entity, entity_id, details)``:
-#: each field as ``length:value`` (``-`` for NULL) joined by commas, ts as ``YYYY-MM-DDTHH:MI:SS.ffffffZ``
-#: and details as ``details::text``. So ids, chain order and commit order agree, and
-#: ``SELECT * FROM tp_audit_log_verify()`` returns the ids of rows whose hash, link or id is wrong.
-#: UPDATE, DELETE and TRUNCATE are refused. No foreign key to users: an audit row must outlive
-#: anything it mentions.
+#: Append-only, hash-chained off the hot path. Insert without ``id``, ``seq``, ``prev_hash`` or ``hash``: the
+#: insert takes no lock. ``tp_audit_log_seal(max_rows)`` (run continuously by the relay worker,
+#: ``services.audit.AuditSealer``) chains committed unsealed rows in id order: it locks the single
+#: ``audit_log_head`` row, gives each row the next gapless ``seq``, sets ``prev_hash`` to the previous sealed
+#: row's hash and ``hash = sha256(coalesce(prev_hash, '') || content)``, content being the UTF-8 of
+#: ``tp_audit_log_content(seq, ts, actor_user_id, action, entity, entity_id, details)``: each field as
+#: ``length:value`` (``-`` for NULL) joined by commas, ts as ``YYYY-MM-DDTHH:MI:SS.ffffffZ`` and details as
+#: ``details::text``. ``SELECT * FROM tp_audit_log_verify()`` returns the ids of sealed rows whose hash, link
+#: or seq is wrong. DELETE and TRUNCATE are refused, and so is every UPDATE except sealing an unsealed row
+#: without changing its content. No foreign key to users: an audit row must outlive anything it mentions.
 audit_log = Table(
     "audit_log",
     metadata,
-    Column("id", BigInteger, primary_key=True, autoincrement=False, comment="gapless, set by trigger"),
+    Column(
+        "id", BigInteger, Identity(always=False), primary_key=True, comment="insertion order; the chain order is seq"
+    ),
     Column("ts", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("actor_user_id", BigInteger, nullable=True),
     Column("action", Text, nullable=False),
     Column("entity", Text, nullable=False),
     Column("entity_id", Text, nullable=True),
     Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column(
+        "seq",
+        BigInteger,
+        nullable=True,
+        unique=True,
+        comment="gapless chain position, set by the sealer; null until sealed",
+    ),
     Column("prev_hash", BYTEA, nullable=True, comment="hash of the previous row; null for the first"),
-    Column("hash", BYTEA, nullable=False),
+    Column("hash", BYTEA, nullable=True),
+    CheckConstraint(
+        "(seq IS NULL) = (hash IS NULL) AND (seq IS NOT NULL OR prev_hash IS NULL)", name="sealed_together"
+    ),
     Index(None, "entity", "entity_id"),
     Index(None, "ts"),
+    Index("ix_audit_log_id_unsealed", "id", postgresql_where=text("hash IS NULL")),
 )
 
-#: The tip of the audit chain: exactly one row, locked by every audit insert to serialise the chain.
+#: The tip of the audit chain: exactly one row, locked by the sealer to serialise the chain.
 audit_log_head = Table(
     "audit_log_head",
     metadata,
     Column("singleton", Boolean, primary_key=True, server_default=text("true")),
-    Column("last_id", BigInteger, nullable=False, server_default=text("0")),
+    Column("last_seq", BigInteger, nullable=False, server_default=text("0")),
     Column("last_hash", BYTEA, nullable=True),
     CheckConstraint("singleton", name="single_row"),
 )

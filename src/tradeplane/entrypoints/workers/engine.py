@@ -55,6 +55,7 @@ from tradeplane.domain.matching import (
     OffGridValue,
     OrderRejected,
     OrderState,
+    StopTriggered,
 )
 from tradeplane.domain.orders import OrderStatus, OrderType, SelfTradePrevention, Side, TimeInForce
 from tradeplane.domain.reservations import shard_for
@@ -214,7 +215,7 @@ class EngineWorker:
                 await house_account(conn, "fees", quote)
             rows = await conn.fetch(
                 "SELECT id, account_id, instrument_id, side, type, time_in_force, quantity, filled_quantity,"
-                " price, stop_price, expire_at, post_only, stp_mode, sequence FROM orders"
+                " price, stop_price, expire_at, post_only, stp_mode, sequence, triggered_at FROM orders"
                 " WHERE instrument_id = ANY($1::bigint[]) AND status = ANY($2::text[]) AND sequence IS NOT NULL"
                 " ORDER BY sequence",
                 [i.instrument_id for i in mine.values()],
@@ -256,12 +257,13 @@ class EngineWorker:
         stop_ticks = None if stop is None else spec.price_to_ticks(stop.normalize())
         triggered = False
         if order_type in (OrderType.STOP, OrderType.STOP_LIMIT) and stop_ticks is not None:
-            # No column records the trigger yet: a stop that has traded, or that the mark has reached, has
-            # triggered (a trigger at or beyond the last price fires on arrival or on the trade that set it).
+            # ``triggered_at`` is the record (a triggered stop-limit stays in the live book when the price moves
+            # back). Rows from before migration 0006 have none: a stop that has traded, or that the mark has
+            # reached, has triggered too (a stop at or beyond the last price fires on arrival or on that trade).
             last = info.last_price
             side = Side(r["side"])
             crossed = last is not None and (last >= stop if side is Side.BUY else last <= stop)
-            triggered = filled > 0 or crossed
+            triggered = r["triggered_at"] is not None or filled > 0 or crossed
         expire_at = r["expire_at"]
         tif = TimeInForce(r["time_in_force"])
         return OrderState(
@@ -315,8 +317,10 @@ class EngineWorker:
         """One turn of the loop: fetch and apply a batch, expire due orders, retry stale publications.
         Returns how many deliveries were fetched."""
         if self._subscription is None:
-            await self._resume_from_offset()
-            self._subscription = await self.bus.subscribe(self.stream, ENGINE_DURABLE)
+            # From the committed offset, not from wherever the bus consumer got to: on JetStream a dead
+            # subscriber's unacked messages would otherwise come back after later ones (a cancel before its
+            # order). Deliveries at or below the offset may still come (RabbitMQ) and are skipped below.
+            self._subscription = await self.bus.subscribe(self.stream, ENGINE_DURABLE, start_after=self.bus_offset)
         deliveries = await self._subscription.fetch(self.batch_size, timeout=self.fetch_timeout)
         if deliveries:
             await self.apply_batch(deliveries, stop)
@@ -334,43 +338,6 @@ class EngineWorker:
         async with self.db.connection("engine.partitions") as conn:
             await ensure_daily_partitions_async(conn, "trades", today - timedelta(days=1), 4)
         self._partitions_until = today + timedelta(days=2)
-
-    async def _resume_from_offset(self) -> None:
-        """JetStream only: restart the durable consumer right after the last sequence PostgreSQL applied.
-
-        A JetStream consumer redelivers a dead subscriber's unacked messages only after ``ack_wait``, and
-        meanwhile hands later messages to the next subscriber: a restarted engine would apply a cancel before
-        its order, then skip the order as "already applied". Recreating the consumer at offset + 1 replays
-        exactly the unapplied suffix in order. (RabbitMQ requeues unacked messages in place by itself.)
-        """
-        from tradeplane.adapters.bus.nats import NatsBus
-
-        if not isinstance(self.bus, NatsBus):
-            return
-        import nats.errors
-        import nats.js.errors
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-        bus = self.bus
-        name = f"{ENGINE_DURABLE}-{self.stream.replace('.', '_')}"
-        subject = f"{bus.namespace}.{self.stream}" if bus.namespace else self.stream
-        config = ConsumerConfig(
-            durable_name=name,
-            name=name,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=self.bus_offset + 1,
-            filter_subject=subject,
-            ack_wait=bus.ack_wait,
-            max_ack_pending=bus.max_ack_pending,
-            max_deliver=-1,
-        )
-        try:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await bus.js.delete_consumer(bus.orders_stream_name, name)
-            await bus.js.add_consumer(bus.orders_stream_name, config)
-        except (nats.errors.Error, OSError) as exc:
-            raise InfrastructureUnavailable(f"NATS at {bus.endpoint}: resetting consumer {name}: {exc}") from exc
 
     async def close(self) -> None:
         """Let go of the stream: unsettled deliveries go back to the bus for whoever subscribes next."""
@@ -458,7 +425,17 @@ class EngineWorker:
             if command is not None:
                 events.extend(self.engine.process(command))
         offsets = {self.consumer: top, self.counter: self.command_seq}
-        return await settle(conn, events, instruments=self.instruments, now=now, rows=rows, offsets=offsets)
+        result = await settle(conn, events, instruments=self.instruments, now=now, rows=rows, offsets=offsets)
+        triggered = [ev.order_id for ev in events if type(ev) is StopTriggered]
+        if triggered:
+            # In the batch's transaction: a rebuild must know the stop left the stop book, whatever the price
+            # did since.
+            await conn.execute(
+                "UPDATE orders SET triggered_at = $2 WHERE id = ANY($1::bigint[]) AND triggered_at IS NULL",
+                triggered,
+                now,
+            )
+        return result
 
     async def _adopt_instrument(self, conn: asyncpg.Connection, symbol: str) -> None:
         """An instrument listed after this engine started: give it an empty book if it is ours."""

@@ -40,6 +40,7 @@ from typing import Any
 import asyncpg
 import httpx
 import websockets
+from lean_http import LeanHTTPConnection  # type: ignore[import-not-found]
 
 from tradeplane.adapters.embedded import EmbeddedStack
 from tradeplane.services import accounts, demo, identity
@@ -123,6 +124,21 @@ async def watch_fills(base: str, taker: dict[str, Any], seen: dict[int, float]) 
                 seen.setdefault(int(message["data"]["order_id"]), time.perf_counter())
 
 
+async def connection_pool(base: str, size: int) -> asyncio.Queue[LeanHTTPConnection]:
+    host, port = base.removeprefix("http://").split(":")
+    pool: asyncio.Queue[LeanHTTPConnection] = asyncio.Queue()
+    for _ in range(size):
+        conn = LeanHTTPConnection(host, int(port))
+        await conn.connect()
+        pool.put_nowait(conn)
+    return pool
+
+
+async def close_pool(pool: asyncio.Queue[LeanHTTPConnection]) -> None:
+    while not pool.empty():
+        await pool.get_nowait().close()
+
+
 async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: float) -> dict[str, Any]:
     ack_ms: list[float] = []
     sent_at: dict[int, float] = {}
@@ -132,36 +148,42 @@ async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: 
         pair["bench-taker"]["ws_ready"] = asyncio.Event()
     watchers = [asyncio.create_task(watch_fills(base, p["bench-taker"], fills_seen)) for p in pairs]
     await asyncio.gather(*(p["bench-taker"]["ws_ready"].wait() for p in pairs))
-    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
+    pool = await connection_pool(base, 256)
+    template = await pool.get()
+    pool.put_nowait(template)
 
-        async def send(who: dict[str, Any], side: str) -> None:
-            nonlocal errors
-            started = time.perf_counter()
-            try:
-                response = await http.post("/api/v1/orders", json=order(who["account_id"], side), headers=auth(who))
-            except httpx.HTTPError:  # the offered load outran the server: count it, keep offering
-                errors += 1
-                return
-            ack_ms.append((time.perf_counter() - started) * 1000)
-            if response.status_code != 201:
-                errors += 1
-            elif side == "buy":
-                sent_at[int(response.json()["id"])] = started
+    async def send(who: dict[str, Any], side: str) -> None:
+        nonlocal errors
+        request = template.build("POST", "/api/v1/orders", order(who["account_id"], side), auth(who))
+        conn = await pool.get()  # a connection per request in flight, as a browser pool would
+        started = time.perf_counter()
+        try:
+            status, body = await conn.send(request)
+        except (OSError, asyncio.IncompleteReadError):
+            errors += 1
+            return
+        finally:
+            pool.put_nowait(conn)
+        ack_ms.append((time.perf_counter() - started) * 1000)
+        if status != 201:
+            errors += 1
+        elif side == "buy":
+            sent_at[int(json.loads(body)["id"])] = started
 
-        total = int(rate * seconds)
-        interval = 1.0 / rate
-        start = time.perf_counter()
-        tasks = []
-        for i in range(total):
-            delay = start + i * interval - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            pair = pairs[(i // 2) % len(pairs)]
-            who, side = (pair["bench-taker"], "buy") if i % 2 else (pair["bench-maker"], "sell")
-            tasks.append(asyncio.create_task(send(who, side)))
-        await asyncio.gather(*tasks)
-        offered_s = time.perf_counter() - start
+    total = int(rate * seconds)
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    tasks = []
+    for i in range(total):
+        delay = start + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pair = pairs[(i // 2) % len(pairs)]
+        who, side = (pair["bench-taker"], "buy") if i % 2 else (pair["bench-maker"], "sell")
+        tasks.append(asyncio.create_task(send(who, side)))
+    await asyncio.gather(*tasks)
+    offered_s = time.perf_counter() - start
+    await close_pool(pool)
     deadline = time.perf_counter() + 30
     while time.perf_counter() < deadline and not set(sent_at) <= set(fills_seen):  # noqa: ASYNC110
         await asyncio.sleep(0.1)
@@ -183,12 +205,15 @@ async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: 
 async def account_reads(base: str, pairs: list[dict[str, Any]], n: int = 2000) -> dict[str, Any]:
     taker = pairs[0]["bench-taker"]
     latencies = []
-    async with httpx.AsyncClient(base_url=base, headers=auth(taker)) as http:
-        for _ in range(n):
-            started = time.perf_counter()
-            response = await http.get(f"/api/v1/accounts/{taker['account_id']}")
-            latencies.append((time.perf_counter() - started) * 1000)
-            response.raise_for_status()
+    pool = await connection_pool(base, 1)
+    conn = pool.get_nowait()
+    request = conn.build("GET", f"/api/v1/accounts/{taker['account_id']}", headers=auth(taker))
+    for _ in range(n):
+        started = time.perf_counter()
+        status, _ = await conn.send(request)
+        latencies.append((time.perf_counter() - started) * 1000)
+        assert status == 200, status
+    await conn.close()
     return summary("GET /accounts/{id}", latencies)
 
 
@@ -199,19 +224,24 @@ async def sustained(
     filled_before = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'")
     placed = 0
     stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    pool = await connection_pool(base, concurrency)
 
-    async def client_loop(http: httpx.AsyncClient, pair: dict[str, Any]) -> None:
+    async def client_loop(pair: dict[str, Any]) -> None:
         nonlocal placed
+        conn = await pool.get()
+        requests = [
+            conn.build("POST", "/api/v1/orders", order(who["account_id"], side), auth(who))
+            for who, side in ((pair["bench-maker"], "sell"), (pair["bench-taker"], "buy"))
+        ]
         while time.perf_counter() < stop_at:
-            for who, side in ((pair["bench-maker"], "sell"), (pair["bench-taker"], "buy")):
-                response = await http.post("/api/v1/orders", json=order(who["account_id"], side), headers=auth(who))
-                if response.status_code == 201:
+            for request in requests:
+                status, _ = await conn.send(request)
+                if status == 201:
                     placed += 1
+        await conn.close()
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
-        await asyncio.gather(*(client_loop(http, pairs[i % len(pairs)]) for i in range(concurrency)))
+    await asyncio.gather(*(client_loop(pairs[i % len(pairs)]) for i in range(concurrency)))
     placing_s = time.perf_counter() - start
     target = filled_before + placed
     while await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'") < target:

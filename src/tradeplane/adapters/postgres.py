@@ -39,6 +39,15 @@ def describe_server(url: str) -> str:
     return f"{parts.hostname or 'socket'}:{parts.port or 5432}{parts.path}"
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's default reset query (RESET ALL, UNLISTEN *, CLOSE ALL, advisory unlocks).
+
+    That query is one more round trip on every release, i.e. on every request. The platform never leaves
+    session state on a pooled connection: no SET, LISTEN, session advisory lock or cursor outside a
+    transaction. asyncpg still rolls back a transaction left open before calling this.
+    """
+
+
 class Database:
     def __init__(self, url: str, *, min_size: int = 2, max_size: int = 20, timeout: float = 5.0) -> None:
         self.url = url
@@ -55,6 +64,7 @@ class Database:
                 max_size=self._max_size,
                 timeout=self._timeout,
                 command_timeout=30,
+                reset=_keep_session,
             )
         except CONNECTION_ERRORS as exc:
             raise InfrastructureUnavailable(

@@ -11,7 +11,8 @@ from tradeplane.errors import AuthenticationFailed
 from tradeplane.services.identity import Principal
 
 
-def get_platform(request: Request) -> Platform:
+async def get_platform(request: Request) -> Platform:
+    # async, not def: FastAPI runs a plain-def dependency in a worker thread, a thread hop on every request
     platform: Platform = request.app.state.platform
     return platform
 
@@ -21,7 +22,7 @@ async def get_principal(request: Request) -> Principal:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise AuthenticationFailed("send the API key as 'Authorization: Bearer <key>'", code="missing_api_key")
-    platform = get_platform(request)
+    platform: Platform = request.app.state.platform
     return await platform.authenticator.authenticate(platform.db.pool, key.strip())
 
 

@@ -7,9 +7,11 @@ import json
 import uuid
 
 from tradeplane.adapters.bus import create_bus
+from tradeplane.adapters.cache import Cache
 from tradeplane.adapters.postgres import Database
 from tradeplane.errors import InfrastructureUnavailable
-from tradeplane.services.relay import OutboxRelay, outbox_message_id
+from tradeplane.services.queries import after_order_commit
+from tradeplane.services.relay import OutboxRelay, outbox_message_id, relay_wakeups
 
 
 async def insert_outbox(db: Database, stream: str, count: int) -> list[int]:
@@ -104,4 +106,37 @@ async def test_rows_stay_queued_while_the_bus_is_down(database_url: str, nats_ur
     finally:
         await bus.destroy(1)
         await bus.close()
+        await db.close()
+
+
+async def test_a_commit_announcement_wakes_an_idle_relay(database_url: str, nats_url: str, redis_url: str) -> None:
+    """The relay polls only every 60 s here: the row must still be published at once, woken through Redis."""
+    bus = create_bus(nats_url, namespace=f"t{uuid.uuid4().hex[:8]}")
+    db = Database(database_url, min_size=1, max_size=2)
+    cache = Cache(redis_url)
+    await db.connect()
+    await bus.connect()
+    await cache.connect()
+    stop = asyncio.Event()
+    try:
+        await bus.setup(1)
+        wake = asyncio.Event()
+        relay = OutboxRelay(db, bus, idle_sleep_s=60, wake=wake)
+        listener = asyncio.create_task(relay_wakeups(cache, wake, stop))
+        runner = asyncio.create_task(relay.run(stop))
+        await asyncio.sleep(0.5)  # the relay has polled once, found nothing and sleeps; the listener subscribed
+        await insert_outbox(db, "orders.0", 1)
+        await after_order_commit(cache, None)
+        subscription = await bus.subscribe("orders.0", "engine")
+        delivered = await subscription.fetch(1, timeout=5)
+        assert len(delivered) == 1, "the wake-up did not reach the relay"
+        await delivered[0].ack()
+        await subscription.close()
+        stop.set()
+        await asyncio.gather(listener, runner)
+    finally:
+        stop.set()
+        await bus.destroy(1)
+        await bus.close()
+        await cache.close()
         await db.close()

@@ -28,7 +28,7 @@ from tradeplane.entrypoints.cli_md import md_app, run_marketdata_command
 from tradeplane.errors import ConfigError, TradeplaneError
 from tradeplane.logs import configure_logging
 from tradeplane.services.audit import AuditSealer
-from tradeplane.services.relay import OutboxRelay
+from tradeplane.services.relay import OutboxRelay, relay_wakeups
 
 T = TypeVar("T")
 log = logging.getLogger("tradeplane.cli")
@@ -141,10 +141,7 @@ async def _up(settings: Settings, *, demo: bool, demo_traders: bool) -> None:
         demo_key = await _seed_demo(settings, platform) if demo else None
         _print_banner(settings, demo_key)
         stop = asyncio.Event()
-        workers: list[asyncio.Task[Any]] = [
-            asyncio.create_task(OutboxRelay(platform.db, platform.bus).run(stop)),
-            asyncio.create_task(AuditSealer(platform.db).run(stop)),
-        ]
+        workers: list[asyncio.Task[Any]] = [asyncio.create_task(_relay(platform, stop))]
         workers += [asyncio.create_task(worker.run(stop)) for worker in _engine_workers(settings, platform, None)]
         workers.append(asyncio.create_task(run_marketdata(platform, stop, simulate_rate=None)))
         if platform.bus.kind == "amqp":
@@ -254,12 +251,23 @@ def run_relay() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await asyncio.gather(OutboxRelay(platform.db, platform.bus).run(stop), AuditSealer(platform.db).run(stop))
+            await _relay(platform, stop)
         finally:
             await platform.stop()
 
     with servers("database_url", "redis_url", "bus_url") as settings:
         asyncio.run(main(settings))
+
+
+async def _relay(platform: Any, stop: asyncio.Event) -> None:
+    """The relay process's work: publish the outbox (woken by Redis, polling as the fallback), seal the audit
+    chain."""
+    wake = asyncio.Event()
+    await asyncio.gather(
+        OutboxRelay(platform.db, platform.bus, wake=wake).run(stop),
+        relay_wakeups(platform.cache, wake, stop),
+        AuditSealer(platform.db).run(stop),
+    )
 
 
 def _engine_workers(settings: Settings, platform: Any, shard: int | None) -> list[Any]:

@@ -21,7 +21,7 @@ order is kept for audit. Exceptions (``InvalidRequest``, ``NotFound``, ``Permiss
 mean nothing is to be stored and the caller rolls back.
 
 Order statuses set here go through ``domain.orders.transition``; the engine finalises everything else.
-After commit the caller drops the user's read-through caches (``queries.invalidate_user_caches``).
+After commit the caller drops the user's read-through caches and wakes the relay (``queries.after_order_commit``).
 """
 
 from __future__ import annotations

@@ -405,15 +405,26 @@ def positions_key(user_id: int) -> str:
     return f"positions:{user_id}"
 
 
-async def invalidate_user_caches(cache: Cache, *user_ids: int) -> None:
-    """Drop the read-through caches of users whose orders changed; call after the change commits."""
-    keys = [key for uid in set(user_ids) for key in (order_book_key(uid), positions_key(uid))]
-    if not keys:
-        return
+#: Redis channel an order-path writer publishes to after committing outbox rows, so the relay publishes them
+#: now rather than at its next poll (services.relay.OutboxRelay).
+OUTBOX_WAKEUP_CHANNEL = "tp:outbox"
+
+
+async def after_order_commit(cache: Cache, *user_ids: int | None) -> None:
+    """After an order change commits: drop the read-through caches of users whose orders changed (None, a
+    house account's missing owner, is skipped) and wake the outbox relay for the outbox rows the change
+    wrote. One Redis round trip; a failure is logged, not raised: the change is committed, a stale cache
+    expires within its TTL, and the relay also polls."""
+    owners = {uid for uid in user_ids if uid is not None}
+    keys = [key for uid in sorted(owners) for key in (order_book_key(uid), positions_key(uid))]
     try:
-        await cache.client.delete(*keys)
-    except REDIS_ERRORS as exc:  # the change is committed; a stale cache expires within its TTL anyway
-        log.warning("could not drop caches %s: %s", keys, exc)
+        async with cache.client.pipeline(transaction=False) as pipe:
+            if keys:
+                pipe.delete(*keys)
+            pipe.publish(OUTBOX_WAKEUP_CHANNEL, b"")
+            await pipe.execute()
+    except REDIS_ERRORS as exc:
+        log.warning("could not drop caches %s or wake the relay: %s", keys, exc)
 
 
 async def get_order(conn: asyncpg.Connection, principal: Principal, order_id: int) -> OrderRecord:

@@ -4,6 +4,10 @@ Rows are read and marked published in one transaction that holds an advisory loc
 processes may run and exactly one is active. Each message carries `outbox-<id>` as its de-duplication id:
 if the relay dies after publishing but before its transaction commits, the rows are published again and the
 bus (JetStream Nats-Msg-Id) or the consumer (RabbitMQ message_id, engine offsets) drops the copy.
+
+Wake-ups: a writer that commits outbox rows publishes on Redis ``tp:outbox`` (``queries.after_order_commit``);
+``relay_wakeups`` turns those into an event the relay waits on, so a committed order is published at once
+instead of at the next poll. The poll stays as the fallback (a lost wake-up, Redis down, another writer).
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import contextlib
 import logging
 
 from tradeplane.adapters.bus import MessageBus
+from tradeplane.adapters.cache import REDIS_ERRORS, Cache
 from tradeplane.adapters.postgres import Database
 from tradeplane.errors import InfrastructureUnavailable
+from tradeplane.services.queries import OUTBOX_WAKEUP_CHANNEL
 
 log = logging.getLogger("tradeplane.relay")
 
@@ -26,11 +32,22 @@ def outbox_message_id(outbox_id: int) -> str:
 
 
 class OutboxRelay:
-    def __init__(self, db: Database, bus: MessageBus, *, batch_size: int = 500, idle_sleep_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        db: Database,
+        bus: MessageBus,
+        *,
+        batch_size: int = 500,
+        idle_sleep_s: float = 0.02,
+        wake: asyncio.Event | None = None,
+    ) -> None:
+        """`wake`, when given (set by ``relay_wakeups``), ends an idle wait early; the poll every
+        `idle_sleep_s` remains the fallback."""
         self.db = db
         self.bus = bus
         self.batch_size = batch_size
         self.idle_sleep_s = idle_sleep_s
+        self.wake = wake or asyncio.Event()
 
     async def publish_pending(self) -> int:
         """Publish one batch; returns how many rows were published (0 if idle or another relay is active)."""
@@ -55,6 +72,7 @@ class OutboxRelay:
         """Relay until `stop` is set; outages of PostgreSQL or the bus are waited out, never fatal."""
         backoff = 0.1
         while not stop.is_set():
+            self.wake.clear()  # before reading: a wake-up for a row committed after the read is kept
             try:
                 published = await self.publish_pending()
                 backoff = 0.1
@@ -65,9 +83,36 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 5.0)
                 continue
             if published == 0:
-                await _sleep_or_stop(stop, self.idle_sleep_s)
+                await _sleep_or_stop(stop, self.idle_sleep_s, self.wake)
 
 
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
+async def relay_wakeups(cache: Cache, wake: asyncio.Event, stop: asyncio.Event) -> None:
+    """Set `wake` on every message on the outbox wake-up channel until `stop`; a Redis outage is waited out."""
+    backoff = 0.1
+    while not stop.is_set():
+        pubsub = cache.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(OUTBOX_WAKEUP_CHANNEL)
+            backoff = 0.1
+            wake.set()  # rows may have been committed while we were not listening
+            while not stop.is_set():
+                if await pubsub.get_message(timeout=0.5) is not None:
+                    wake.set()
+        except REDIS_ERRORS as exc:
+            log.warning("relay wake-ups unavailable (polling meanwhile): %s", exc)
+            await _sleep_or_stop(stop, backoff)
+            backoff = min(backoff * 2, 5.0)
+        finally:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waiters.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

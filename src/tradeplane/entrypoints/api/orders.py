@@ -68,8 +68,7 @@ async def place_order(body: OrderCreate, principal: PrincipalDep, platform: Plat
         return _risk_rejected(placement.order, placement.rejection.reason.value, placement.rejection.detail)
     assert placement.order is not None
     if placement.outcome is PlacementOutcome.ACCEPTED:
-        if placement.owner_user_id is not None:
-            await queries.invalidate_user_caches(platform.cache, placement.owner_user_id)
+        await queries.after_order_commit(platform.cache, placement.owner_user_id)
         return _order_response(placement.order, 201)
     return _order_response(placement.order, 200)
 
@@ -128,8 +127,7 @@ async def modify_order(order_id: int, body: OrderAmend, principal: PrincipalDep,
         amendment = await entry.modify_order(conn, principal, order_id, quantity=body.quantity, price=body.price)
     if amendment.rejection is not None:
         return _risk_rejected(amendment.order, amendment.rejection.reason.value, amendment.rejection.detail)
-    if amendment.owner_user_id is not None:
-        await queries.invalidate_user_caches(platform.cache, amendment.owner_user_id)
+    await queries.after_order_commit(platform.cache, amendment.owner_user_id)
     return _order_response(amendment.order, 200)
 
 
@@ -140,8 +138,7 @@ async def cancel_order(order_id: int, principal: PrincipalDep, platform: Platfor
     async with platform.db.transaction("orders.cancel") as conn:
         order = await entry.cancel_order(conn, principal, order_id)
         owner = await conn.fetchval("SELECT user_id FROM accounts WHERE id = $1", order.account_id)
-    if owner is not None:
-        await queries.invalidate_user_caches(platform.cache, owner)
+    await queries.after_order_commit(platform.cache, owner)
     return _order_response(order, 200)
 
 
@@ -154,8 +151,8 @@ async def cancel_all_orders(
     async with platform.db.transaction("orders.cancel_all") as conn:
         orders = await entry.cancel_all(conn, principal, account_id, symbol)
         owner = await conn.fetchval("SELECT user_id FROM accounts WHERE id = $1", account_id)
-    if orders and owner is not None:
-        await queries.invalidate_user_caches(platform.cache, owner)
+    if orders:
+        await queries.after_order_commit(platform.cache, owner)
     return JSONResponse([o.to_json() for o in orders])
 
 

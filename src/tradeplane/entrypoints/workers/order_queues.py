@@ -229,8 +229,7 @@ class OrderQueueWorker:
             }
         assert placement.order is not None
         if placement.outcome is PlacementOutcome.ACCEPTED:
-            if placement.owner_user_id is not None:
-                await queries.invalidate_user_caches(platform.cache, placement.owner_user_id)
+            await queries.after_order_commit(platform.cache, placement.owner_user_id)
             return {"status": 201, "order": placement.order.to_json()}
         return {"status": 200, "order": placement.order.to_json()}
 
@@ -250,8 +249,7 @@ class OrderQueueWorker:
                 "detail": amendment.rejection.detail,
                 "order": amendment.order.to_json(),
             }
-        if amendment.owner_user_id is not None:
-            await queries.invalidate_user_caches(self.platform.cache, amendment.owner_user_id)
+        await queries.after_order_commit(self.platform.cache, amendment.owner_user_id)
         return {"status": 200, "order": amendment.order.to_json()}
 
     async def cancel(self, principal: Principal, body: dict[str, Any], message_id: str) -> Reply:
@@ -261,16 +259,15 @@ class OrderQueueWorker:
             async with self.platform.db.transaction("orders.cancel") as conn:
                 order = await entry.cancel_order(conn, principal, target.order_id)
                 owner = await conn.fetchval("SELECT user_id FROM accounts WHERE id = $1", order.account_id)
-            if owner is not None:
-                await queries.invalidate_user_caches(self.platform.cache, owner)
+            await queries.after_order_commit(self.platform.cache, owner)
             return {"status": 200, "order": order.to_json()}
         if target.account_id is None:
             return _fail(422, "validation_error", "give order_id, or account_id to cancel all its orders")
         async with self.platform.db.transaction("orders.cancel_all") as conn:
             orders = await entry.cancel_all(conn, principal, target.account_id, target.symbol)
             owner = await conn.fetchval("SELECT user_id FROM accounts WHERE id = $1", target.account_id)
-        if orders and owner is not None:
-            await queries.invalidate_user_caches(self.platform.cache, owner)
+        if orders:
+            await queries.after_order_commit(self.platform.cache, owner)
         return {"status": 200, "orders": [o.to_json() for o in orders]}
 
     # --- position updates --------------------------------------------------------------------------------

@@ -26,11 +26,13 @@ from tradeplane.adapters.cache import Cache
 from tradeplane.adapters.postgres import Database
 from tradeplane.bootstrap import Platform, build_platform
 from tradeplane.config import Settings
-from tradeplane.domain.orders import OPEN_STATUSES, OrderStatus, Side, transition
+from tradeplane.domain.orders import OPEN_STATUSES, OrderStatus, OrderType, Side, TimeInForce, transition
 from tradeplane.domain.reservations import reservation, shard_for
+from tradeplane.domain.risk import OrderTerms
 from tradeplane.entrypoints.workers.engine import EngineWorker, book_snapshot_key
 from tradeplane.services import accounts, demo, identity
-from tradeplane.services.identity import Role
+from tradeplane.services.identity import Principal, Role
+from tradeplane.services.orders import OrderEntry, OrderRequest
 from tradeplane.services.relay import OutboxRelay
 
 D = Decimal
@@ -377,6 +379,34 @@ class Trader:
                 conn, account_id=self.account_id, symbol=self.desk.symbol, side=side, qty=qty, price=price, **options
             )
 
+    async def submit(
+        self,
+        side: str,
+        qty: str,
+        price: str | None = None,
+        *,
+        order_type: str = "limit",
+        stop_price: str | None = None,
+        tif: str = "gtc",
+    ) -> int:
+        """POST /orders through the real order entry: shape check, band, pre-trade risk and the hold as the api
+        computes them (``place`` imitates the api's transaction with a simpler hold)."""
+        terms = OrderTerms(
+            side=Side(side),
+            order_type=OrderType(order_type),
+            quantity=D(qty),
+            price=None if price is None else D(price),
+            stop_price=None if stop_price is None else D(stop_price),
+            time_in_force=TimeInForce(tif),
+        )
+        principal = Principal(self.user_id, f"user{self.user_id}", Role.TRADER)
+        async with self.desk.db.transaction("test.submit") as conn:
+            placement = await OrderEntry(self.desk.cache, shards=1).place_order(
+                conn, principal, OrderRequest(self.account_id, self.desk.symbol, terms)
+            )
+        assert placement.rejection is None and placement.order is not None, placement.rejection
+        return placement.order.id
+
     async def cancel(self, order_id: int) -> None:
         async with self.desk.db.transaction("test.cancel") as conn:
             await request_cancel(conn, order_id)
@@ -588,6 +618,130 @@ async def test_stop_order_triggers_on_the_last_trade_price(desk: Desk) -> None:
     row = await desk.order(stop)
     assert (row["status"], row["filled_quantity"], row["average_fill_price"]) == ("filled", D("0.2"), D("94"))
     assert (await desk.order(low_bid))["filled_quantity"] == D("0.3")
+    await desk.check()
+
+
+async def _restart(desk: Desk) -> None:
+    """The engine goes away and a new one rebuilds its books from PostgreSQL."""
+    await desk.worker.close()
+    restarted = desk.new_worker()
+    await restarted.rebuild()
+    desk.worker = restarted
+
+
+async def _stop_fills(desk: Desk, order_id: int) -> list[tuple[Decimal, Decimal]]:
+    rows = await desk.fetch("SELECT price, quantity FROM fills WHERE order_id = $1 ORDER BY fill_id", order_id)
+    return [(r["price"], r["quantity"]) for r in rows]
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["live", "rebuilt"])
+async def test_a_triggered_stop_buy_never_pays_beyond_its_hold_price(desk: Desk, restart: bool) -> None:
+    """A stop is a market order once triggered, and gets the same price protection: it walks the book only up
+    to the price its hold was computed at (the band around its stop price), and the rest is canceled. Without
+    that cap a thin book fills it above what the api reserved and its cash account goes negative."""
+    maker = await desk.trader("maker", base="5")
+    taker = await desk.trader("taker")
+    stopper = await desk.trader("stopper", cash="34")
+    # The price visits 110 (band now 99..121), where an offer at 120 is allowed and rests ...
+    await maker.submit("sell", "0.1", "110.00")
+    await taker.submit("buy", "0.1", "110.00")
+    await desk.pump()
+    dear = await maker.submit("sell", "0.5", "120.00")
+    # ... then falls back to 99, where the stop buy is placed: its hold is the band's top around 100.
+    await taker.submit("buy", "0.1", "99.00")
+    await maker.submit("sell", "0.1", "99.00")
+    await desk.pump()
+    cheap = await maker.submit("sell", "0.1", "105.00")
+    stop = await stopper.submit("buy", "0.3", order_type="stop", stop_price="100.00")
+    await desk.pump()
+    row = await desk.order(stop)
+    assert (row["status"], row["hold_price"]) == ("new", D("110.00"))
+    assert await desk.held(stop) == D("33.02")  # 0.3 x 110 x (1 + 0.0005 taker fee)
+    if restart:
+        await _restart(desk)
+
+    await maker.submit("sell", "0.1", "100.00")
+    await taker.submit("buy", "0.1", "100.00")  # trades at 100: the stop fires into 105 and then 120
+    await desk.pump()
+
+    fills = await _stop_fills(desk, stop)
+    assert all(price <= row["hold_price"] for price, _ in fills), f"stop filled beyond its hold price: {fills}"
+    assert fills == [(D("105"), D("0.1"))]
+    row = await desk.order(stop)
+    assert (row["status"], row["filled_quantity"], row["triggered_at"]) == ("canceled", D("0.1"), desk.clock.now)
+    assert stop not in desk.worker.engine.book(desk.symbol), "the remainder was rested, not canceled"
+    assert (await desk.order(cheap))["status"] == "filled"
+    assert ((await desk.order(dear))["status"], desk.worker.engine.book(desk.symbol).depth()) == (
+        "new",
+        ([], [(12000, 5000)]),
+    )
+    assert await desk.held(stop) == 0
+    assert await stopper.cash() == D("34") - D("10.50") - D("0.01")
+    await desk.check()
+
+
+async def test_a_triggered_stop_sell_never_sells_below_its_hold_price(desk: Desk) -> None:
+    """The mirror case: a stop sell walks the bids only down to the bottom of the band around its stop."""
+    maker = await desk.trader("maker", base="5")
+    bidder = await desk.trader("bidder")
+    stopper = await desk.trader("stopper", base="1")
+    # The price visits 90 (band now 81..99), where a bid at 81 is allowed and rests ...
+    await bidder.submit("buy", "0.1", "90.00")
+    await maker.submit("sell", "0.1", "90.00")
+    await desk.pump()
+    low = await bidder.submit("buy", "0.5", "81.00")
+    # ... then climbs back to 101 (by 99), above the stop, where the stop sell is placed.
+    for price in ("99.00", "101.00"):
+        await bidder.submit("buy", "0.1", price)
+        await maker.submit("sell", "0.1", price)
+        await desk.pump()
+    good = await bidder.submit("buy", "0.1", "95.00")
+    stop = await stopper.submit("sell", "0.3", order_type="stop", stop_price="100.00")
+    await desk.pump()
+    row = await desk.order(stop)
+    assert (row["status"], row["hold_price"]) == ("new", D("90.00"))
+
+    await bidder.submit("buy", "0.1", "100.00")
+    await maker.submit("sell", "0.1", "100.00")  # trades at 100: the stop fires into 95 and then 81
+    await desk.pump()
+
+    fills = await _stop_fills(desk, stop)
+    assert all(price >= row["hold_price"] for price, _ in fills), f"stop filled beyond its hold price: {fills}"
+    assert fills == [(D("95"), D("0.1"))]
+    row = await desk.order(stop)
+    assert (row["status"], row["filled_quantity"]) == ("canceled", D("0.1"))
+    assert stop not in desk.worker.engine.book(desk.symbol), "the remainder was rested, not canceled"
+    assert [(await desk.order(i))["status"] for i in (good, low)] == ["filled", "new"]
+    assert desk.worker.engine.book(desk.symbol).depth() == ([(8100, 5000)], [])
+    assert await desk.held(stop) == 0
+    await desk.check()
+
+
+async def test_a_waiting_stop_keeps_its_protection_and_day_expiry_through_a_quantity_change(desk: Desk) -> None:
+    """The protection rides on the stop in the engine only: the row stays a price-less stop with the hold price
+    risk gave it, a quantity change keeps both, and a DAY stop still expires while it waits."""
+    desk.clock.now = datetime.now(UTC)  # the order entry stamps the DAY expiry from the real clock
+    stopper = await desk.trader("stopper")
+    stop = await stopper.submit("buy", "0.3", order_type="stop", stop_price="100.00", tif="day")
+    await desk.pump()
+    await stopper.modify(stop, new_qty="0.2")
+    await desk.pump()
+    row = await desk.order(stop)
+    assert (row["type"], row["status"], row["quantity"], row["price"], row["hold_price"]) == (
+        "stop",
+        "new",
+        D("0.2"),
+        None,
+        D("110.00"),
+    )
+    waiting = desk.worker.engine.book(desk.symbol).order(stop)
+    assert waiting is not None and (waiting.price, waiting.stop_price, waiting.qty) == (11000, 10000, 2000)
+    await _restart(desk)
+    assert desk.worker.engine.book(desk.symbol).order(stop) == waiting
+    desk.clock.advance(timedelta(days=1, hours=1))
+    assert await desk.worker.expire_due() == 1
+    assert (await desk.order(stop))["status"] == "expired"
+    assert await desk.held(stop) == 0
     await desk.check()
 
 

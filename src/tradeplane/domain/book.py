@@ -30,6 +30,9 @@ Matching rules (see also the tests, one per rule):
 - stop orders wait in the stop book and trigger on the last trade price (buy when last >= stop, sell when
   last <= stop), on every trade in turn, also at arrival; stops triggered by the same trade enter oldest
   first; a triggered order's trades may trigger further stops (cascade), queued behind;
+- a stop (market) order may carry a ``price``: its protection, the worst price it may trade at once
+  triggered; it walks the book up to that price and whatever is left is canceled (``market_no_liquidity``)
+  whatever its time in force, exactly like a stop without one that runs out of book;
 - self-trade prevention uses the incoming order's mode when it meets a resting order of its own account;
 - a modify that changes the price or raises the quantity re-queues the order at the back (new priority) and,
   if the new price crosses, trades like an incoming order; lowering the quantity keeps priority; lowering it
@@ -157,7 +160,8 @@ class CancelReason(StrEnum):
 class NewOrder:
     """A new order, already past risk.
 
-    ``price`` is the limit (limit, stop-limit), ``stop_price`` the trigger (stop, stop-limit);
+    ``price`` is the limit (limit, stop-limit) or, optionally, a stop's protection price (see the module
+    docstring); ``stop_price`` the trigger (stop, stop-limit);
     ``expire_at_ns`` is required for DAY (the session close) and GTD and refused otherwise.
     """
 
@@ -675,8 +679,8 @@ class OrderBook:
         elif otype is _LIMIT or otype is _STOP_LIMIT:
             if price is None or price <= 0:
                 reason = _R.INVALID_PRICE
-        elif price is not None:
-            reason = _R.INVALID_PRICE  # market and stop orders carry no limit price
+        elif price is not None and (otype is _MARKET or price <= 0):
+            reason = _R.INVALID_PRICE  # a market order carries no price; a stop's is its protection price
         if reason is None:
             if otype is _STOP or otype is _STOP_LIMIT:
                 if cmd.stop_price is None or cmd.stop_price <= 0:
@@ -977,7 +981,7 @@ class OrderBook:
             return
         if stp_stopped:
             out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.STP, leaves))
-        elif o.price is None:
+        elif o.price is None or o.order_type is _STOP:  # a stop's price is a protection, never a resting limit
             out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.MARKET_NO_LIQUIDITY, leaves))
         elif o.tif is _IOC or o.tif is _FOK:
             out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.IOC_REMAINDER, leaves))
@@ -1111,15 +1115,16 @@ class OrderBook:
         return fired
 
     def _execute_triggered(self, o: _Order, seq: int, out: list[Event]) -> None:
-        """A triggered stop acts as a market (stop) or limit (stop-limit) order that is already accepted, so
-        the checks that reject a new order cancel this one instead."""
+        """A triggered stop acts as a market (stop, capped at its protection price if it has one) or limit
+        (stop-limit) order that is already accepted, so the checks that reject a new order cancel this one
+        instead."""
         crosses = (
             bool(self._ask_prices if o.is_buy else self._bid_prices)
             if o.price is None
             else self._would_cross(o.is_buy, o.price)
         )
         if not crosses:
-            if o.price is None:
+            if o.price is None or o.order_type is _STOP:
                 out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.MARKET_NO_LIQUIDITY, o.leaves))
             elif o.tif is _IOC:
                 out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.IOC_REMAINDER, o.leaves))

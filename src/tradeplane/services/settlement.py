@@ -477,7 +477,8 @@ class _Settler:
             info = self.by_id[row.instrument_id]
             m: OrderModified = ev  # type: ignore[assignment]
             row.quantity = info.spec.lots_to_qty(m.qty)
-            if m.price is not None:
+            # A stop's engine price is its protection, not a limit: its row keeps no price and its hold price.
+            if m.price is not None and row.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
                 row.price = info.spec.ticks_to_price(m.price)
                 row.hold_price = row.price
             row.sequence = m.priority

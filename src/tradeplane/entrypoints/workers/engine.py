@@ -49,6 +49,7 @@ from tradeplane.domain.matching import (
     Command,
     Event,
     Expire,
+    InstrumentSpec,
     MatchingEngine,
     Modify,
     NewOrder,
@@ -215,7 +216,7 @@ class EngineWorker:
                 await house_account(conn, "fees", quote)
             rows = await conn.fetch(
                 "SELECT id, account_id, instrument_id, side, type, time_in_force, quantity, filled_quantity,"
-                " price, stop_price, expire_at, post_only, stp_mode, sequence, triggered_at FROM orders"
+                " price, stop_price, hold_price, expire_at, post_only, stp_mode, sequence, triggered_at FROM orders"
                 " WHERE instrument_id = ANY($1::bigint[]) AND status = ANY($2::text[]) AND sequence IS NOT NULL"
                 " ORDER BY sequence",
                 [i.instrument_id for i in mine.values()],
@@ -251,7 +252,6 @@ class EngineWorker:
     def _state_from_row(r: Mapping[str, Any], info: InstrumentInfo) -> OrderState:
         spec = info.spec
         order_type = OrderType(r["type"])
-        price = r["price"]
         stop = r["stop_price"]
         filled = spec.qty_to_lots(r["filled_quantity"].normalize())
         stop_ticks = None if stop is None else spec.price_to_ticks(stop.normalize())
@@ -266,6 +266,9 @@ class EngineWorker:
             triggered = r["triggered_at"] is not None or filled > 0 or crossed
         expire_at = r["expire_at"]
         tif = TimeInForce(r["time_in_force"])
+        # The same price the live engine gave the order (a waiting stop's protection included). A triggered
+        # stop never stays open, so only a stop-limit may come back triggered, and it rests at its own price.
+        price = book_price(order_type, Side(r["side"]), r["price"], None if triggered else r["hold_price"], spec)
         return OrderState(
             order_id=r["id"],
             account_id=r["account_id"],
@@ -273,7 +276,7 @@ class EngineWorker:
             order_type=order_type,
             qty=spec.qty_to_lots(r["quantity"].normalize()),
             filled_qty=filled,
-            price=None if price is None else spec.price_to_ticks(price.normalize()),
+            price=price,
             stop_price=stop_ticks,
             time_in_force=tif,
             expire_at_ns=to_ns(expire_at) if expire_at is not None and tif in _EXPIRING else None,
@@ -499,15 +502,15 @@ class EngineWorker:
 
     @staticmethod
     def _new_order(row: OrderRow, info: InstrumentInfo, seq: int, now_ns: int) -> NewOrder:
-        """A new order from its row. A market order becomes an IOC (FOK) limit at its hold price: the price
-        protection that keeps every fill inside what the api reserved for it."""
+        """A new order from its row, priced by ``book_price``. A market order becomes an IOC (FOK) limit at
+        its protection price; a stop keeps its type (and its DAY/GTD expiry while it waits) and carries the
+        protection as its price, which the book applies once it triggers."""
         spec = info.spec
         tif = TimeInForce(row.time_in_force)
         order_type = row.order_type
-        price = None if row.price is None else spec.price_to_ticks(row.price)
-        if order_type is OrderType.MARKET and row.hold_price is not None:
+        price = book_price(order_type, row.side, row.price, row.hold_price, spec)
+        if order_type is OrderType.MARKET and price is not None:
             order_type = OrderType.LIMIT
-            price = protection_price(row.hold_price, row.side, spec)
             tif = TimeInForce.FOK if tif is TimeInForce.FOK else TimeInForce.IOC
         elif order_type is OrderType.MARKET and tif not in (TimeInForce.IOC, TimeInForce.FOK):
             tif = TimeInForce.IOC
@@ -636,6 +639,18 @@ class EngineWorker:
 
 
 _EXPIRING = (TimeInForce.DAY, TimeInForce.GTD)
+_PROTECTED = (OrderType.MARKET, OrderType.STOP)
+
+
+def book_price(
+    order_type: OrderType, side: Side, price: Decimal | None, hold_price: Decimal | None, spec: InstrumentSpec
+) -> int | None:
+    """The price the book matches an order at, in ticks: a limit's own price, or for a market or stop order its
+    protection price (its hold price on the grid, see ``protection_price``), so that no fill costs more than the
+    api reserved. Both a new order and a rebuilt one are priced here."""
+    if order_type in _PROTECTED and hold_price is not None:
+        return protection_price(hold_price, side, spec)
+    return None if price is None else spec.price_to_ticks(price.normalize())
 
 
 def _optional_decimal(value: object) -> Decimal | None:

@@ -298,6 +298,57 @@ def test_a_sell_stop_triggers_when_the_last_trade_falls_to_its_stop_price(desk: 
     assert trades(events)[-1] == (2, 1, 95, 5)
 
 
+def test_a_stop_with_a_protection_price_trades_up_to_it_and_cancels_the_rest(desk: Desk) -> None:
+    desk.order(1, BUY, 5, 103, order_type=OrderType.STOP, stop_price=101, account=3)  # 103: its protection
+    desk.order(2, SELL, 2, 102, account=2)
+    desk.order(3, SELL, 9, 104, account=2)  # beyond the protection: never touched
+    desk.order(4, SELL, 1, 101, account=2)
+    events = desk.order(5, BUY, 1, 101, account=4)  # last 101: triggers
+    assert [ev.order_id for ev in of(events, StopTriggered)] == [1]
+    assert trades(events)[-1] == (2, 1, 102, 2)
+    assert reasons(events) == [(1, "market_no_liquidity")]  # the remainder never rests at 103
+    assert desk.resting() == [3]
+
+
+def test_a_sell_stop_with_a_protection_price_keeps_its_day_expiry_and_is_capped(desk: Desk) -> None:
+    desk.order(
+        1,
+        SELL,
+        4,
+        97,
+        order_type=OrderType.STOP,
+        stop_price=99,
+        time_in_force=TimeInForce.DAY,
+        expire_at_ns=10_000,
+        account=3,
+    )
+    desk.order(2, BUY, 1, 98, account=2)
+    desk.order(3, BUY, 9, 96, account=2)
+    desk.order(4, BUY, 1, 99, account=2)
+    events = desk.order(5, SELL, 1, 99, account=4)
+    assert [ev.order_id for ev in of(events, StopTriggered)] == [1]
+    assert trades(events)[-1] == (2, 1, 98, 1)
+    assert reasons(events) == [(1, "market_no_liquidity")]
+    assert desk.depth()[0] == [(96, 9)]
+
+
+def test_a_fok_stop_with_a_protection_price_counts_only_liquidity_inside_it(desk: Desk) -> None:
+    desk.order(1, BUY, 5, 102, order_type=OrderType.STOP, stop_price=101, time_in_force=TimeInForce.FOK, account=3)
+    desk.order(2, SELL, 2, 102, account=2)
+    desk.order(3, SELL, 9, 104, account=2)
+    desk.order(4, SELL, 1, 101, account=2)
+    events = desk.order(5, BUY, 1, 101, account=4)
+    assert not of(events, Fill) or all(f.taker_order_id != 1 for f in of(events, Fill))
+    assert reasons(events) == [(1, "fok_unfillable")]
+    assert desk.resting() == [2, 3]
+
+
+def test_a_market_order_may_not_carry_a_price_but_a_stop_may(desk: Desk) -> None:
+    assert reasons(desk.order(1, BUY, 1, 100, order_type=OrderType.MARKET)) == [(1, "invalid_price")]
+    assert reasons(desk.order(2, BUY, 1, 0, order_type=OrderType.STOP, stop_price=101)) == [(2, "invalid_price")]
+    assert reasons(desk.order(3, BUY, 1, 105, order_type=OrderType.STOP, stop_price=101)) == []
+
+
 def test_a_triggered_stop_limit_becomes_a_limit_order_and_rests_its_remainder(desk: Desk) -> None:
     desk.order(1, BUY, 5, 103, order_type=OrderType.STOP_LIMIT, stop_price=101, account=3)
     desk.order(2, SELL, 1, 101, account=2)

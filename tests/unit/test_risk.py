@@ -196,6 +196,16 @@ def test_market_and_stop_orders_hold_at_the_worst_price_of_the_band() -> None:
     assert isinstance(result, Acceptance) and result.reservation.amount == D("71535.75")
 
 
+def test_a_stop_already_through_the_market_holds_around_the_market_not_its_stop() -> None:
+    """It triggers on arrival and trades where the market is (65,000), not around a stop price of 50,000."""
+    buy = OrderTerms(Side.BUY, OrderType.STOP, D("1"), stop_price=D("50000"))
+    sell = OrderTerms(Side.SELL, OrderType.STOP, D("1"), stop_price=D("80000"))
+    assert hold_price_for(buy, BTC, OPEN) == D("71500.00")
+    assert hold_price_for(sell, BTC, OPEN) == D("58500.00")
+    no_market = MarketState(status="open", last_price=None, reference_price=None)
+    assert hold_price_for(buy, BTC, no_market) == D("55000.00")
+
+
 # ---------------------------------------------------------------------------------------------- limits
 
 

@@ -263,11 +263,18 @@ def hold_price_for(terms: OrderTerms, rules: InstrumentRules, market: MarketStat
     """The price an order's hold is computed at: its limit price, else the worst price the band allows.
 
     A market order may trade anywhere in the band around the current centre; a stop order (market once
-    triggered) anywhere in the band around its stop price. None when a market order has no centre at all.
+    triggered) anywhere in the band around its stop price, or around the current centre when the market is
+    already past the stop (the stop then triggers on arrival and trades where the market is). The engine
+    caps a market or stop order's fills at this price. None when a market order has no centre at all.
     """
     if terms.order_type in _PRICED:
         return terms.price
-    centre = terms.stop_price if terms.order_type is OrderType.STOP else market.band_centre
+    centre = market.band_centre
+    if terms.order_type is OrderType.STOP and terms.stop_price is not None:
+        if centre is None:
+            centre = terms.stop_price
+        else:
+            centre = max(centre, terms.stop_price) if terms.side is Side.BUY else min(centre, terms.stop_price)
     if centre is None:
         return None
     low, high = price_band(rules, centre)

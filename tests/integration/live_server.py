@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -21,12 +22,17 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def serving(platform: Platform, app: FastAPI | None = None) -> AsyncIterator[str]:
-    """Serve `app` (default: create_app(platform)) with its lifespan; yields the base URL http://127.0.0.1:port."""
+async def serving(platform: Platform, app: FastAPI | None = None, **config: Any) -> AsyncIterator[str]:
+    """Serve `app` (default: create_app(platform)) with its lifespan; yields the base URL http://127.0.0.1:port.
+
+    `config` goes to uvicorn.Config as is (say, the `ws` protocol class).
+    """
     app = app or create_app(platform)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
+    server_config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on", **config
+    )
+    server = uvicorn.Server(server_config)
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:

@@ -28,6 +28,7 @@ from tests.integration.live_server import serving
 from tradeplane.bootstrap import Platform
 from tradeplane.entrypoints.api.app import create_app
 from tradeplane.entrypoints.api.websocket import WebSocketHub
+from tradeplane.entrypoints.api.ws_protocol import FanoutWebSocketProtocol
 from tradeplane.services import demo
 from tradeplane.services.identity import Role
 
@@ -43,8 +44,16 @@ class Server:
     platform: Platform
 
 
-@pytest.fixture
-async def server(platform: Platform) -> AsyncIterator[Server]:
+# How `tradeplane run api` serves (frames encoded once per message and written straight to idle clients), and
+# uvicorn's default protocol, where every message goes through ASGI `send`: the hub must behave the same on both.
+SERVED_AS = {
+    "prepared_frames": {"ws": FanoutWebSocketProtocol, "ws_per_message_deflate": False},
+    "asgi_send": {},
+}
+
+
+@pytest.fixture(params=sorted(SERVED_AS))
+async def server(platform: Platform, request: pytest.FixtureRequest) -> AsyncIterator[Server]:
     """The real app on a real port, with a small send queue so a slow consumer is quick to provoke."""
     app = create_app(platform)
     hub = WebSocketHub(platform, send_queue_limit=SLOW_TEST_QUEUE_LIMIT)
@@ -52,7 +61,7 @@ async def server(platform: Platform) -> AsyncIterator[Server]:
     async with platform.db.transaction("test.ids") as conn:
         # Users get ids no other concurrently running test database hands out, so tp:user:<id> is ours alone.
         await conn.execute(f"ALTER TABLE users ALTER COLUMN id RESTART WITH {random.randrange(10**9, 2 * 10**9)}")
-    async with serving(platform, app) as base_url:
+    async with serving(platform, app, **SERVED_AS[request.param]) as base_url:
         yield Server(base_url.replace("http://", "ws://") + "/ws", base_url, hub, platform)
 
 
@@ -373,6 +382,37 @@ async def test_book_sends_a_fresh_snapshot_when_updates_have_a_gap(server: Serve
         )
         final = publisher.snapshot()
         assert mirror.levels == {side: {p: q for p, q in final[side]} for side in ("bids", "asks")}
+
+
+async def test_prepared_frames_go_only_to_connections_without_compression(platform: Platform) -> None:
+    """Served as `run api` serves but with compression allowed: a client that negotiates permessage-deflate
+    cannot take a frame encoded once for everyone and gets its messages through ASGI send; a plain client gets
+    the shared frame. Both receive the same messages, in order."""
+    app = create_app(platform)
+    hub = WebSocketHub(platform)
+    app.state.websocket_hub = hub
+    actor = await make_actor(platform, "carol", Role.TRADER)
+    symbol = await make_symbol(platform)
+    async with serving(platform, app, ws=FanoutWebSocketProtocol, ws_per_message_deflate=True) as base_url:
+        url = base_url.replace("http://", "ws://") + "/ws"
+        deflating = await connect(url, compression="deflate")
+        plain = await connect(url, compression=None)
+        try:
+            for ws in (deflating, plain):
+                assert (await request(ws, op="auth", key=actor.key))["event"] == "authenticated"
+                assert (await request(ws, op="subscribe", channel="trades", symbol=symbol))["event"] == "subscribed"
+            by_port = {client.websocket.client.port: client for client in hub.clients if client.websocket.client}
+            assert by_port[deflating.local_address[1]].write_prepared is None
+            assert by_port[plain.local_address[1]].write_prepared is not None
+
+            trades = [{"channel": "trades", "symbol": symbol, "data": {"n": i}} for i in range(30)]
+            for trade in trades:
+                await publish(platform, f"tp:trades:{symbol}", trade)
+            for ws in (deflating, plain):
+                assert [await receive(ws) for _ in trades] == trades
+        finally:
+            await deflating.close()
+            await plain.close()
 
 
 # --- back-pressure and metrics ------------------------------------------------------------------------------

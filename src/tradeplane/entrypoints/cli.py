@@ -195,6 +195,7 @@ async def _serve_api(settings: Settings, platform: Any) -> None:
     import uvicorn
 
     from tradeplane.entrypoints.api.app import create_app
+    from tradeplane.entrypoints.api.ws_protocol import FanoutWebSocketProtocol
 
     config = uvicorn.Config(
         create_app(platform),
@@ -204,6 +205,7 @@ async def _serve_api(settings: Settings, platform: Any) -> None:
         access_log=False,
         lifespan="on",
         ws_per_message_deflate=False,  # compression doubles fan-out latency for small JSON frames
+        ws=FanoutWebSocketProtocol,  # writes a market data frame encoded once to many clients
     )
     server = uvicorn.Server(config)
     await server.serve()

@@ -421,6 +421,103 @@ async def test_bus_feed_stores_published_ticks_and_acks_them(
     assert pipeline.stats.dropped == {"off_tick_grid": 1, "malformed_row": 2}
 
 
+async def publish_quotes(bus: Any, instrument: ListedInstrument, seconds: range) -> None:
+    """One quote per message, at T0 + each of `seconds`: a stored duplicate shows as a repeated ts."""
+    for second in seconds:
+        tick = {"ts": T0 + second * SECOND, "symbol": instrument.symbol, "bid": "99.99", "ask": "100.01"}
+        await bus.publish(
+            md_ticks_stream(instrument.symbol), orjson.dumps(tick), msg_id=f"{instrument.symbol}-{second}"
+        )
+
+
+async def assert_nothing_left_to_deliver(bus: Any, durable: str) -> None:
+    subscription = await bus.subscribe(MD_TICKS_ALL, durable)
+    try:
+        assert await subscription.fetch(10, 1.0) == []
+    finally:
+        await subscription.close()
+
+
+async def test_a_bus_batch_redelivered_after_a_crash_is_stored_once(
+    platform: Platform, pipeline_factory: Any, nats_url: str
+) -> None:
+    """A worker commits a batch and dies before acking it; the next worker must not store it again."""
+    a = await list_instrument(platform, lot="0.5")
+    bus = create_bus(nats_url, namespace=f"md{uuid.uuid4().hex[:8]}")
+    await bus.connect()
+    await bus.setup(1)
+    try:
+        await publish_quotes(bus, a, range(4))
+        crashed = await pipeline_factory([a])
+        feed = BusTickFeed(bus, crashed.validator, {a.symbol: a.lot_size}, committed_offset=crashed.committed_offset)
+        batches = aiter(feed)
+        batch = await anext(batches)
+        assert batch.offset is not None
+        await crashed.submit(batch.ticks, validated=True, offset=batch.offset)  # no on_stored: never acked
+        await crashed.flush()
+        await batches.aclose()  # closing hands the unacked messages straight back to the consumer
+        first_run = len(batch.ticks)
+        assert first_run > 0 and len(await stored_ticks(platform, a)) == first_run
+
+        await publish_quotes(bus, a, range(4, 6))
+        restarted = await pipeline_factory([a])  # a new process: nothing in memory, only what was committed
+        feed = BusTickFeed(
+            bus, restarted.validator, {a.symbol: a.lot_size}, committed_offset=restarted.committed_offset
+        )
+        task = asyncio.create_task(restarted.run_feed(feed, validated=True))
+        try:
+            await until(lambda: restarted.stats.stored >= 6 - first_run)
+            await restarted.flush()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await assert_nothing_left_to_deliver(bus, feed.durable)
+    finally:
+        await bus.destroy(1)
+        await bus.close()
+    rows = await stored_ticks(platform, a)
+    assert [row["ts"] for row in rows] == [datetime.fromtimestamp((T0 + s * SECOND) / 1e9, UTC) for s in range(6)]
+
+
+async def test_a_bus_batch_redelivered_while_its_commit_is_pending_is_stored_once(
+    platform: Platform, pipeline_factory: Any, nats_url: str
+) -> None:
+    """A worker that stalls past the ack wait gets its own batch again while the first copy is still on its
+    way to storage: it must skip the copy, and settle it once the original is committed."""
+    a = await list_instrument(platform, lot="0.5")
+    bus = create_bus(nats_url, namespace=f"md{uuid.uuid4().hex[:8]}", ack_wait=1.0)
+    await bus.connect()
+    await bus.setup(1)
+    pipeline = await pipeline_factory([a])
+    feed = BusTickFeed(bus, pipeline.validator, {a.symbol: a.lot_size}, committed_offset=pipeline.committed_offset)
+
+    async def stalled_first_ack() -> None:
+        first = True
+        async for batch in feed:
+            # The first batch's acks are lost, as if the worker stalled past ack_wait; later ones ack normally.
+            on_stored = None if first else batch.on_stored
+            first = False
+            await pipeline.submit(batch.ticks, validated=True, on_stored=on_stored, offset=batch.offset)
+
+    try:
+        await publish_quotes(bus, a, range(4))
+        task = asyncio.create_task(stalled_first_ack())
+        try:
+            await until(lambda: feed.duplicates >= 4)
+            await publish_quotes(bus, a, range(4, 6))
+            await until(lambda: pipeline.stats.stored >= 6)
+            await pipeline.flush()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await assert_nothing_left_to_deliver(bus, feed.durable)
+    finally:
+        await bus.destroy(1)
+        await bus.close()
+    rows = await stored_ticks(platform, a)
+    assert [row["ts"] for row in rows] == [datetime.fromtimestamp((T0 + s * SECOND) / 1e9, UTC) for s in range(6)]
+
+
 async def test_engine_trades_become_trade_ticks(platform: Platform, pipeline_factory: Any) -> None:
     a = await list_instrument(platform, lot="0.0001")
     pipeline = await pipeline_factory([a])

@@ -22,6 +22,8 @@ Invariants:
   path refuses rows without a partition, and replayed history can be any day.
 - Candles are committed with their ticks, at most ``commit_interval_s`` after the tick was submitted.
 - ``on_stored`` callbacks (bus acks) run after the commit that made their ticks durable, in submit order.
+- A batch's ``ConsumerOffset`` (bus feed) is written to ``engine_offsets`` in the transaction that commits its
+  ticks, never ahead of them: ``committed_offset`` is how far that consumer's stream is durably stored.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from tradeplane.adapters.db.timeseries import (
     ensure_daily_partitions_async,
     storage_kind_async,
 )
-from tradeplane.adapters.feeds import FeedBatch, TickFeed
+from tradeplane.adapters.feeds import ConsumerOffset, FeedBatch, TickFeed
 from tradeplane.adapters.postgres import CONNECTION_ERRORS, Database
 from tradeplane.domain.candles import Candle, CandleAggregator, Timeframe
 from tradeplane.domain.ticks import NS_PER_SECOND, DropReason, Tick, TickValidator
@@ -140,6 +142,7 @@ class _Chunk:
     days: frozenset[date]
     newest: dict[int, int] = field(default_factory=dict)  # instrument index -> newest tick ts in the chunk
     on_stored: OnStored | None = None
+    offset: ConsumerOffset | None = None
 
 
 _CLOSE = object()
@@ -282,12 +285,23 @@ class MarketDataPipeline:
         async for batch in feed:
             self.stats.rows_read += batch.rows_read - read
             read = batch.rows_read
-            await self.submit(batch.ticks, validated=validated, on_stored=getattr(batch, "on_stored", None))
+            await self.submit(
+                batch.ticks,
+                validated=validated,
+                on_stored=getattr(batch, "on_stored", None),
+                offset=getattr(batch, "offset", None),
+            )
 
     async def submit(
-        self, ticks: Sequence[Tick], *, validated: bool = False, on_stored: OnStored | None = None
+        self,
+        ticks: Sequence[Tick],
+        *,
+        validated: bool = False,
+        on_stored: OnStored | None = None,
+        offset: ConsumerOffset | None = None,
     ) -> None:
-        """Queue ``ticks`` for storage (waits while the queue is full). ``on_stored`` runs after their commit."""
+        """Queue ``ticks`` for storage (waits while the queue is full). ``on_stored`` runs after their commit;
+        ``offset`` is recorded in the same transaction as their last chunk."""
         self._raise_if_failed()
         # Feeds submit concurrently: chunks must reach the queue in the order they were aggregated, because
         # each carries the aggregator's cumulative candles as of that chunk.
@@ -301,9 +315,15 @@ class MarketDataPipeline:
                 chunk = await self._prepare(accepted)
                 if start + self.chunk_rows >= len(ticks):
                     chunk.on_stored, on_stored = on_stored, None
+                    chunk.offset, offset = offset, None
                 await self._put(chunk)
-            if on_stored is not None:  # nothing to store in the last part: settle after what is queued
-                await self._put(_Chunk(b"", 0, [], {}, [], frozenset(), on_stored=on_stored))
+            if on_stored is not None or offset is not None:  # nothing to store in the last part
+                await self._put(_Chunk(b"", 0, [], {}, [], frozenset(), on_stored=on_stored, offset=offset))
+
+    async def committed_offset(self, consumer: str) -> int:
+        """The last bus sequence of ``consumer`` whose ticks are committed (0 if none): see ConsumerOffset."""
+        async with self.db.connection("marketdata.offset") as conn:
+            return await sql.consumer_offset(conn, consumer)
 
     async def flush(self) -> None:
         """Wait until every submitted tick is committed (or the writer failed: then raise)."""
@@ -571,6 +591,7 @@ class MarketDataPipeline:
                     returned = await sql.upsert_candles(conn, writes)
                     spreads = [row for chunk in chunks for row in chunk.spreads]
                     await sql.insert_spreads(conn, spreads)
+                    await sql.record_consumer_offsets(conn, _highest_offsets(chunks))
                 break
             except _RETRYABLE as exc:
                 if loop.time() - started > self.retry_for_s:
@@ -744,6 +765,14 @@ class MarketDataPipeline:
             await pipe.execute()
         except REDIS_ERRORS as exc:
             raise InfrastructureUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+def _highest_offsets(chunks: Sequence[_Chunk]) -> dict[str, int]:
+    offsets: dict[str, int] = {}
+    for chunk in chunks:
+        if chunk.offset is not None and chunk.offset.sequence > offsets.get(chunk.offset.consumer, 0):
+            offsets[chunk.offset.consumer] = chunk.offset.sequence
+    return offsets
 
 
 @dataclass(frozen=True, slots=True)

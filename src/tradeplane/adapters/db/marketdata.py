@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -403,6 +403,28 @@ async def insert_depth_snapshots(
             " VALUES ($1, $2, $3::jsonb, $4::jsonb, $5)",
             rows,
         )
+
+
+# ------------------------------------------------------------------------------------- bus offsets
+
+
+async def record_consumer_offsets(conn: asyncpg.Connection, offsets: Mapping[str, int]) -> None:
+    """Raise each consumer's ``engine_offsets`` row to ``offsets[consumer]`` (never lower it), in the caller's
+    transaction: the ticks and the mark of how far their stream was stored commit or roll back together."""
+    if offsets:
+        await conn.executemany(
+            "INSERT INTO engine_offsets (consumer, last_sequence, updated_at) VALUES ($1, $2, now())"
+            " ON CONFLICT (consumer) DO UPDATE SET"
+            " last_sequence = greatest(engine_offsets.last_sequence, EXCLUDED.last_sequence),"
+            " updated_at = EXCLUDED.updated_at",
+            list(offsets.items()),
+        )
+
+
+async def consumer_offset(conn: asyncpg.Connection, consumer: str) -> int:
+    """The last bus sequence ``consumer`` committed, 0 if none."""
+    value = await conn.fetchval("SELECT last_sequence FROM engine_offsets WHERE consumer = $1", consumer)
+    return int(value) if value is not None else 0
 
 
 # ---------------------------------------------------------------------------------------- read side

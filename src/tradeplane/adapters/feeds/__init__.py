@@ -29,10 +29,22 @@ class FeedBatch:
     rows_read: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerOffset:
+    """How far a feed's bus consumer got: every message up to ``sequence`` is in this batch or stored before it.
+
+    The pipeline records it in the transaction that commits the batch's ticks, so after a crash the feed
+    knows exactly which redelivered messages are already stored.
+    """
+
+    consumer: str
+    sequence: int
+
+
 class TickFeed(Protocol):
     """Anything that yields batches of ticks asynchronously."""
 
     def __aiter__(self) -> AsyncIterator[FeedBatch]: ...
 
 
-__all__ = ["FeedBatch", "TickFeed"]
+__all__ = ["ConsumerOffset", "FeedBatch", "TickFeed"]

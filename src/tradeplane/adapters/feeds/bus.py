@@ -12,9 +12,19 @@ sizes and volume are quantities in the instrument's units, whole multiples of it
 fields are an absent side (prices) or 0 (quantities). Every row goes through the ``TickValidator``; a
 message that is not JSON, or a row that is not an object, is one ``malformed_row`` drop. Nothing raises.
 
-Delivery is at least once: a batch's messages are acked by ``on_stored`` after the ticks are committed,
-so a crash redelivers them (ticks have no key, so a redelivered batch is stored twice: publishers that
-need exactly once should de-duplicate on their side by ``msg_id``, which JetStream honours).
+Delivery: a batch's messages are acked by ``on_stored`` after the ticks are committed, so a crash
+redelivers them. Ticks have no key, so the feed itself keeps a redelivered message from being stored twice
+when it is given ``committed_offset`` (the worker does on NATS): each batch carries a ``ConsumerOffset``, the
+highest stream sequence in it, which the pipeline writes in the transaction that commits the batch's ticks.
+A delivery at or below the higher of that stored offset and the highest sequence already handed to the
+pipeline (``FeedPosition``, kept across restarts of the feed in one process) is already stored or on its
+way: it is not parsed again, only acked after the batch it arrived in commits (so after its original).
+
+That rule needs stream sequences that grow in delivery order, each message delivered to this one consumer:
+JetStream's stream sequence, with the durable consumer restarted after the stored offset whenever the feed
+starts (``subscribe(start_after=...)``), read by one market data worker (like one engine per shard).
+RabbitMQ's sequences come from each publisher's clock, so there the feed stays at least once; ``msg_id``
+de-duplication at publish time (JetStream's ``Nats-Msg-Id``) covers a publisher's own retries.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from tradeplane.adapters.bus import MD_TICKS_ALL, Delivery, MessageBus
-from tradeplane.adapters.feeds import FeedBatch
+from tradeplane.adapters.feeds import ConsumerOffset, FeedBatch
 from tradeplane.adapters.feeds.replay import MalformedValue, parse_ts_ns
 from tradeplane.domain.ticks import DropReason, Tick, TickValidator
 
@@ -36,6 +46,15 @@ class SettledBatch(FeedBatch):
     """A feed batch whose source messages are settled by ``on_stored`` once the ticks are committed."""
 
     on_stored: Callable[[], Awaitable[None]] | None = None
+    offset: ConsumerOffset | None = None
+
+
+@dataclass(slots=True)
+class FeedPosition:
+    """The highest stream sequence a bus feed handed to the pipeline (stored, or queued to be): shared by the
+    successive feeds the worker starts after failures, since the pipeline outlives them."""
+
+    through: int = 0
 
 
 def _price(value: object) -> Decimal | None:
@@ -128,26 +147,53 @@ class BusTickFeed:
         durable: str = "marketdata",
         batch: int = 500,
         fetch_timeout: float = 0.5,
+        committed_offset: Callable[[str], Awaitable[int]] | None = None,
+        position: FeedPosition | None = None,
     ) -> None:
+        """``committed_offset(consumer)``: the stored ConsumerOffset (``MarketDataPipeline.committed_offset``);
+        without it redelivered messages are stored again (see the module docstring)."""
         self.bus = bus
         self.validator = validator
         self.lot_sizes = dict(lot_sizes)
         self.durable = durable
         self.batch = batch
         self.fetch_timeout = fetch_timeout
+        self.committed_offset = committed_offset
+        self.position = position if position is not None else FeedPosition()
+        self.consumer = f"marketdata.bus.{durable}"
         self.rows_read = 0
+        self.duplicates = 0
 
     async def __aiter__(self) -> AsyncIterator[SettledBatch]:
-        subscription = await self.bus.subscribe(MD_TICKS_ALL, self.durable)
+        deduplicate = self.committed_offset is not None
+        if self.committed_offset is None:
+            subscription = await self.bus.subscribe(MD_TICKS_ALL, self.durable)
+        else:
+            stored = await self.committed_offset(self.consumer)
+            self.position.through = max(self.position.through, stored)
+            # Everything after the stored offset again, in stream order: a crashed worker's unacked messages
+            # cannot come back behind later ones, which the sequence rule below would take for duplicates.
+            subscription = await self.bus.subscribe(MD_TICKS_ALL, self.durable, start_after=stored)
         try:
             while True:
                 deliveries = await subscription.fetch(self.batch, self.fetch_timeout)
                 if not deliveries:
                     continue
                 ticks: list[Tick] = []
+                through = self.position.through
+                newest = 0
                 for delivery in deliveries:
+                    sequence = delivery.sequence
+                    if deduplicate and sequence > 0:
+                        if sequence <= through:
+                            self.duplicates += 1
+                            continue
+                        through = newest = sequence  # also skips a second copy within this fetch
                     self.rows_read += parse_tick_message(delivery.data, self.validator, self.lot_sizes, ticks)
-                yield SettledBatch(ticks, self.rows_read, on_stored=_acker(deliveries))
+                offset = ConsumerOffset(self.consumer, newest) if newest else None
+                yield SettledBatch(ticks, self.rows_read, on_stored=_acker(deliveries), offset=offset)
+                # Resumed only once the pipeline has queued the batch: now it counts as handed over.
+                self.position.through = max(self.position.through, newest)
         finally:
             await subscription.close()
 

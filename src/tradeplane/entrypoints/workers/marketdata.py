@@ -2,9 +2,9 @@
 
 Runs until ``stop`` is set:
 
-- feeds: external publishers on the bus (``md.ticks.>``), the engine's own trades (Redis
-  ``tp:trades:*``) and, when ``simulate_rate`` is given, a simulated random walk over the listed
-  instruments at that many ticks per second;
+- feeds: external publishers on the bus (``md.ticks.>``, a redelivered message stored once on NATS), the
+  engine's own trades (Redis ``tp:trades:*``) and, when ``simulate_rate`` is given, a simulated random walk
+  over the listed instruments at that many ticks per second;
 - L2 depth snapshots: every ``depth_interval_s`` the engine's ``tp:book:<symbol>:snapshot`` of each symbol
   whose book changed (its ``seq`` moved) is stored in ``depth_snapshots``;
 - partitions ahead (today and tomorrow) and retention (``md_retention_days``, archive to
@@ -33,7 +33,7 @@ from tradeplane.adapters.cache import REDIS_ERRORS
 from tradeplane.adapters.db import marketdata as sql
 from tradeplane.adapters.db.marketdata import ListedInstrument
 from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
-from tradeplane.adapters.feeds.bus import BusTickFeed
+from tradeplane.adapters.feeds.bus import BusTickFeed, FeedPosition
 from tradeplane.adapters.feeds.engine_trades import EngineTradesFeed
 from tradeplane.adapters.feeds.simulated import SimulatedFeed, SimulatedInstrument
 from tradeplane.bootstrap import Platform
@@ -141,9 +141,22 @@ async def run_marketdata(
         tasks.append(asyncio.create_task(forever(), name=f"marketdata-{name}"))
 
     if bus_feed:
+        # JetStream's stream sequences let the feed skip redelivered messages whose ticks are already stored
+        # (adapters.feeds.bus); RabbitMQ's do not, so there redelivery stays at least once.
+        exactly_once = platform.bus.kind == "nats"
+        position = FeedPosition()  # outlives each restarted feed, like the pipeline holding its ticks
         supervise(
             "bus feed",
-            lambda: pipeline.run_feed(BusTickFeed(platform.bus, pipeline.validator, lot_sizes), validated=True),
+            lambda: pipeline.run_feed(
+                BusTickFeed(
+                    platform.bus,
+                    pipeline.validator,
+                    lot_sizes,
+                    committed_offset=pipeline.committed_offset if exactly_once else None,
+                    position=position,
+                ),
+                validated=True,
+            ),
         )
     if engine_trades:
         supervise(

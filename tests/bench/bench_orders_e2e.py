@@ -12,7 +12,8 @@ taker buys 1 @ 190.00, so every pair trades):
    latency (POST sent -> the taker's fill report received on a WebSocket subscribed to `fills`);
 2. ``GET /api/v1/accounts/{id}`` latency, 2,000 sequential requests;
 3. sustained closed-loop throughput with --concurrency clients: orders placed, matched and persisted per
-   second (until the last order of the run is filled in PostgreSQL).
+   second (until the last order of the run is filled in PostgreSQL), and the CPU each process spent per order
+   (api, relay, engine, PostgreSQL with its backends, NATS, Redis, this generator): where the 2 cores go.
 
 The load generator runs on the same 2-core machine as the platform, so it competes with it for CPU. This is a
 benchmark, not a test: it prints figures and a one-line JSON summary and asserts nothing about time.
@@ -33,12 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 import websockets
 from lean_http import LeanHTTPConnection  # type: ignore[import-not-found]
 
@@ -217,9 +220,43 @@ async def account_reads(base: str, pairs: list[dict[str, Any]], n: int = 2000) -
     return summary("GET /accounts/{id}", latencies)
 
 
+def cpu_seconds(data_dir: Path, workers: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) so far of every process of the run, by role: the platform's processes, the
+    embedded servers (PostgreSQL with all its backends) and this load generator."""
+    roles: dict[int, str] = {pid: role for role, pid in workers.items()}
+    roles[os.getpid()] = "load generator"
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(data_dir) not in cmdline:
+            continue
+        name = proc.info["name"] or ""
+        if "postgres" in name:
+            roles[proc.pid] = "postgres"
+            for child in proc.children():
+                roles[child.pid] = "postgres"
+        elif "nats" in name:
+            roles[proc.pid] = "nats"
+        elif "redis" in name:
+            roles[proc.pid] = "redis"
+    totals: dict[str, float] = {}
+    for pid, role in roles.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        totals[role] = totals.get(role, 0.0) + times.user + times.system
+    return totals
+
+
 async def sustained(
-    base: str, database_url: str, pairs: list[dict[str, Any]], concurrency: int, seconds: float
+    base: str,
+    database_url: str,
+    pairs: list[dict[str, Any]],
+    concurrency: int,
+    seconds: float,
+    cpu: Callable[[], dict[str, float]],
 ) -> dict[str, Any]:
+    cpu_before = cpu()
     conn = await asyncpg.connect(database_url)
     filled_before = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'")
     placed = 0
@@ -251,12 +288,18 @@ async def sustained(
     done_s = time.perf_counter() - start
     filled = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'") - filled_before
     await conn.close()
+    cpu_after = cpu()
+    per_order = {role: round((cpu_after[role] - cpu_before.get(role, 0.0)) * 1000 / filled, 3) for role in cpu_after}
+    busy = sum(cpu_after.values()) - sum(cpu_before.values())
+    print(f"  CPU per order (ms): {per_order}")
+    print(f"  machine busy: {busy / done_s / (os.cpu_count() or 1):.0%} of {os.cpu_count()} cpus over the run")
     result = {
         "concurrency": concurrency,
         "placed": placed,
         "filled": filled,
         "placed_per_s": round(placed / placing_s),
         "placed_matched_persisted_per_s": round(filled / done_s),
+        "cpu_ms_per_order": per_order,
     }
     print(
         f"sustained: {placed} orders placed in {placing_s:.1f} s ({result['placed_per_s']}/s); "
@@ -313,7 +356,9 @@ def main() -> None:
         results: dict[str, Any] = {"benchmark": "orders_e2e", "machine": f"{host.machine()} {os.cpu_count()} cpus"}
         results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds))
         results["account_reads"] = asyncio.run(account_reads(base, parts))
-        results["sustained"] = asyncio.run(sustained(base, database_url, parts, args.concurrency, args.seconds))
+        workers = {name: process.pid for name, process in zip(("api", "relay", "engine"), processes, strict=True)}
+        cpu = lambda: cpu_seconds(data_dir, workers)  # noqa: E731
+        results["sustained"] = asyncio.run(sustained(base, database_url, parts, args.concurrency, args.seconds, cpu))
         print(json.dumps(results))
     except BaseException:
         log.flush()

@@ -188,8 +188,13 @@ async def publish(redis_url: str, ticks: int, rate: float) -> None:
     await redis.aclose()
 
 
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and its children (the workers of `run api --workers N`)."""
+    root = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+
+
 def measure(args: argparse.Namespace, port: int, redis_url: str, key: str, api_pid: int) -> dict[str, object]:
-    api = psutil.Process(api_pid)
     delays: list[int] = []
     generator_cpu = 0.0
     if args.client == "websockets":
@@ -197,12 +202,12 @@ def measure(args: argparse.Namespace, port: int, redis_url: str, key: str, api_p
         async def run() -> float:
             readers = await websockets_subscribers(port, key, args.subscribers, args.ticks, delays)
             await asyncio.sleep(0.5)
-            cpu, api_cpu = time.process_time(), sum(api.cpu_times()[:2])
+            cpu, api_cpu = time.process_time(), process_tree_cpu(api_pid)
             await publish(redis_url, args.ticks, args.rate)
             await asyncio.wait_for(asyncio.gather(*readers), 60)
             nonlocal generator_cpu
             generator_cpu = time.process_time() - cpu
-            return sum(api.cpu_times()[:2]) - api_cpu
+            return process_tree_cpu(api_pid) - api_cpu
 
         api_cpu = asyncio.run(run())
     else:
@@ -221,7 +226,7 @@ def measure(args: argparse.Namespace, port: int, redis_url: str, key: str, api_p
             if not parent.poll(120) or parent.recv() != "ready":
                 raise RuntimeError("a generator process failed to connect its clients")
         time.sleep(0.5)
-        api_cpu_start, cpu = sum(api.cpu_times()[:2]), time.process_time()
+        api_cpu_start, cpu = process_tree_cpu(api_pid), time.process_time()
         uvloop.run(publish(redis_url, args.ticks, args.rate))
         generator_cpu = time.process_time() - cpu
         for process, parent in workers:
@@ -231,7 +236,7 @@ def measure(args: argparse.Namespace, port: int, redis_url: str, key: str, api_p
             delays.extend(share_delays)
             generator_cpu += cpu
             process.join(10)
-        api_cpu = sum(api.cpu_times()[:2]) - api_cpu_start
+        api_cpu = process_tree_cpu(api_pid) - api_cpu_start
     delays.sort()
 
     def q(p: float) -> float:
@@ -241,6 +246,7 @@ def measure(args: argparse.Namespace, port: int, redis_url: str, key: str, api_p
         "benchmark": "ws_fanout",
         "client": args.client,
         "client_procs": 1 if args.client == "websockets" else args.client_procs,
+        "api_workers": args.api_workers,
         "subscribers": args.subscribers,
         "ticks": args.ticks,
         "messages": len(delays),
@@ -266,6 +272,9 @@ def main() -> None:
         "websockets: the websockets library's client, every subscriber in this one process",
     )
     parser.add_argument("--client-procs", type=int, default=2, help="generator processes for --client lean")
+    parser.add_argument(
+        "--api-workers", type=int, default=1, help="API processes sharing the port (`run api --workers N`)"
+    )
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="tpws"))
@@ -291,7 +300,9 @@ def main() -> None:
         TRADEPLANE_API_PORT=str(port),
         TRADEPLANE_LOG_LEVEL="WARNING",
     )
-    api = subprocess.Popen([sys.executable, "-m", "tradeplane.entrypoints.cli", "run", "api"], env=env)
+    api = subprocess.Popen(
+        [sys.executable, "-m", "tradeplane.entrypoints.cli", "run", "api", "--workers", str(args.api_workers)], env=env
+    )
     try:
         for _ in range(300):
             try:

@@ -166,3 +166,41 @@ def test_up_serves_stops_cleanly_and_keeps_data(data_dir: Path) -> None:
         process.send_signal(signal.SIGINT)  # Ctrl-C
     process.wait(timeout=60)
     assert data_dir_processes(data_dir) == [], "embedded servers left running after Ctrl-C"
+
+
+def test_api_workers_share_one_port_and_stop_together(stack: EmbeddedStack, data_dir: Path) -> None:
+    urls = stack.start_all()
+    port = free_port()
+    env = clean_env(
+        TRADEPLANE_DATABASE_URL=urls["database_url"],
+        TRADEPLANE_REDIS_URL=urls["redis_url"],
+        TRADEPLANE_BUS_URL=urls["bus_url"],
+        TRADEPLANE_API_PORT=str(port),
+    )
+    subprocess.run([*CLI, "setup"], env=env, capture_output=True, text=True, timeout=120, check=True)
+    log = (data_dir / "api.log").open("w")
+    parent = subprocess.Popen([*CLI, "run", "api", "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    clients = [httpx.Client(base_url=base) for _ in range(24)]
+    try:
+        eventually(lambda: status(f"{base}/health") == 200, what="API start")
+        workers = psutil.Process(parent.pid).children()
+        assert len(workers) == 2
+        for client in clients:  # 24 keep-alive connections: the kernel hands them to both workers
+            assert client.get("/health").status_code == 200
+
+        def serving(worker: psutil.Process) -> int:
+            return sum(1 for c in worker.net_connections("tcp") if c.laddr.port == port and c.raddr)
+
+        assert all(serving(worker) > 0 for worker in workers), [serving(w) for w in workers]
+
+        second = subprocess.run([*CLI, "run", "api", "--workers", "2"], env=env, capture_output=True, text=True)
+        assert second.returncode == 1
+        assert f"could not listen on 127.0.0.1:{port}" in second.stderr
+    finally:
+        for client in clients:
+            client.close()
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 0
+        log.close()
+    assert not any(worker.is_running() for worker in workers)

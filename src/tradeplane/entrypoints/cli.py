@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -191,7 +193,27 @@ def _print_banner(settings: Settings, demo_key: str | None) -> None:
     out.print("Press Ctrl-C to stop.")
 
 
-async def _serve_api(settings: Settings, platform: Any) -> None:
+def _listening_socket(host: str, port: int, *, shared: bool = True) -> socket.socket:
+    """A listening socket; `shared`: other `run api` workers may bind it too (SO_REUSEPORT), and the kernel
+    spreads connections over them. An unshared bind fails while anyone else listens on the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise TradeplaneError(
+            f"the API could not listen on {host}:{port} ({exc.strerror}); set TRADEPLANE_API_PORT to a free port"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+async def _serve_api(settings: Settings, platform: Any, *, reuse_port: bool = False) -> None:
     import uvicorn
 
     from tradeplane.entrypoints.api.app import create_app
@@ -208,7 +230,8 @@ async def _serve_api(settings: Settings, platform: Any) -> None:
         ws=FanoutWebSocketProtocol,  # writes a market data frame encoded once to many clients
     )
     server = uvicorn.Server(config)
-    await server.serve()
+    sockets = [_listening_socket(settings.api_host, settings.api_port)] if reuse_port else None
+    await server.serve(sockets=sockets)
     if not server.started:
         raise TradeplaneError(
             f"the API could not listen on {settings.api_host}:{settings.api_port}; "
@@ -217,7 +240,17 @@ async def _serve_api(settings: Settings, platform: Any) -> None:
 
 
 @run_app.command("api")
-def run_api() -> None:
+def run_api(
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="API processes sharing the port (SO_REUSEPORT; the kernel spreads connections). Each keeps its"
+            " own /metrics, so scrape them separately or run one per port behind a load balancer.",
+        ),
+    ] = 1,
+    reuse_port: Annotated[bool, typer.Option(hidden=True, help="Bind with SO_REUSEPORT (set for workers).")] = False,
+) -> None:
     """Serve the REST/WebSocket API (any number of replicas may run behind a load balancer)."""
     settings = load_settings()
     configure_logging("api", settings.log_level)
@@ -228,12 +261,51 @@ def run_api() -> None:
         platform = build_platform(settings)
         await platform.start()
         try:
-            await _serve_api(settings, platform)
+            await _serve_api(settings, platform, reuse_port=reuse_port)
         finally:
             await platform.stop()
 
     with servers("database_url", "redis_url", "bus_url") as settings:
-        asyncio.run(main(settings))
+        if workers == 1:
+            asyncio.run(main(settings))
+        else:
+            _run_api_workers(settings, workers)
+
+
+def _run_api_workers(settings: Settings, workers: int) -> None:
+    """Start `workers` single-process `run api` children on the same port and wait; stop them all on
+    SIGTERM/Ctrl-C or when one of them dies."""
+    # The children use the servers this process resolved (embedded ones included) and refuse nothing new.
+    _listening_socket(settings.api_host, settings.api_port, shared=False).close()  # a taken port fails here
+    database_url, redis_url, bus_url = settings.require_urls()
+    env = {
+        **os.environ,
+        "TRADEPLANE_DATABASE_URL": str(database_url),
+        "TRADEPLANE_REDIS_URL": str(redis_url),
+        "TRADEPLANE_BUS_URL": str(bus_url),
+    }
+    command = [sys.executable, "-m", "tradeplane.entrypoints.cli", "run", "api", "--reuse-port"]
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    out.print(f"API on http://{settings.api_host}:{settings.api_port} with {workers} worker processes")
+    exit_code = 0
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.2)
+        exit_code = next(child.returncode for child in children if child.returncode is not None)
+        err.print(f"an API worker exited with status {exit_code}; stopping the others")
+    except (KeyboardInterrupt, Terminated):
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    if exit_code:
+        raise typer.Exit(1)
 
 
 @run_app.command("relay")

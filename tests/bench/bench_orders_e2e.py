@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform as host
@@ -224,6 +225,9 @@ def cpu_seconds(data_dir: Path, workers: dict[str, int]) -> dict[str, float]:
     """CPU time (user + system) so far of every process of the run, by role: the platform's processes, the
     embedded servers (PostgreSQL with all its backends) and this load generator."""
     roles: dict[int, str] = {pid: role for role, pid in workers.items()}
+    for role, pid in workers.items():  # `run api --workers N` serves from its children
+        with contextlib.suppress(psutil.NoSuchProcess):
+            roles.update((child.pid, role) for child in psutil.Process(pid).children(recursive=True))
     roles[os.getpid()] = "load generator"
     for proc in psutil.process_iter(["cmdline", "name"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
@@ -314,6 +318,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=16, help="maker/taker account pairs")
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes (`run api --workers N`)")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="tpbench"))
@@ -337,8 +342,8 @@ def main() -> None:
     subprocess.run([*cli, "setup"], env=env, check=True, capture_output=True)
     log = (data_dir / "platform.log").open("w")
     processes = [
-        subprocess.Popen([*cli, "run", worker], env=env, stdout=log, stderr=subprocess.STDOUT)
-        for worker in ("api", "relay", "engine")
+        subprocess.Popen([*cli, "run", *worker], env=env, stdout=log, stderr=subprocess.STDOUT)
+        for worker in (["api", "--workers", str(args.api_workers)], ["relay"], ["engine"])
     ]
     try:
         print(f"starting the platform in {data_dir} ...", flush=True)

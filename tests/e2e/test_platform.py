@@ -69,20 +69,26 @@ def stack(data_dir: Path) -> Iterator[EmbeddedStack]:
     stack.stop()
 
 
-@pytest.fixture
-def api(stack: EmbeddedStack, data_dir: Path) -> Iterator[str]:
-    """`tradeplane setup` then `tradeplane run api` against the stack's servers."""
+def set_up_stack(stack: EmbeddedStack, port: int, **extra: str) -> dict[str, str]:
+    """`tradeplane setup` against the stack's servers; returns the environment for commands that use them."""
     urls = stack.start_all()
-    port = free_port()
     env = clean_env(
         TRADEPLANE_DATABASE_URL=urls["database_url"],
         TRADEPLANE_REDIS_URL=urls["redis_url"],
         TRADEPLANE_BUS_URL=urls["bus_url"],
         TRADEPLANE_API_PORT=str(port),
-        TRADEPLANE_CONNECT_TIMEOUT_S="1",
+        **extra,
     )
     setup = subprocess.run([*CLI, "setup"], env=env, capture_output=True, text=True, timeout=120)
     assert setup.returncode == 0, setup.stderr
+    return env
+
+
+@pytest.fixture
+def api(stack: EmbeddedStack, data_dir: Path) -> Iterator[str]:
+    """`tradeplane setup` then `tradeplane run api` against the stack's servers."""
+    port = free_port()
+    env = set_up_stack(stack, port, TRADEPLANE_CONNECT_TIMEOUT_S="1")
     log = (data_dir / "api.log").open("w")
     process = subprocess.Popen([*CLI, "run", "api"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -169,15 +175,8 @@ def test_up_serves_stops_cleanly_and_keeps_data(data_dir: Path) -> None:
 
 
 def test_api_workers_share_one_port_and_stop_together(stack: EmbeddedStack, data_dir: Path) -> None:
-    urls = stack.start_all()
     port = free_port()
-    env = clean_env(
-        TRADEPLANE_DATABASE_URL=urls["database_url"],
-        TRADEPLANE_REDIS_URL=urls["redis_url"],
-        TRADEPLANE_BUS_URL=urls["bus_url"],
-        TRADEPLANE_API_PORT=str(port),
-    )
-    subprocess.run([*CLI, "setup"], env=env, capture_output=True, text=True, timeout=120, check=True)
+    env = set_up_stack(stack, port)
     log = (data_dir / "api.log").open("w")
     parent = subprocess.Popen([*CLI, "run", "api", "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

@@ -1,6 +1,7 @@
 """The market data pipeline against real PostgreSQL, Redis and the bus: what is stored, what is refused,
 candles equal to an independent pandas computation (read back through the REST API), restart merging,
-quotes and pub/sub in Redis, the bus and engine-trade feeds, depth snapshots and retention with archive.
+quotes and pub/sub in Redis, the bus feed, depth snapshots and retention with archive (the engine's trades
+and books as market data: test_engine_marketdata.py).
 
 Every test lists its own instruments with fresh symbols, so Redis keys and channels never collide with
 another test session sharing the server.
@@ -32,7 +33,6 @@ from tests.integration.conftest import Actor, make_actor
 from tradeplane.adapters.bus import MD_TICKS_ALL, create_bus, md_ticks_stream
 from tradeplane.adapters.db.marketdata import ListedInstrument
 from tradeplane.adapters.feeds.bus import BusTickFeed
-from tradeplane.adapters.feeds.engine_trades import EngineTradesFeed
 from tradeplane.adapters.feeds.replay import ReplayFeed, write_csv
 from tradeplane.adapters.feeds.simulated import SimulatedFeed, SimulatedInstrument
 from tradeplane.bootstrap import Platform
@@ -516,31 +516,6 @@ async def test_a_bus_batch_redelivered_while_its_commit_is_pending_is_stored_onc
         await bus.close()
     rows = await stored_ticks(platform, a)
     assert [row["ts"] for row in rows] == [datetime.fromtimestamp((T0 + s * SECOND) / 1e9, UTC) for s in range(6)]
-
-
-async def test_engine_trades_become_trade_ticks(platform: Platform, pipeline_factory: Any) -> None:
-    a = await list_instrument(platform, lot="0.0001")
-    pipeline = await pipeline_factory([a])
-    feed = EngineTradesFeed(platform.cache.client, pipeline.validator, {a.symbol: a.lot_size})
-    task = asyncio.create_task(pipeline.run_feed(feed, validated=True))
-    try:
-        async with asyncio.timeout(WAIT_S):
-            await feed.subscribed.wait()
-        for n, (price, qty) in enumerate([("101.25", "0.5"), ("101.30", "0.0002")]):
-            trade = {"trade_id": f"t{n}", "price": price, "qty": qty, "aggressor_side": "buy",
-                     "ts": f"2024-03-05T22:30:0{n}+00:00"}  # fmt: skip
-            envelope = {"channel": "trades", "symbol": a.symbol, "data": trade}
-            await platform.cache.client.publish(f"tp:trades:{a.symbol}", orjson.dumps(envelope))
-        await until(lambda: pipeline.stats.stored >= 2)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    rows = await stored_ticks(platform, a)
-    assert [(r["bid"], r["ask"], r["last"], r["volume"]) for r in rows] == [
-        (None, None, Decimal("101.25"), Decimal("0.5")),
-        (None, None, Decimal("101.30"), Decimal("0.0002")),
-    ]
-    assert await platform.cache.client.get(f"price:{a.symbol}") == b"101.3"
 
 
 async def test_depth_snapshots_are_stored_when_the_book_changed(platform: Platform) -> None:

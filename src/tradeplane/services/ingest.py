@@ -9,6 +9,11 @@ Data flow and who owns what::
     publisher task: latest quote per symbol -> Redis market_data:{symbol} (TTL 5 s), price:{symbol},
       PUBLISH tp:quotes:<symbol>; committed candles -> PUBLISH tp:candles:<tf>:<symbol> (conflated)
 
+Quote sides come from external feeds' bid/ask. A symbol that has had none for ``external_quote_s`` (the quote
+TTL, 5 s: it trades only on our engine, or its feed stopped) is quoted from the engine's book instead
+(``note_engine_book``: best bid/ask and their sizes), with the last trade as usual; ``refresh_book_quotes``
+re-writes those keys with their TTL so a quiet book's quote does not expire while it is still true.
+
 Pipelining: the writer streams a chunk to PostgreSQL while the producer validates, aggregates and encodes
 the next one, so the server's insert work and our Python work overlap on the two cores. The queue is bounded
 (``queue_chunks``): a feed faster than the database waits in ``submit`` instead of growing memory.
@@ -130,6 +135,19 @@ class _Quote:
     quote_ts_ns: int = -1
     last: int | None = None
     last_ts_ns: int = -1
+    external_seen: float = -1e18  # time.monotonic() of the last external bid/ask
+
+
+@dataclass(frozen=True, slots=True)
+class _BookTop:
+    """Top of the engine's book of one instrument (ticks/lots), its snapshot sequence and when it changed."""
+
+    seq: int
+    bid: int | None
+    bid_size: int
+    ask: int | None
+    ask_size: int
+    ts_ns: int
 
 
 @dataclass(slots=True)
@@ -171,7 +189,10 @@ class MarketDataPipeline:
         candles: bool | None = None,
         retry_for_s: float = 60.0,
         drop_log_interval_s: float = 10.0,
+        external_quote_s: float = TTL_MARKET_DATA,
     ) -> None:
+        """``external_quote_s``: how long after its last external bid/ask a symbol stays quoted by that feed
+        rather than by the engine's book."""
         if not instruments:
             raise ValueError("the market data pipeline needs at least one instrument")
         self.db = db
@@ -189,6 +210,7 @@ class MarketDataPipeline:
         self.spread_interval_ns = spread_interval_ns
         self.retry_for_s = retry_for_s
         self.drop_log_interval_s = drop_log_interval_s
+        self.external_quote_s = external_quote_s
         self._tolerance_ns = max_out_of_order_ns
         self._candles_wanted = candles
         self.candles_enabled = candles if candles is not None else True
@@ -209,6 +231,9 @@ class MarketDataPipeline:
         self._spread_last = [-1] * len(self.instruments)
         self._quotes = [_Quote() for _ in self.instruments]
         self._dirty_quotes: set[int] = set()
+        self._books: list[_BookTop | None] = [None] * len(self.instruments)
+        self._refresh_quotes: set[int] = set()
+        self._book_quoted: set[int] = set()  # published with the book's sides
         self._pending_candles: dict[tuple[str, str], dict[str, Any]] = {}
         self._publish_wanted = asyncio.Event()
         self._drops_reported: Counter[DropReason] = Counter()
@@ -238,7 +263,8 @@ class MarketDataPipeline:
         """Commit everything submitted, then stop the writer and publisher (publishing what is pending)."""
         if self._writer is not None:
             if not self._writer.done():
-                await self._queue.put(_CLOSE)
+                async with self._submit_lock:  # a batch being queued is queued whole first
+                    await self._queue.put(_CLOSE)
             with contextlib.suppress(Exception):
                 await self._writer
             self._writer = None
@@ -285,12 +311,17 @@ class MarketDataPipeline:
         async for batch in feed:
             self.stats.rows_read += batch.rows_read - read
             read = batch.rows_read
-            await self.submit(
-                batch.ticks,
-                validated=validated,
-                on_stored=getattr(batch, "on_stored", None),
-                offset=getattr(batch, "offset", None),
+            offset = getattr(batch, "offset", None)
+            submit = self.submit(
+                batch.ticks, validated=validated, on_stored=getattr(batch, "on_stored", None), offset=offset
             )
+            if offset is None:
+                await submit
+            else:
+                # Queued whole even if the feed is cancelled meanwhile (``close`` waits for it): a batch larger
+                # than a chunk must not commit its first chunks without the offset its last one carries, or
+                # the feed would read them again after a restart.
+                await asyncio.shield(submit)
 
     async def submit(
         self,
@@ -445,8 +476,10 @@ class MarketDataPipeline:
         """Fold the chunk into the latest quote per instrument (a late tick never replaces a newer one)."""
         quotes = self._quotes
         dirty = self._dirty_quotes
+        now = time.monotonic()
         for index, row in _last_rows(cols.instrument, cols.bid > 0).items():
             q = quotes[index]
+            q.external_seen = now  # only external feeds carry sides
             ts = int(cols.ts_ns[row])
             if ts >= q.quote_ts_ns:
                 q.quote_ts_ns = ts
@@ -457,6 +490,7 @@ class MarketDataPipeline:
                 dirty.add(index)
         for index, row in _last_rows(cols.instrument, cols.ask > 0).items():
             q = quotes[index]
+            q.external_seen = now
             ts = int(cols.ts_ns[row])
             if ts >= q.quote_ts_ns and int(cols.bid[row]) == 0:  # ask-only update
                 q.quote_ts_ns = ts
@@ -708,21 +742,89 @@ class MarketDataPipeline:
 
     # ------------------------------------------------------------------------------------ publisher
 
+    def note_engine_book(
+        self,
+        symbol: str,
+        seq: int,
+        bid: tuple[Decimal, Decimal] | None,
+        ask: tuple[Decimal, Decimal] | None,
+    ) -> bool:
+        """The engine's book of ``symbol`` at snapshot ``seq`` has this best bid and ask (price, size); it
+        quotes the symbol while no external feed does. Returns whether the quote changed (and is published)."""
+        index = self.encoder.index.get(symbol)
+        if index is None:
+            return False
+        current = self._books[index]
+        instrument = self.instruments[index]
+        scale = instrument.price_scale
+
+        def side(level: tuple[Decimal, Decimal] | None) -> tuple[int | None, int]:
+            if level is None:
+                return None, 0
+            lots, remainder = divmod(level[1], instrument.lot_size)
+            if remainder or lots <= 0:
+                raise ValueError(f"{symbol}: book size {level[1]} is not a positive number of lots")
+            return scale.to_ticks(level[0]), int(lots)
+
+        (bid_ticks, bid_lots), (ask_ticks, ask_lots) = side(bid), side(ask)
+        unchanged = current is not None and (current.bid, current.bid_size, current.ask, current.ask_size) == (
+            bid_ticks,
+            bid_lots,
+            ask_ticks,
+            ask_lots,
+        )
+        ts_ns = current.ts_ns if current is not None and unchanged else time.time_ns()
+        self._books[index] = _BookTop(seq, bid_ticks, bid_lots, ask_ticks, ask_lots, ts_ns)
+        if self._externally_quoted(index):
+            self._book_quoted.discard(index)
+            return False
+        if unchanged and index in self._book_quoted:
+            return False  # a deeper level moved
+        self._book_quoted.add(index)
+        self._dirty_quotes.add(index)
+        self._publish_wanted.set()
+        return True
+
+    def refresh_book_quotes(self) -> None:
+        """Re-write (without publishing) the Redis quote of every symbol quoted from the engine's book, so its
+        5 s TTL does not run out while the book stands still; call it more often than the TTL."""
+        for index, book in enumerate(self._books):
+            if book is None:
+                continue
+            if self._externally_quoted(index):
+                self._book_quoted.discard(index)
+            elif index in self._book_quoted:
+                self._refresh_quotes.add(index)
+            else:  # the external feed went quiet: the book takes over, and subscribers are told
+                self._book_quoted.add(index)
+                self._dirty_quotes.add(index)
+        if self._refresh_quotes or self._dirty_quotes:
+            self._publish_wanted.set()
+
+    def _externally_quoted(self, index: int) -> bool:
+        return time.monotonic() - self._quotes[index].external_seen < self.external_quote_s
+
     def quote_payload(self, index: int) -> dict[str, Any]:
-        """The public quote of one instrument: decimals as strings, ``null`` for an absent side."""
+        """The public quote of one instrument: decimals as strings, ``null`` for an absent side. Its sides are
+        the external feed's, or the engine book's when no external feed quoted it within the quote TTL."""
         q = self._quotes[index]
         instrument = self.instruments[index]
+        bid, bid_size, ask, ask_size, ts_ns = q.bid, q.bid_size, q.ask, q.ask_size, q.ts_ns
+        book = self._books[index]
+        if book is not None and not self._externally_quoted(index):
+            bid, bid_size, ask, ask_size = book.bid, book.bid_size, book.ask, book.ask_size
+            ts_ns = max(book.ts_ns, q.last_ts_ns)
 
         def price(ticks: int | None) -> str | None:
             return None if ticks is None else _plain(instrument.price(ticks))
 
         return {
             "symbol": instrument.symbol,
-            "ts": _iso(sql.ns_to_datetime(q.ts_ns)),
-            "bid": price(q.bid),
-            "ask": price(q.ask),
-            "bid_size": None if q.bid is None else _plain(instrument.quantity(q.bid_size)),
-            "ask_size": None if q.ask is None else _plain(instrument.quantity(q.ask_size)),
+            "ts": _iso(sql.ns_to_datetime(ts_ns)),
+            "bid": price(bid),
+            "ask": price(ask),
+            "bid_size": None if bid is None else _plain(instrument.quantity(bid_size)),
+            "ask_size": None if ask is None else _plain(instrument.quantity(ask_size)),
             "last": price(q.last),
         }
 
@@ -743,13 +845,23 @@ class MarketDataPipeline:
         self._publish_wanted.clear()
         if self.cache is None:
             self._dirty_quotes.clear()
+            self._refresh_quotes.clear()
             self._pending_candles.clear()
             return
         dirty, self._dirty_quotes = self._dirty_quotes, set()
+        refresh, self._refresh_quotes = self._refresh_quotes - dirty, set()
         candles, self._pending_candles = self._pending_candles, {}
-        if not dirty and not candles:
+        if not dirty and not candles and not refresh:
             return
         pipe = self.cache.client.pipeline(transaction=False)
+        for index in sorted(refresh):
+            data = self.quote_payload(index)
+            if data["bid"] is None and data["ask"] is None and data["last"] is None:
+                continue
+            symbol = self.instruments[index].symbol
+            pipe.set(market_data_key(symbol), orjson.dumps(data), ex=TTL_MARKET_DATA)
+            if data["last"] is not None:
+                pipe.set(price_key(symbol), data["last"], ex=TTL_PRICE)
         for index in sorted(dirty):
             symbol = self.instruments[index].symbol
             data = self.quote_payload(index)

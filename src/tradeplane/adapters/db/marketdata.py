@@ -427,6 +427,47 @@ async def consumer_offset(conn: asyncpg.Connection, consumer: str) -> int:
     return int(value) if value is not None else 0
 
 
+# ------------------------------------------------------------------------------- engine trades cursor
+
+
+@dataclass(frozen=True, slots=True)
+class EngineTradePage:
+    """Trades read after an ``xact_id`` cursor, whole transactions only, and the cursor after them: every
+    trade whose ``xact_id`` is below ``next_cursor`` is in ``rows`` or was read before (migration 0007)."""
+
+    rows: list[asyncpg.Record]
+    next_cursor: int
+
+
+_ENGINE_TRADES = (
+    "SELECT t.xact_id, t.trade_id, t.instrument_id, t.price, t.quantity, t.ts FROM trades t"
+    " WHERE t.xact_id >= $1 AND t.xact_id < $2 ORDER BY t.xact_id, t.ts, t.trade_id"
+)
+
+
+async def engine_trades_after(conn: asyncpg.Connection, cursor: int, *, limit: int = 5_000) -> EngineTradePage:
+    """The trades of transactions ``>= cursor`` that have finished, at most about ``limit`` rows.
+
+    Exact under concurrent commits (several engine shards): only transactions below the snapshot's ``xmin``
+    are read, and all of those have committed or aborted, so nothing below the returned cursor can appear
+    later. A page ends on a transaction boundary, so the cursor never splits one; a transaction larger than
+    ``limit`` is read whole. A writing transaction left open anywhere on the server holds the cursor back
+    (delays, never loses) until it ends.
+    """
+    horizon = int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))
+    if horizon <= cursor:
+        return EngineTradePage([], cursor)
+    rows = await conn.fetch(f"{_ENGINE_TRADES} LIMIT {int(limit) + 1}", cursor, horizon)
+    if len(rows) <= limit:
+        return EngineTradePage(list(rows), horizon)
+    last = rows[-1]["xact_id"]
+    whole = [row for row in rows if row["xact_id"] != last]
+    if whole:
+        return EngineTradePage(whole, last)
+    # one transaction holds more than a page: take all of it
+    return EngineTradePage(list(await conn.fetch(_ENGINE_TRADES, last, last + 1)), last + 1)
+
+
 # ---------------------------------------------------------------------------------------- read side
 
 

@@ -445,12 +445,21 @@ trades = Table(
     Column("sell_order_id", BigInteger, nullable=True),
     Column("aggressor_side", String(4), nullable=False),
     Column("ts", DateTime(timezone=True), nullable=False),
+    # The inserting transaction's id (column default), the market data worker's exact cursor (migration 0007).
+    Column(
+        "xact_id",
+        BigInteger,
+        nullable=True,
+        server_default=text("(pg_current_xact_id()::text)::bigint"),
+        comment="inserting transaction (market data cursor)",
+    ),
     PrimaryKeyConstraint("trade_id", "ts"),
     one_of("aggressor_side", SIDES, "aggressor_side"),
     CheckConstraint("price > 0", name="price_positive"),
     CheckConstraint("quantity > 0", name="quantity_positive"),
     Index("ix_trades_instrument_id_ts", "instrument_id", text("ts DESC")),
     Index("ix_trades_ts_brin", "ts", postgresql_using="brin"),
+    Index("ix_trades_xact_id", "xact_id"),
 )
 
 #: Net position per account and instrument; unrealized P&L is computed from the mark, never stored.

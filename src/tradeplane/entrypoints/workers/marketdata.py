@@ -2,9 +2,15 @@
 
 Runs until ``stop`` is set:
 
-- feeds: external publishers on the bus (``md.ticks.>``, a redelivered message stored once on NATS), the
-  engine's own trades (Redis ``tp:trades:*``) and, when ``simulate_rate`` is given, a simulated random walk
-  over the listed instruments at that many ticks per second;
+- feeds: the engine's own trades, read exactly once from the ``trades`` table after a cursor stored with the
+  ticks (``adapters.feeds.engine_trades``; woken by Redis ``tp:trades:*``), then external publishers on the
+  bus (``md.ticks.>``, a redelivered message stored once on NATS) and, when ``simulate_rate`` is given, a
+  simulated random walk over the listed instruments at that many ticks per second. The other feeds start once
+  the engine trades have caught up (or after ``CATCH_UP_WAIT_S``), so trades made while the worker was down
+  are not refused as out of order behind fresher external ticks of the same symbol;
+- quotes from the engine's books: every ``tp:book:<symbol>`` increment (and every ``book_refresh_s``) the
+  top of ``tp:book:<symbol>:snapshot`` quotes symbols that no external feed quotes
+  (``MarketDataPipeline.note_engine_book``), and their Redis quotes are refreshed before the 5 s TTL ends;
 - L2 depth snapshots: every ``depth_interval_s`` the engine's ``tp:book:<symbol>:snapshot`` of each symbol
   whose book changed (its ``seq`` moved) is stored in ``depth_snapshots``;
 - partitions ahead (today and tomorrow) and retention (``md_retention_days``, archive to
@@ -34,7 +40,7 @@ from tradeplane.adapters.db import marketdata as sql
 from tradeplane.adapters.db.marketdata import ListedInstrument
 from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
 from tradeplane.adapters.feeds.bus import BusTickFeed, FeedPosition
-from tradeplane.adapters.feeds.engine_trades import EngineTradesFeed
+from tradeplane.adapters.feeds.engine_trades import EngineTradesFeed, TradeCursor
 from tradeplane.adapters.feeds.simulated import SimulatedFeed, SimulatedInstrument
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.ticks import InstrumentGrid
@@ -45,10 +51,101 @@ log = logging.getLogger("tradeplane.marketdata")
 
 FEED_RESTART_DELAY_S = 2.0
 HOUSEKEEPING_INTERVAL_S = 3600.0
+#: How long the other feeds wait for the engine trades to catch up before starting anyway.
+CATCH_UP_WAIT_S = 30.0
+BOOK_CHANNEL_PREFIX = "tp:book:"
 
 
 def book_snapshot_key(symbol: str) -> str:
     return f"tp:book:{symbol}:snapshot"
+
+
+BookLevel = tuple[Decimal, Decimal]
+
+
+def book_top(raw: bytes | str) -> tuple[int, BookLevel | None, BookLevel | None]:
+    """(seq, best bid, best ask) of an engine book snapshot, each side (price, size) or None when empty.
+    Raises ValueError (or KeyError/TypeError) on an unreadable snapshot."""
+    snapshot: dict[str, Any] = orjson.loads(raw)
+    bids = [(Decimal(str(p)), Decimal(str(q))) for p, q in snapshot["bids"]]
+    asks = [(Decimal(str(p)), Decimal(str(q))) for p, q in snapshot["asks"]]
+    bid = max(bids, key=lambda level: level[0]) if bids else None
+    ask = min(asks, key=lambda level: level[0]) if asks else None
+    return int(snapshot["seq"]), bid, ask
+
+
+async def quote_engine_books(
+    platform: Platform,
+    pipeline: MarketDataPipeline,
+    instruments: list[ListedInstrument],
+    stop: asyncio.Event,
+    *,
+    refresh_s: float = 1.0,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Feed the engine's top of book to ``pipeline`` until ``stop``: a ``tp:book:<symbol>`` increment marks
+    its symbol, whose snapshot is then read (conflated: one MGET for all marked symbols); every
+    ``refresh_s`` every snapshot is read again (a missed increment) and the book quotes' TTLs refreshed."""
+    symbols = {i.symbol for i in instruments}
+    marked: set[str] = set(symbols)
+    wake = asyncio.Event()
+    client = platform.cache.client
+
+    async def listen() -> None:
+        pubsub = client.pubsub()
+        try:
+            await pubsub.psubscribe(f"{BOOK_CHANNEL_PREFIX}*")
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                if message.get("type") == "psubscribe":
+                    marked.update(symbols)  # increments before this were not seen
+                    wake.set()
+                    if ready is not None:
+                        ready.set()
+                elif message.get("type") == "pmessage":
+                    channel = message["channel"]
+                    symbol = (channel.decode() if isinstance(channel, bytes) else str(channel))[
+                        len(BOOK_CHANNEL_PREFIX) :
+                    ]
+                    if symbol in symbols:
+                        marked.add(symbol)
+                        wake.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    listener = asyncio.create_task(listen(), name="marketdata-book-listener")
+    loop = asyncio.get_running_loop()
+    next_refresh = loop.time()
+    try:
+        while not stop.is_set():
+            if listener.done():
+                listener.result()  # raise what stopped it: the supervisor restarts us
+            if loop.time() >= next_refresh:
+                marked.update(symbols)
+                pipeline.refresh_book_quotes()
+                next_refresh = loop.time() + refresh_s
+            wanted = sorted(marked)
+            marked.clear()
+            wake.clear()
+            if wanted:
+                values = await client.mget([book_snapshot_key(symbol) for symbol in wanted])
+                for symbol, raw in zip(wanted, values, strict=True):
+                    if raw is None:
+                        continue
+                    try:
+                        seq, bid, ask = book_top(raw)
+                        pipeline.note_engine_book(symbol, seq, bid, ask)
+                    except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
+                        log.warning("unreadable book snapshot of %s: %s", symbol, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(0.0, next_refresh - loop.time()))
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await listener
 
 
 async def load_simulation(platform: Platform) -> list[SimulatedInstrument]:
@@ -112,7 +209,9 @@ async def run_marketdata(
     simulate_rate: int | None,
     bus_feed: bool = True,
     engine_trades: bool = True,
+    engine_books: bool = True,
     depth_interval_s: float = 5.0,
+    book_refresh_s: float = 1.0,
 ) -> MarketDataPipeline:
     """Run the market data process on a started ``platform`` until ``stop`` is set; returns the pipeline
     (closed, its ``stats`` final)."""
@@ -140,14 +239,41 @@ async def run_marketdata(
 
         tasks.append(asyncio.create_task(forever(), name=f"marketdata-{name}"))
 
+    caught_up = asyncio.Event()
+    if engine_trades:
+        cursor = TradeCursor()  # outlives each restarted feed, like the pipeline holding its ticks
+
+        supervise(
+            "engine trades",
+            lambda: pipeline.run_feed(
+                EngineTradesFeed(
+                    platform.db,
+                    platform.cache.client,
+                    pipeline.validator,
+                    instruments,
+                    cursor=cursor,
+                    caught_up=caught_up,
+                ),
+                validated=True,
+            ),
+        )
+    else:
+        caught_up.set()
+
+    async def after_catch_up() -> None:
+        """Hold an external feed until the engine trades caught up (or a while), see the module docstring."""
+        if not await _first_of(caught_up, stop, within_s=CATCH_UP_WAIT_S):
+            log.warning("engine trades still catching up after %.0f s: starting anyway", CATCH_UP_WAIT_S)
+
     if bus_feed:
         # JetStream's stream sequences let the feed skip redelivered messages whose ticks are already stored
         # (adapters.feeds.bus); RabbitMQ's do not, so there redelivery stays at least once.
         exactly_once = platform.bus.kind == "nats"
         position = FeedPosition()  # outlives each restarted feed, like the pipeline holding its ticks
-        supervise(
-            "bus feed",
-            lambda: pipeline.run_feed(
+
+        async def bus() -> None:
+            await after_catch_up()
+            await pipeline.run_feed(
                 BusTickFeed(
                     platform.bus,
                     pipeline.validator,
@@ -156,19 +282,19 @@ async def run_marketdata(
                     position=position,
                 ),
                 validated=True,
-            ),
-        )
-    if engine_trades:
+            )
+
+        supervise("bus feed", bus)
+    if engine_books:
         supervise(
-            "engine trades",
-            lambda: pipeline.run_feed(
-                EngineTradesFeed(platform.cache.client, pipeline.validator, lot_sizes), validated=True
-            ),
+            "engine book quotes",
+            lambda: quote_engine_books(platform, pipeline, instruments, stop, refresh_s=book_refresh_s),
         )
     if simulate_rate is not None:
         simulation = await load_simulation(platform)
 
         async def simulate() -> None:
+            await after_catch_up()
             feed = SimulatedFeed(simulation, seed=random.SystemRandom().randrange(2**32), rate=simulate_rate)
             await pipeline.run_feed(feed)
 
@@ -215,6 +341,17 @@ async def run_marketdata(
                 await task
         await pipeline.close()
     return pipeline
+
+
+async def _first_of(*events: asyncio.Event, within_s: float) -> bool:
+    """Wait until one of ``events`` is set; False if none was within ``within_s`` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return bool(done)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

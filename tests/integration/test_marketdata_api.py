@@ -17,6 +17,7 @@ from tests.integration.test_ingest import T0, list_instrument, reader  # noqa: F
 from tradeplane.adapters.db.marketdata import ListedInstrument
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.ticks import NS_PER_SECOND, Tick
+from tradeplane.entrypoints.api.marketdata import CandleSeries
 from tradeplane.services.ingest import MarketDataPipeline
 
 SECOND = NS_PER_SECOND
@@ -149,6 +150,9 @@ async def test_candles_leave_gaps_unless_fill_previous(
         ]
 
     plain = await client.get(url, params=params(timeframe="M1"), headers=reader.headers)
+    assert plain.headers["content-type"] == "application/json"
+    # built without pydantic on the hot path: the body must still be exactly the documented model
+    assert CandleSeries.model_validate(plain.json()).model_dump(mode="json") == plain.json()
     assert shape(plain.json()) == [
         ("22:30", "10", "10.1", "10", "10.1", "0.003", 2),
         ("22:31", "10.2", "10.2", "10.2", "10.2", "0.003", 1),

@@ -236,6 +236,9 @@ class MarketDataPipeline:
         self._book_quoted: set[int] = set()  # published with the book's sides
         self._pending_candles: dict[tuple[str, str], dict[str, Any]] = {}
         self._publish_wanted = asyncio.Event()
+        # One publish at a time: flush() waits behind a background publish already writing to Redis, so
+        # "flushed" really means the quotes and candles are in Redis.
+        self._publish_lock = asyncio.Lock()
         self._drops_reported: Counter[DropReason] = Counter()
         self._last_drop_log = time.monotonic()
         self._failure: BaseException | None = None
@@ -842,6 +845,10 @@ class MarketDataPipeline:
                 return
 
     async def _publish_pending(self) -> None:
+        async with self._publish_lock:
+            await self._publish_locked()
+
+    async def _publish_locked(self) -> None:
         self._publish_wanted.clear()
         if self.cache is None:
             self._dirty_quotes.clear()

@@ -528,6 +528,14 @@ async def fetch_ticks(
     return rows, TickCursor(last_ts, same)
 
 
+# Prices and volume as PostgreSQL's own exact text, trailing zeros trimmed ("190.5", not "190.500000000000000000"):
+# what the API sends anyway, and decoding 5,000 NUMERICs into Decimals was half the time of a 1,000-candle read.
+_CANDLE_TEXT_COLUMNS = (
+    "bucket, trim_scale(open)::text AS open, trim_scale(high)::text AS high, trim_scale(low)::text AS low,"
+    " trim_scale(close)::text AS close, trim_scale(volume)::text AS volume, tick_count"
+)
+
+
 async def fetch_candles(
     conn: asyncpg.Connection,
     instrument_id: int,
@@ -537,9 +545,10 @@ async def fetch_candles(
     limit: int,
 ) -> list[asyncpg.Record]:
     """Candles with ``start <= bucket < end``, oldest first, at most ``limit``: through ``tp_candles``
-    (migration 0003), which reads the ``candles`` table natively and the continuous aggregates on TimescaleDB."""
+    (migration 0003), which reads the ``candles`` table natively and the continuous aggregates on TimescaleDB.
+    Prices and volume come as exact decimal text."""
     rows: list[asyncpg.Record] = await conn.fetch(
-        "SELECT bucket, open, high, low, close, volume, tick_count FROM tp_candles($1, $2, $3, $4, $5)",
+        f"SELECT {_CANDLE_TEXT_COLUMNS} FROM tp_candles($1, $2, $3, $4, $5)",
         instrument_id,
         timeframe.value,
         start,
@@ -554,7 +563,7 @@ async def candle_before(
 ) -> asyncpg.Record | None:
     """The last candle starting before ``before``: what ``fill=previous`` carries into a range."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        "SELECT bucket, open, high, low, close, volume, tick_count FROM tp_candles($1, $2, '-infinity', $3, 1, true)",
+        f"SELECT {_CANDLE_TEXT_COLUMNS} FROM tp_candles($1, $2, '-infinity', $3, 1, true)",
         instrument_id,
         timeframe.value,
         before,
@@ -590,10 +599,10 @@ def candle_from_row(symbol: str, timeframe: Timeframe, row: asyncpg.Record, scal
         symbol,
         timeframe,
         datetime_to_ns(row["bucket"]),
-        scale.to_ticks(row["open"]),
-        scale.to_ticks(row["high"]),
-        scale.to_ticks(row["low"]),
-        scale.to_ticks(row["close"]),
+        scale.to_ticks(Decimal(row["open"])),
+        scale.to_ticks(Decimal(row["high"])),
+        scale.to_ticks(Decimal(row["low"])),
+        scale.to_ticks(Decimal(row["close"])),
         0,
         int(row["tick_count"]),
     )

@@ -185,11 +185,17 @@ def test_api_workers_share_one_port_and_stop_together(stack: EmbeddedStack, data
         eventually(lambda: status(f"{base}/health") == 200, what="API start")
         workers = psutil.Process(parent.pid).children()
         assert len(workers) == 2
-        for client in clients:  # 24 keep-alive connections: the kernel hands them to both workers
-            assert client.get("/health").status_code == 200
+
+        def listening(worker: psutil.Process) -> bool:
+            return any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in worker.net_connections("tcp"))
 
         def serving(worker: psutil.Process) -> int:
             return sum(1 for c in worker.net_connections("tcp") if c.laddr.port == port and c.raddr)
+
+        # /health answers as soon as one worker listens; connections only spread once both do
+        eventually(lambda: all(listening(worker) for worker in workers), what="both workers listening")
+        for client in clients:  # 24 keep-alive connections: the kernel hands them to both workers
+            assert client.get("/health").status_code == 200
 
         assert all(serving(worker) > 0 for worker in workers), [serving(w) for w in workers]
 

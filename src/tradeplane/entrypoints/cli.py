@@ -27,6 +27,7 @@ from rich.table import Table
 
 from tradeplane.config import Settings, load_settings
 from tradeplane.entrypoints.cli_md import md_app, run_marketdata_command
+from tradeplane.entrypoints.heap import freeze_long_lived
 from tradeplane.errors import ConfigError, TradeplaneError
 from tradeplane.logs import configure_logging
 from tradeplane.services.audit import AuditSealer
@@ -230,6 +231,7 @@ async def _serve_api(settings: Settings, platform: Any, *, reuse_port: bool = Fa
         ws=FanoutWebSocketProtocol,  # writes a market data frame encoded once to many clients
     )
     server = uvicorn.Server(config)
+    freeze_long_lived()
     sockets = [_listening_socket(settings.api_host, settings.api_port)] if reuse_port else None
     await server.serve(sockets=sockets)
     if not server.started:
@@ -324,6 +326,7 @@ def run_relay() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        freeze_long_lived()
         try:
             await _relay(platform, stop)
         finally:

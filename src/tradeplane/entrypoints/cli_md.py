@@ -201,10 +201,12 @@ def run_marketdata_command(
 
     async def main(settings: Settings) -> None:
         from tradeplane.bootstrap import build_platform
+        from tradeplane.entrypoints.heap import freeze_long_lived
         from tradeplane.entrypoints.workers.marketdata import run_marketdata
 
         platform = build_platform(settings)
         await platform.start()
+        freeze_long_lived()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

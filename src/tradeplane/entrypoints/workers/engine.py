@@ -60,6 +60,7 @@ from tradeplane.domain.matching import (
 )
 from tradeplane.domain.orders import OrderStatus, OrderType, SelfTradePrevention, Side, TimeInForce
 from tradeplane.domain.reservations import shard_for
+from tradeplane.entrypoints.heap import freeze_long_lived
 from tradeplane.errors import InfrastructureUnavailable
 from tradeplane.services.accounts import house_account
 from tradeplane.services.settlement import (
@@ -247,6 +248,7 @@ class EngineWorker:
             len(mine),
             time.perf_counter() - started,
         )
+        freeze_long_lived()  # the rebuilt books live long: keep full GC collections from rescanning them
 
     @staticmethod
     def _state_from_row(r: Mapping[str, Any], info: InstrumentInfo) -> OrderState:

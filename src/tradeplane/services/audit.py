@@ -9,12 +9,12 @@ seals what the previous one left. The relay worker runs one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
 from tradeplane.adapters.postgres import Database
 from tradeplane.errors import InfrastructureUnavailable
+from tradeplane.services.stopping import pause
 
 log = logging.getLogger("tradeplane.audit")
 
@@ -47,11 +47,11 @@ class AuditSealer:
                 backoff = 0.1
             except InfrastructureUnavailable as exc:
                 log.warning("audit sealer waiting for PostgreSQL: %s", exc.detail)
-                await _sleep_or_stop(stop, backoff)
+                await pause(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             if sealed < self.batch_size:
-                await _sleep_or_stop(stop, self.idle_sleep_s)
+                await pause(stop, self.idle_sleep_s)
 
     async def verify(self) -> AuditCheck:
         """Seal everything committed so far, then check the whole chain."""
@@ -63,8 +63,3 @@ class AuditSealer:
             bad = [row[0] for row in await conn.fetch("SELECT * FROM tp_audit_log_verify()")]
             unsealed = await conn.fetchval("SELECT count(*) FROM audit_log WHERE hash IS NULL")
         return AuditCheck(sealed, bad, unsealed)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -21,6 +21,7 @@ from tradeplane.adapters.cache import REDIS_ERRORS, Cache
 from tradeplane.adapters.postgres import Database
 from tradeplane.errors import InfrastructureUnavailable
 from tradeplane.services.queries import OUTBOX_WAKEUP_CHANNEL
+from tradeplane.services.stopping import pause
 
 log = logging.getLogger("tradeplane.relay")
 
@@ -79,11 +80,11 @@ class OutboxRelay:
             except InfrastructureUnavailable as exc:
                 log.warning("relay waiting for infrastructure: %s", exc.detail)
                 published = 0
-                await _sleep_or_stop(stop, backoff)
+                await pause(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             if published == 0:
-                await _sleep_or_stop(stop, self.idle_sleep_s, self.wake)
+                await pause(stop, self.idle_sleep_s, self.wake)
 
 
 async def relay_wakeups(cache: Cache, wake: asyncio.Event, stop: asyncio.Event) -> None:
@@ -100,19 +101,8 @@ async def relay_wakeups(cache: Cache, wake: asyncio.Event, stop: asyncio.Event) 
                     wake.set()
         except REDIS_ERRORS as exc:
             log.warning("relay wake-ups unavailable (polling meanwhile): %s", exc)
-            await _sleep_or_stop(stop, backoff)
+            await pause(stop, backoff)
             backoff = min(backoff * 2, 5.0)
         finally:
             with contextlib.suppress(*REDIS_ERRORS):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
-    waiters = [asyncio.ensure_future(stop.wait())]
-    if wake is not None:
-        waiters.append(asyncio.ensure_future(wake.wait()))
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

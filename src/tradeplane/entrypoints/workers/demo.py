@@ -35,6 +35,7 @@ import httpx
 from tradeplane.services import accounts, identity
 from tradeplane.services.demo import INSTRUMENTS, load_reference_data
 from tradeplane.services.identity import Role
+from tradeplane.services.stopping import pause
 
 log = logging.getLogger("tradeplane.demo")
 
@@ -224,11 +225,6 @@ class _Bot:
         await self.http.aclose()
 
 
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-
-
 async def _until_stopped(name: str, stop: asyncio.Event, stats: DemoStats, step: Callable[[], Awaitable[None]]) -> None:
     """Run `step()` until `stop`; an HTTP failure is counted and retried after RETRY_S."""
     failing = False
@@ -241,7 +237,7 @@ async def _until_stopped(name: str, stop: asyncio.Event, stats: DemoStats, step:
             if not failing:
                 log.warning("demo %s: %s; retrying", name, exc)
             failing = True
-            await _pause(stop, RETRY_S)
+            await pause(stop, RETRY_S)
 
 
 async def _market_maker(bot: _Bot, symbols: Sequence[str], stop: asyncio.Event) -> None:
@@ -261,7 +257,7 @@ async def _market_maker(bot: _Bot, symbols: Sequence[str], stop: asyncio.Event) 
                 size = MM_QUOTE_NOTIONAL * Decimal(bot.rng.randint(5, 15)) / 10
                 await bot.place(instrument.symbol, "buy", "limit", instrument.quantity(size, bid), price=bid)
                 await bot.place(instrument.symbol, "sell", "limit", instrument.quantity(size, ask), price=ask)
-        await _pause(stop, MM_REQUOTE_S)
+        await pause(stop, MM_REQUOTE_S)
 
     await _until_stopped("market maker", stop, bot.stats, requote)
 
@@ -272,7 +268,7 @@ async def _trader(bot: _Bot, symbols: Sequence[str], stop: asyncio.Event) -> Non
 
     async def trade() -> None:
         nonlocal sent
-        await _pause(stop, rng.uniform(*TRADER_PAUSE_S))
+        await pause(stop, rng.uniform(*TRADER_PAUSE_S))
         if stop.is_set():
             return
         instruments = await bot.instruments(symbols)
@@ -308,7 +304,7 @@ async def _wait_for_api(http: httpx.AsyncClient, stop: asyncio.Event) -> bool:
         with contextlib.suppress(httpx.HTTPError):
             if (await http.get("/health")).status_code == 200:
                 return True
-        await _pause(stop, 0.2)
+        await pause(stop, 0.2)
     return False
 
 

@@ -73,6 +73,7 @@ from tradeplane.services.settlement import (
     protection_price,
     settle,
 )
+from tradeplane.services.stopping import pause
 
 log = logging.getLogger("tradeplane.engine")
 
@@ -299,7 +300,7 @@ class EngineWorker:
                 break
             except _TRANSIENT as exc:
                 log.warning("engine shard %s waiting for PostgreSQL to rebuild: %s", self.shard, exc)
-                await _sleep_or_stop(stop, backoff)
+                await pause(stop, backoff)
                 backoff = min(backoff * 2, self.max_backoff)
         if stop.is_set():
             return
@@ -313,7 +314,7 @@ class EngineWorker:
                 except _TRANSIENT as exc:
                     log.warning("engine shard %s waiting for infrastructure: %s", self.shard, exc)
                     await self._drop_subscription()
-                    await _sleep_or_stop(stop, backoff)
+                    await pause(stop, backoff)
                     backoff = min(backoff * 2, self.max_backoff)
         finally:
             await self._drop_subscription()
@@ -661,8 +662,3 @@ def _optional_decimal(value: object) -> Decimal | None:
     if not isinstance(value, str | int):
         raise TypeError(f"expected a decimal string, got {value!r}")
     return Decimal(value)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -46,6 +46,7 @@ from tradeplane.bootstrap import Platform
 from tradeplane.domain.ticks import InstrumentGrid
 from tradeplane.errors import TradeplaneError
 from tradeplane.services.ingest import MarketDataPipeline, apply_retention
+from tradeplane.services.stopping import pause
 
 log = logging.getLogger("tradeplane.marketdata")
 
@@ -235,7 +236,7 @@ async def run_marketdata(
                     raise
                 except Exception as exc:
                     log.warning("market data %s failed (%s); restarting in %.0f s", name, exc, FEED_RESTART_DELAY_S)
-                    await _sleep_or_stop(stop, FEED_RESTART_DELAY_S)
+                    await pause(stop, FEED_RESTART_DELAY_S)
 
         tasks.append(asyncio.create_task(forever(), name=f"marketdata-{name}"))
 
@@ -311,7 +312,7 @@ async def run_marketdata(
                     await ensure_daily_partitions_async(conn, "depth_snapshots", today, 2)
                 ensured = today
             await store_depth_snapshots(platform, instruments, last_seq)
-            await _sleep_or_stop(stop, depth_interval_s)
+            await pause(stop, depth_interval_s)
 
     supervise("depth snapshots", depth)
 
@@ -328,7 +329,7 @@ async def run_marketdata(
             pipeline.forget_days_before(today - timedelta(days=settings.md_retention_days))
             if result.dropped:
                 log.info("market data retention dropped %s", ", ".join(result.dropped))
-            await _sleep_or_stop(stop, HOUSEKEEPING_INTERVAL_S)
+            await pause(stop, HOUSEKEEPING_INTERVAL_S)
 
     supervise("housekeeping", housekeeping)
     try:
@@ -352,8 +353,3 @@ async def _first_of(*events: asyncio.Event, within_s: float) -> bool:
         for waiter in waiters:
             waiter.cancel()
     return bool(done)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

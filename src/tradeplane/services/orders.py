@@ -31,7 +31,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -72,7 +72,7 @@ from tradeplane.domain.risk import (
     reserve,
     shape_error,
 )
-from tradeplane.errors import Conflict, InfrastructureUnavailable, InvalidRequest, NotFound
+from tradeplane.errors import Conflict, InfrastructureUnavailable, InvalidRequest, NotFound, TradeplaneError
 from tradeplane.metrics import ORDER_PLACEMENT_DURATION
 from tradeplane.services.identity import Principal, Role
 from tradeplane.services.queries import (
@@ -89,6 +89,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tradeplane.orders")
 
+MAX_BATCH = 500
+"""Orders one batch placement may carry (``POST /api/v1/orders/batch``)."""
 RATE_WINDOW_TTL_S = 2  # a one-second window's counter outlives its second briefly, then Redis drops it
 _WRITERS = frozenset({Role.ADMIN, Role.TRADER, Role.SYSTEM})
 _OPEN_SQL = "('pending_new', 'new', 'partially_filled', 'pending_cancel')"
@@ -170,28 +172,39 @@ def _rejection_of(order: OrderRecord) -> RiskRejection | None:
 
 
 _LOCK_ACCOUNT = "SELECT user_id, kind, status FROM accounts WHERE id = $1 FOR NO KEY UPDATE"
+# Several accounts (a batch): locked in id order, so two batches naming the same accounts cannot deadlock.
+_LOCK_ACCOUNTS = (
+    "SELECT id, user_id, kind, status FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE"
+)
 
-# After the account lock, in a new statement (READ COMMITTED: a fresh snapshot that sees every placement that
-# committed while we waited for the lock).
+# After the account locks, in a new statement (READ COMMITTED: a fresh snapshot that sees every placement that
+# committed while we waited for the locks). One row per (account, instrument) pair, in the order given, plus
+# ``existing_ids``: for each (account, client_order_id) of $7/$8, the order already using it, or NULL.
 _EXPOSURE = f"""
 SELECT i.status, i.last_price, i.reference_price,
-       (SELECT o.id FROM orders o WHERE o.account_id = $1 AND o.client_order_id = $3) AS existing_id,
        rl.max_order_qty, rl.max_order_notional, rl.max_position, rl.max_open_orders, rl.max_orders_per_second,
        coalesce(p.net_quantity, 0) AS net_position,
        oo.open_orders, oo.buy_leaves, oo.sell_leaves, oo.ro_buy_leaves, oo.ro_sell_leaves,
-       coalesce((SELECT b.amount FROM balances b WHERE b.account_id = $1 AND b.asset = $4), 0)
+       coalesce((SELECT b.amount FROM balances b WHERE b.account_id = q.account_id AND b.asset = q.quote_asset), 0)
          - coalesce((SELECT sum(h.amount) FROM holds h
-                     WHERE h.account_id = $1 AND h.asset = $4 AND h.released_at IS NULL), 0) AS free_quote,
+                     WHERE h.account_id = q.account_id AND h.asset = q.quote_asset AND h.released_at IS NULL), 0)
+         AS free_quote,
        coalesce(p.net_quantity, 0)
          - coalesce((SELECT sum(h.amount) FROM holds h
-                     WHERE h.account_id = $1 AND h.asset = $5 AND h.released_at IS NULL), 0) AS free_base
-FROM instruments i
+                     WHERE h.account_id = q.account_id AND h.asset = q.base_asset AND h.released_at IS NULL), 0)
+         AS free_base,
+       ARRAY(SELECT (SELECT o.id FROM orders o WHERE o.account_id = c.account_id AND o.client_order_id = c.coid)
+             FROM unnest($7::bigint[], $8::text[]) WITH ORDINALITY AS c(account_id, coid, n) ORDER BY c.n)
+         AS existing_ids
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::boolean[])
+     WITH ORDINALITY AS q(account_id, instrument_id, quote_asset, base_asset, scan, n)
+JOIN instruments i ON i.id = q.instrument_id
 LEFT JOIN LATERAL (
     SELECT r.* FROM risk_limits r
-    WHERE r.account_id = $1 AND (r.instrument_id = i.id OR r.instrument_id IS NULL)
+    WHERE r.account_id = q.account_id AND (r.instrument_id = i.id OR r.instrument_id IS NULL)
     ORDER BY r.instrument_id NULLS LAST LIMIT 1
 ) rl ON TRUE
-LEFT JOIN positions p ON p.account_id = $1 AND p.instrument_id = i.id
+LEFT JOIN positions p ON p.account_id = q.account_id AND p.instrument_id = i.id
 CROSS JOIN LATERAL (
     SELECT count(*) AS open_orders,
            coalesce(sum(o.quantity - o.filled_quantity) FILTER (WHERE o.side = 'buy'), 0) AS buy_leaves,
@@ -201,35 +214,60 @@ CROSS JOIN LATERAL (
            coalesce(sum(o.quantity - o.filled_quantity) FILTER (WHERE o.side = 'sell' AND o.reduce_only), 0)
              AS ro_sell_leaves
     FROM orders o
-    WHERE o.account_id = $1 AND o.instrument_id = i.id AND o.status IN {_OPEN_SQL}
+    WHERE o.account_id = q.account_id AND o.instrument_id = i.id AND o.status IN {_OPEN_SQL}
       AND o.id IS DISTINCT FROM $6::bigint
-      -- only scan the open orders when a rule needs them (a one-time filter: no scan at all otherwise)
-      AND ($7::boolean OR rl.max_position IS NOT NULL OR rl.max_open_orders IS NOT NULL)
+      -- only scan the open orders when a rule needs them (a filter on the pair alone: no scan at all otherwise)
+      AND (q.scan OR rl.max_position IS NOT NULL OR rl.max_open_orders IS NOT NULL)
 ) oo
-WHERE i.id = $2
+ORDER BY q.n
 """
 
-# One statement writes the order and everything that must commit with it. For a rejected order the hold and
-# outbox parameters are NULL and those inserts select nothing.
-_INSERT_ORDER = """
-WITH o AS (
-    INSERT INTO orders (account_id, instrument_id, client_order_id, side, type, time_in_force, quantity, price,
+# One statement writes every order of a placement and everything that must commit with it, from one array per
+# column (element k is the k-th order). Order ids are drawn first and handed out in ascending order, so ids,
+# outbox rows (the engine's time priority) and audit rows follow the request's order. A rejected order has
+# NULL hold and outbox columns, and those inserts select nothing for it. $24 is the time, $25 the actor; $26
+# each order's place in the request, $27/$28 the places and audit details of orders refused for an unknown
+# instrument (no order row): audit rows follow the request's order.
+_INSERT_ORDERS = """
+WITH t AS MATERIALIZED (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::numeric[], $8::numeric[], $9::numeric[], $10::timestamptz[], $11::boolean[],
+                         $12::boolean[], $13::text[], $14::text[], $15::text[], $16::numeric[], $17::text[],
+                         $18::numeric[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
+                         $26::int[])
+         WITH ORDINALITY AS t(account_id, instrument_id, client_order_id, side, type, time_in_force, quantity,
+                              price, stop_price, expire_at, post_only, reduce_only, stp_mode, status, reject_reason,
+                              hold_price, hold_asset, hold_amount, stream, symbol, payload, action, audit, k, n)
+), ids AS MATERIALIZED (
+    SELECT id, row_number() OVER (ORDER BY id) AS n
+    FROM (SELECT nextval(pg_get_serial_sequence('orders', 'id')) AS id FROM t) AS drawn
+), i AS MATERIALIZED (
+    SELECT t.*, ids.id FROM t JOIN ids USING (n)
+), o AS (
+    INSERT INTO orders (id, account_id, instrument_id, client_order_id, side, type, time_in_force, quantity, price,
                         stop_price, expire_at, post_only, reduce_only, stp_mode, status, reject_reason, hold_price,
                         created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17)
+    SELECT id, account_id, instrument_id, client_order_id, side, type, time_in_force, quantity, price, stop_price,
+           expire_at, post_only, reduce_only, stp_mode, status, reject_reason, hold_price, $24, $24
+    FROM i ORDER BY n
     RETURNING *
 ), h AS (
     INSERT INTO holds (account_id, asset, amount, order_id, created_at)
-    SELECT o.account_id, $18, $19::numeric, o.id, $17 FROM o WHERE $19::numeric > 0
+    SELECT account_id, hold_asset, hold_amount, id, $24 FROM i WHERE hold_amount > 0 ORDER BY n
 ), x AS (
     INSERT INTO outbox (stream, key, payload, created_at)
-    SELECT $20::text, $25::text, $21::text::jsonb || jsonb_build_object('order_id', o.id), $17 FROM o
-    WHERE $20::text IS NOT NULL
+    SELECT stream, symbol, payload::jsonb || jsonb_build_object('order_id', id), $24 FROM i
+    WHERE stream IS NOT NULL ORDER BY n
 ), a AS (
     INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details)
-    SELECT $22, $23, 'order', o.id::text, $24::text::jsonb || jsonb_build_object('status', o.status) FROM o
+    SELECT $25, action, 'order', entity_id, details FROM (
+        SELECT k, action, id::text AS entity_id, audit::jsonb || jsonb_build_object('status', status) AS details
+        FROM i
+        UNION ALL
+        SELECT k, 'order.reject', NULL, details::jsonb FROM unnest($27::int[], $28::text[]) AS u(k, details)
+    ) AS entries ORDER BY k
 )
-SELECT * FROM o
+SELECT o.* FROM o JOIN i USING (id) ORDER BY i.n
 """
 
 _LOCK_ORDER = f"""
@@ -276,179 +314,286 @@ class OrderEntry:
         readonly principal, NotFound for an account the principal may not trade, Conflict
         (``duplicate_client_order_id``) for a reused client_order_id with different terms.
         """
+        (outcome,) = await self.place_orders(conn, principal, [request])
+        if isinstance(outcome, TradeplaneError):
+            raise outcome
+        return outcome
+
+    async def place_orders(
+        self, conn: asyncpg.Connection, principal: Principal, requests: Sequence[OrderRequest]
+    ) -> list[Placement | TradeplaneError]:
+        """Place several orders in the caller's transaction, with the same answers as placing them one by one
+        in the given order: a later order sees the holds, open orders and client_order_ids of earlier ones.
+
+        Each outcome is a Placement (accepted, replayed or rejected: stored) or the error that order alone would
+        have raised (nothing stored for it). Only PermissionDenied, for a readonly principal, is raised.
+        The cost is a few statements for the whole batch rather than per order: one lock statement for every
+        account, one exposure read for every (account, instrument) pair, one Redis round trip for the rate
+        counters and one insert of every row.
+        """
         _require_writer(principal)
         now = self.clock()
-        terms = request.terms
-        problem = shape_error(terms, now)
-        if problem is None and request.client_order_id is not None and not 1 <= len(request.client_order_id) <= 64:
-            problem = "client_order_id must be 1 to 64 characters"
-        if problem is not None:
-            raise InvalidRequest(problem, code="validation_error")
+        outcomes: list[Placement | TradeplaneError | None] = [None] * len(requests)
+        for index, request in enumerate(requests):
+            problem = _request_problem(request, now)
+            if problem is not None:
+                outcomes[index] = InvalidRequest(problem, code="validation_error")
 
-        account = await conn.fetchrow(_LOCK_ACCOUNT, request.account_id)
-        if (
-            account is None
-            or account["kind"] == "house"
-            or (not sees_all_accounts(principal) and account["user_id"] != principal.user_id)
-        ):
-            raise NotFound(f"no account {request.account_id}", code="account_not_found")
-        owner: int | None = account["user_id"]
-
-        rules = await self.catalog.get(conn, request.symbol)
-        if rules is None:
+        wanted = {requests[k].account_id for k, outcome in enumerate(outcomes) if outcome is None}
+        accounts: dict[int, asyncpg.Record] = {}
+        if wanted:
+            rows = await conn.fetch(_LOCK_ACCOUNTS, sorted(wanted))
+            accounts = {
+                r["id"]: r
+                for r in rows
+                if r["kind"] != "house" and (sees_all_accounts(principal) or r["user_id"] == principal.user_id)
+            }
+        checked: list[tuple[int, InstrumentRules]] = []
+        unknown: dict[int, str] = {}  # request index -> audit details of an unknown instrument's rejection
+        for index, request in enumerate(requests):
+            if outcomes[index] is not None:
+                continue
+            account = accounts.get(request.account_id)
+            if account is None:
+                outcomes[index] = NotFound(f"no account {request.account_id}", code="account_not_found")
+                continue
+            rules = await self.catalog.get(conn, request.symbol)
+            if rules is not None:
+                checked.append((index, rules))
+                continue
             rejection = RiskRejection(RiskReason.UNKNOWN_INSTRUMENT, f"no instrument {request.symbol!r}")
-            await conn.execute(
-                _AUDIT,
-                principal.user_id,
-                "order.reject",
-                None,
-                json.dumps(
-                    {"account_id": request.account_id, "symbol": request.symbol, "reason": rejection.reason.value}
+            outcomes[index] = Placement(PlacementOutcome.REJECTED, None, rejection, account["user_id"])
+            details = {"account_id": request.account_id, "symbol": request.symbol, "reason": rejection.reason.value}
+            unknown[index] = json.dumps(details)
+        if checked or unknown:
+            await self._assess_and_store(conn, principal, requests, accounts, checked, unknown, outcomes, now)
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    async def _assess_and_store(
+        self,
+        conn: asyncpg.Connection,
+        principal: Principal,
+        requests: Sequence[OrderRequest],
+        accounts: Mapping[int, asyncpg.Record],
+        checked: list[tuple[int, InstrumentRules]],
+        unknown: Mapping[int, str],
+        outcomes: list[Placement | TradeplaneError | None],
+        now: datetime,
+    ) -> None:
+        """Risk for every order that reached it, in order, over exposures that earlier orders of the same batch
+        have already changed; then one insert of every accepted and rejected order."""
+        pairs: dict[tuple[int, int], int] = {}  # (account, instrument) -> row of the exposure read
+        scan: list[bool] = []
+        pair_rules: list[InstrumentRules] = []
+        counted: dict[int, int] = {}  # account -> orders of this batch in its rate window
+        for index, rules in checked:
+            request = requests[index]
+            pair = (request.account_id, rules.instrument_id)
+            if pair not in pairs:
+                pairs[pair] = len(pairs)
+                scan.append(False)
+                pair_rules.append(rules)
+            scan[pairs[pair]] = scan[pairs[pair]] or request.terms.reduce_only
+            counted[request.account_id] = counted.get(request.account_id, 0) + 1
+        with_ids = [index for index, _ in checked if requests[index].client_order_id is not None]
+        state_rows: list[asyncpg.Record] = []
+        window_counts: dict[int, int] = {}
+        if checked:  # else the batch only has orders for unknown instruments to audit
+            state_rows, window_counts = await asyncio.gather(
+                conn.fetch(
+                    _EXPOSURE,
+                    [account for account, _ in pairs],
+                    [instrument for _, instrument in pairs],
+                    [rules.quote_asset for rules in pair_rules],
+                    [rules.base_asset for rules in pair_rules],
+                    scan,
+                    None,
+                    [requests[index].account_id for index in with_ids],
+                    [requests[index].client_order_id for index in with_ids],
                 ),
+                self._count_orders(counted, now),
             )
-            return Placement(PlacementOutcome.REJECTED, None, rejection, owner)
+        existing = dict(zip(with_ids, state_rows[0]["existing_ids"], strict=True)) if state_rows else {}
+        # the rate window count of each account's first order of this batch, then one more per order
+        next_count = {account: total - counted[account] + 1 for account, total in window_counts.items()}
 
-        exposure_row, orders_this_second = await asyncio.gather(
-            conn.fetchrow(
-                _EXPOSURE,
-                request.account_id,
-                rules.instrument_id,
-                request.client_order_id,
-                rules.quote_asset,
-                rules.base_asset,
-                None,
-                terms.reduce_only,
-            ),
-            self._count_order(request.account_id, now),
-        )
-        assert exposure_row is not None  # the catalog only knows instruments that exist
+        book = _BatchExposure(state_rows, pairs, accounts)
+        stored: list[tuple[int, InstrumentRules, Acceptance | RiskRejection]] = []
+        first_of_id: dict[tuple[int, str], int] = {}  # (account, client_order_id) -> the batch's first order
+        twins: list[tuple[int, int]] = []  # (order, earlier order of this batch with its client_order_id)
+        replays: list[tuple[int, int]] = []  # (order, stored order with its client_order_id)
+        for index, rules in checked:
+            request = requests[index]
+            account_id = request.account_id
+            orders_this_second = next_count[account_id]
+            next_count[account_id] += 1
+            if request.client_order_id is not None:
+                key = (account_id, request.client_order_id)
+                if existing.get(index) is not None:
+                    replays.append((index, existing[index]))
+                    continue
+                if key in first_of_id:
+                    twins.append((index, first_of_id[key]))
+                    continue
+                first_of_id[key] = index
+            row, exposure = book.exposure(account_id, rules)
+            verdict = assess(
+                request.terms,
+                rules,
+                MarketState(row["status"], row["last_price"], row["reference_price"]),
+                limits_of(row),
+                exposure,
+                orders_this_second=orders_this_second,
+                account_active=accounts[account_id]["status"] == "active",
+            )
+            if isinstance(verdict, Acceptance):
+                book.take(account_id, rules, request.terms, verdict)
+            stored.append((index, rules, verdict))
 
-        if exposure_row["existing_id"] is not None:
-            return await self._replay(conn, exposure_row["existing_id"], rules, request, owner)
+        if stored or unknown:
+            orders = await self._insert(conn, principal, requests, stored, unknown, now)
+            for (index, _, verdict), order in zip(stored, orders, strict=True):
+                owner = accounts[requests[index].account_id]["user_id"]
+                if isinstance(verdict, RiskRejection):
+                    outcomes[index] = Placement(PlacementOutcome.REJECTED, order, verdict, owner)
+                else:
+                    outcomes[index] = Placement(PlacementOutcome.ACCEPTED, order, None, owner)
+        for index, first in twins:
+            original = outcomes[first]
+            assert isinstance(original, Placement) and original.order is not None
+            outcomes[index] = self._replayed(requests[index], original.order, requests[first].terms, accounts)
+        if replays:
+            rows = await conn.fetch(
+                f"SELECT {ORDER_COLUMNS}, o.instrument_id FROM orders o JOIN instruments i ON i.id = o.instrument_id"
+                " WHERE o.id = ANY($1::bigint[])",
+                [order_id for _, order_id in replays],
+            )
+            by_id = {r["id"]: r for r in rows}
+            for index, order_id in replays:
+                row = by_id[order_id]
+                outcomes[index] = self._replayed(requests[index], order_from_row(row), terms_of_row(row), accounts)
 
-        market = MarketState(exposure_row["status"], exposure_row["last_price"], exposure_row["reference_price"])
-        verdict = assess(
-            terms,
-            rules,
-            market,
-            _limits_of(exposure_row),
-            _exposure_of(exposure_row, account["kind"]),
-            orders_this_second=orders_this_second,
-            account_active=account["status"] == "active",
-        )
-        order = await self._insert(conn, principal, request, rules, now, verdict)
-        if isinstance(verdict, RiskRejection):
-            return Placement(PlacementOutcome.REJECTED, order, verdict, owner)
-        return Placement(PlacementOutcome.ACCEPTED, order, None, owner)
-
-    async def _count_order(self, account_id: int, now: datetime) -> int:
-        """This order's place in its account's one-second window, shared by every api replica."""
-        key = rate_limit_key(account_id, int(now.timestamp()))
-        try:
-            async with self.cache.client.pipeline(transaction=False) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, RATE_WINDOW_TTL_S)
-                count, _ = await pipe.execute()
-        except REDIS_ERRORS as exc:
-            raise InfrastructureUnavailable(f"Redis unavailable for the order rate limit: {exc}") from exc
-        return int(count)
-
-    async def _replay(
-        self, conn: asyncpg.Connection, order_id: int, rules: InstrumentRules, request: OrderRequest, owner: int | None
-    ) -> Placement:
-        row = await conn.fetchrow(
-            f"SELECT {ORDER_COLUMNS}, o.instrument_id FROM orders o JOIN instruments i ON i.id = o.instrument_id"
-            " WHERE o.id = $1",
-            order_id,
-        )
-        assert row is not None
-        if row["instrument_id"] != rules.instrument_id or terms_of_row(row) != request.terms:
-            raise Conflict(
-                f"client_order_id {request.client_order_id!r} was already used for order {order_id}"
+    def _replayed(
+        self,
+        request: OrderRequest,
+        original: OrderRecord,
+        original_terms: OrderTerms,
+        accounts: Mapping[int, asyncpg.Record],
+    ) -> Placement | TradeplaneError:
+        """The answer to a request whose client_order_id is taken: the original order if the terms agree."""
+        if original.symbol != request.symbol or original_terms != request.terms:
+            return Conflict(
+                f"client_order_id {request.client_order_id!r} was already used for order {original.id}"
                 " with different parameters",
                 code="duplicate_client_order_id",
             )
-        order = order_from_row(row)
-        return Placement(PlacementOutcome.REPLAYED, order, _rejection_of(order), owner)
+        owner = accounts[request.account_id]["user_id"]
+        return Placement(PlacementOutcome.REPLAYED, original, _rejection_of(original), owner)
+
+    async def _count_orders(self, counted: Mapping[int, int], now: datetime) -> dict[int, int]:
+        """Add each account's orders to its one-second window, shared by every api replica; the new totals."""
+        second = int(now.timestamp())
+        try:
+            async with self.cache.client.pipeline(transaction=False) as pipe:
+                for account_id, n in counted.items():
+                    key = rate_limit_key(account_id, second)
+                    pipe.incrby(key, n)
+                    pipe.expire(key, RATE_WINDOW_TTL_S)
+                replies = await pipe.execute()
+        except REDIS_ERRORS as exc:
+            raise InfrastructureUnavailable(f"Redis unavailable for the order rate limit: {exc}") from exc
+        return {account_id: int(total) for account_id, total in zip(counted, replies[::2], strict=True)}
 
     async def _insert(
         self,
         conn: asyncpg.Connection,
         principal: Principal,
-        request: OrderRequest,
-        rules: InstrumentRules,
+        requests: Sequence[OrderRequest],
+        stored: list[tuple[int, InstrumentRules, Acceptance | RiskRejection]],
+        unknown: Mapping[int, str],
         now: datetime,
-        verdict: Acceptance | RiskRejection,
-    ) -> OrderRecord:
-        t = request.terms
-        expire_at = expiry_for(t, rules, now)
-        audit: dict[str, Any] = {
-            "account_id": request.account_id,
-            "symbol": rules.symbol,
-            "side": t.side.value,
-            "type": t.order_type.value,
-            "quantity": decimal_text(t.quantity),
-            "price": None if t.price is None else decimal_text(t.price),
-            "client_order_id": request.client_order_id,
-        }
-        if isinstance(verdict, RiskRejection):
-            status = transition(OrderStatus.PENDING_NEW, OrderStatus.REJECTED)
-            audit["reason"] = verdict.reason.value
-            hold_asset = hold_amount = stream = payload = None
-            hold_price = None
-            action = "order.reject"
-        else:
-            status = OrderStatus.PENDING_NEW
-            hold_price = verdict.hold_price
-            hold_asset, hold_amount = verdict.reservation.asset, verdict.reservation.amount
-            stream = self.stream_for(rules.symbol)
-            payload = json.dumps(
-                {
-                    "type": "new",
-                    "account_id": request.account_id,
-                    "symbol": rules.symbol,
-                    "side": t.side.value,
-                    "order_type": t.order_type.value,
-                    "qty": decimal_text(t.quantity),
-                    "price": None if t.price is None else decimal_text(t.price),
-                    "stop_price": None if t.stop_price is None else decimal_text(t.stop_price),
-                    "time_in_force": t.time_in_force.value,
-                    "expire_at": None if expire_at is None else expire_at.astimezone(UTC).isoformat(),
-                    "post_only": t.post_only,
-                    "stp": t.stp.value,
-                }
+    ) -> list[OrderRecord]:
+        columns: list[list[Any]] = [[] for _ in range(23)]
+        for index, rules, verdict in stored:
+            request = requests[index]
+            t = request.terms
+            expire_at = expiry_for(t, rules, now)
+            audit: dict[str, Any] = {
+                "account_id": request.account_id,
+                "symbol": rules.symbol,
+                "side": t.side.value,
+                "type": t.order_type.value,
+                "quantity": decimal_text(t.quantity),
+                "price": None if t.price is None else decimal_text(t.price),
+                "client_order_id": request.client_order_id,
+            }
+            if isinstance(verdict, RiskRejection):
+                status = transition(OrderStatus.PENDING_NEW, OrderStatus.REJECTED)
+                audit["reason"] = verdict.reason.value
+                reason: str | None = verdict.reason.value
+                hold_price = hold_asset = hold_amount = stream = payload = None
+                action = "order.reject"
+            else:
+                status = OrderStatus.PENDING_NEW
+                reason = None
+                hold_price = verdict.hold_price
+                hold_asset, hold_amount = verdict.reservation.asset, verdict.reservation.amount
+                stream = self.stream_for(rules.symbol)
+                payload = json.dumps(
+                    {
+                        "type": "new",
+                        "account_id": request.account_id,
+                        "symbol": rules.symbol,
+                        "side": t.side.value,
+                        "order_type": t.order_type.value,
+                        "qty": decimal_text(t.quantity),
+                        "price": None if t.price is None else decimal_text(t.price),
+                        "stop_price": None if t.stop_price is None else decimal_text(t.stop_price),
+                        "time_in_force": t.time_in_force.value,
+                        "expire_at": None if expire_at is None else expire_at.astimezone(UTC).isoformat(),
+                        "post_only": t.post_only,
+                        "stp": t.stp.value,
+                    }
+                )
+                action = "order.place"
+            values = (
+                request.account_id,
+                rules.instrument_id,
+                request.client_order_id,
+                t.side.value,
+                t.order_type.value,
+                t.time_in_force.value,
+                t.quantity,
+                t.price,
+                t.stop_price,
+                expire_at,
+                t.post_only,
+                t.reduce_only,
+                t.stp.value,
+                status.value,
+                reason,
+                hold_price,
+                hold_asset,
+                hold_amount,
+                stream,
+                rules.symbol,
+                payload,
+                action,
+                json.dumps(audit),
             )
-            action = "order.place"
-        row = await conn.fetchrow(
-            _INSERT_ORDER,
-            request.account_id,
-            rules.instrument_id,
-            request.client_order_id,
-            t.side.value,
-            t.order_type.value,
-            t.time_in_force.value,
-            t.quantity,
-            t.price,
-            t.stop_price,
-            expire_at,
-            t.post_only,
-            t.reduce_only,
-            t.stp.value,
-            status.value,
-            None if isinstance(verdict, Acceptance) else verdict.reason.value,
-            hold_price,
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        rows = await conn.fetch(
+            _INSERT_ORDERS,
+            *columns,
             now,
-            hold_asset,
-            hold_amount,
-            stream,
-            payload,
             principal.user_id,
-            action,
-            json.dumps(audit),
-            rules.symbol,
+            [index for index, _, _ in stored],
+            list(unknown),
+            list(unknown.values()),
         )
-        assert row is not None
-        return order_from_row(row, rules.symbol)
+        return [order_from_row(row, rules.symbol) for row, (_, rules, _) in zip(rows, stored, strict=True)]
 
     # ------------------------------------------------------------------------------------------ modify
 
@@ -495,19 +640,20 @@ class OrderEntry:
         side = Side(order.side)
         state = await conn.fetchrow(
             _EXPOSURE,
-            order.account_id,
-            rules.instrument_id,
-            None,
-            rules.quote_asset,
-            rules.base_asset,
+            [order.account_id],
+            [rules.instrument_id],
+            [rules.quote_asset],
+            [rules.base_asset],
+            [order.reduce_only],
             order_id,
-            order.reduce_only,
+            [],
+            [],
         )
         assert state is not None
         current_hold: Decimal = await conn.fetchval(
             "SELECT coalesce(sum(amount), 0) FROM holds WHERE order_id = $1 AND released_at IS NULL", order_id
         )
-        exposure = _exposure_of(state, row["account_kind"])
+        exposure = exposure_of(state, row["account_kind"])
         market = MarketState(state["status"], state["last_price"], state["reference_price"])
         hold_price: Decimal | None = row["hold_price"] or order.price or order.stop_price
         assert hold_price is not None  # every order the api stores has one
@@ -518,7 +664,7 @@ class OrderEntry:
             rejection = check_band(rules, market, price)
         if rejection is None:
             rejection = check_limits(
-                _limits_of(state),
+                limits_of(state),
                 exposure,
                 side,
                 new_qty,
@@ -701,7 +847,63 @@ class OrderEntry:
         )
 
 
-def _limits_of(row: asyncpg.Record) -> RiskLimits:
+def _request_problem(request: OrderRequest, now: datetime) -> str | None:
+    """Why a placement request is malformed whatever the market does (422 validation_error), or None."""
+    problem = shape_error(request.terms, now)
+    if problem is None and request.client_order_id is not None and not 1 <= len(request.client_order_id) <= 64:
+        problem = "client_order_id must be 1 to 64 characters"
+    return problem
+
+
+class _BatchExposure:
+    """The exposures of a batch's (account, instrument) pairs, read once and moved along as its orders are
+    accepted, so each order is assessed as if the earlier ones had been committed before it was placed: an
+    accepted order is one more open order with its quantity as leaves, and its hold takes free funds of its
+    asset in every instrument of the account that draws on that asset."""
+
+    def __init__(
+        self,
+        rows: Sequence[asyncpg.Record],
+        pairs: Mapping[tuple[int, int], int],
+        accounts: Mapping[int, asyncpg.Record],
+    ) -> None:
+        self._rows = {pair: rows[k] for pair, k in pairs.items()}
+        self._exposures = {pair: exposure_of(rows[k], accounts[pair[0]]["kind"]) for pair, k in pairs.items()}
+        self._held: dict[tuple[int, str], Decimal] = {}  # (account, asset) -> held by this batch's orders
+
+    def exposure(self, account_id: int, rules: InstrumentRules) -> tuple[asyncpg.Record, Exposure]:
+        pair = (account_id, rules.instrument_id)
+        exposure = self._exposures[pair]
+        held_quote = self._held.get((account_id, rules.quote_asset))
+        held_base = self._held.get((account_id, rules.base_asset))
+        if held_quote is not None or held_base is not None:
+            exposure = replace(
+                exposure,
+                free_quote=exposure.free_quote - (held_quote or 0),
+                free_base=exposure.free_base - (held_base or 0),
+            )
+        return self._rows[pair], exposure
+
+    def take(self, account_id: int, rules: InstrumentRules, terms: OrderTerms, acceptance: Acceptance) -> None:
+        pair = (account_id, rules.instrument_id)
+        e = self._exposures[pair]
+        buy = terms.side is Side.BUY
+        qty, ro_qty = terms.quantity, (terms.quantity if terms.reduce_only else Decimal(0))
+        self._exposures[pair] = replace(
+            e,
+            open_orders=e.open_orders + 1,
+            open_buy_leaves=e.open_buy_leaves + qty if buy else e.open_buy_leaves,
+            open_sell_leaves=e.open_sell_leaves if buy else e.open_sell_leaves + qty,
+            reduce_only_buy_leaves=e.reduce_only_buy_leaves + ro_qty if buy else e.reduce_only_buy_leaves,
+            reduce_only_sell_leaves=e.reduce_only_sell_leaves if buy else e.reduce_only_sell_leaves + ro_qty,
+        )
+        held = acceptance.reservation
+        if held.amount > 0:
+            key = (account_id, held.asset)
+            self._held[key] = self._held.get(key, Decimal(0)) + held.amount
+
+
+def limits_of(row: asyncpg.Record) -> RiskLimits:
     return RiskLimits(
         max_order_qty=row["max_order_qty"],
         max_order_notional=row["max_order_notional"],
@@ -711,7 +913,7 @@ def _limits_of(row: asyncpg.Record) -> RiskLimits:
     )
 
 
-def _exposure_of(row: asyncpg.Record, account_kind: str) -> Exposure:
+def exposure_of(row: asyncpg.Record, account_kind: str) -> Exposure:
     return Exposure(
         account_kind=account_kind,
         net_position=row["net_position"],
@@ -748,6 +950,32 @@ async def submit_order(db: Database, entry: OrderEntry, principal: Principal, re
         raise AssertionError("unreachable")
     finally:
         ORDER_PLACEMENT_DURATION.observe(time.perf_counter() - started)
+
+
+async def submit_orders(
+    db: Database, entry: OrderEntry, principal: Principal, requests: Sequence[OrderRequest]
+) -> list[Placement | TradeplaneError]:
+    """Place a batch in one transaction and commit it: every order of the batch is stored or none is.
+
+    Each order's outcome is what ``submit_order`` would have given it (see ``OrderEntry.place_orders``); the
+    placement histogram gets one observation per order, the batch's time. A unique violation (a writer that
+    does not take the account lock raced one of the client_order_ids) retries the batch once.
+    """
+    started = time.perf_counter()
+    try:
+        for attempt in (1, 2):
+            try:
+                async with db.transaction("orders.place_batch") as conn:
+                    return await entry.place_orders(conn, principal, requests)
+            except asyncpg.UniqueViolationError:
+                if attempt == 2:
+                    raise
+                log.info("a client_order_id of a batch raced; placing the batch again")
+        raise AssertionError("unreachable")
+    finally:
+        elapsed = time.perf_counter() - started
+        for _ in requests:
+            ORDER_PLACEMENT_DURATION.observe(elapsed)
 
 
 _ENTRIES: dict[int, OrderEntry] = {}

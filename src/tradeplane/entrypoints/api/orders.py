@@ -16,19 +16,29 @@ from fastapi.responses import JSONResponse
 from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
 from tradeplane.entrypoints.api.schemas import (
     AccountPublic,
+    BatchPublic,
     BookPublic,
     FillPage,
     FillPublic,
     InstrumentPublic,
     OrderAmend,
+    OrderBatchCreate,
     OrderCreate,
     OrderPage,
     OrderPublic,
     PositionPublic,
     RiskRejectedBody,
 )
+from tradeplane.errors import TradeplaneError
 from tradeplane.services import queries
-from tradeplane.services.orders import OrderRequest, PlacementOutcome, order_entry, submit_order
+from tradeplane.services.orders import (
+    OrderRequest,
+    Placement,
+    PlacementOutcome,
+    order_entry,
+    submit_order,
+    submit_orders,
+)
 from tradeplane.services.queries import OrderRecord, sees_all_accounts
 
 router = APIRouter(prefix="/api/v1", tags=["trading"])
@@ -71,6 +81,40 @@ async def place_order(body: OrderCreate, principal: PrincipalDep, platform: Plat
         await queries.after_order_commit(platform.cache, placement.owner_user_id)
         return _order_response(placement.order, 201)
     return _order_response(placement.order, 200)
+
+
+@router.post("/orders/batch", response_model=BatchPublic)
+async def place_orders(body: OrderBatchCreate, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
+    """Place up to 500 orders in one transaction, for any accounts the key may trade: 200 once committed, with
+    one result per order in the request's order, each carrying the status its own POST /orders would have had.
+
+    The orders are checked as if placed one by one in that order (a later order sees the holds of earlier ones),
+    and the ones accepted reach their engine shard in that order. A batch is the way to place orders at high
+    rate: one request, one transaction and one round trip per statement for all of them.
+    """
+    entry = order_entry(platform)
+    requests = [OrderRequest(o.account_id, o.symbol, o.terms(), o.client_order_id) for o in body.orders]
+    outcomes = await submit_orders(platform.db, entry, principal, requests)
+    owners = {o.owner_user_id for o in outcomes if isinstance(o, Placement) and o.outcome is PlacementOutcome.ACCEPTED}
+    if owners:
+        await queries.after_order_commit(platform.cache, *owners)
+    return JSONResponse({"results": [_batch_item(outcome) for outcome in outcomes]})
+
+
+def _batch_item(outcome: Placement | TradeplaneError) -> dict[str, Any]:
+    if isinstance(outcome, TradeplaneError):
+        return {"status": outcome.status_code, "error": outcome.code, "detail": outcome.detail}
+    order = None if outcome.order is None else outcome.order.to_json()
+    if outcome.rejection is not None:
+        rejection = outcome.rejection
+        return {
+            "status": 422,
+            "error": "risk_rejected",
+            "reason": rejection.reason.value,
+            "detail": rejection.detail,
+            "order": order,
+        }
+    return {"status": 201 if outcome.outcome is PlacementOutcome.ACCEPTED else 200, "order": order}
 
 
 @router.get("/orders", response_model=OrderPage)

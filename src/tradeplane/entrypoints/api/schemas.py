@@ -12,6 +12,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerialize
 
 from tradeplane.domain.orders import OrderType, SelfTradePrevention, Side, TimeInForce
 from tradeplane.domain.risk import OrderTerms
+from tradeplane.services.orders import MAX_BATCH
 from tradeplane.services.queries import decimal_text
 
 DecimalText = Annotated[Decimal, PlainSerializer(decimal_text, return_type=str)]
@@ -47,6 +48,14 @@ class OrderCreate(BaseModel):
             reduce_only=self.reduce_only,
             stp=self.stp,
         )
+
+
+class OrderBatchCreate(BaseModel):
+    """POST /orders/batch: orders placed in one transaction, answered one by one in the same order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    orders: list[OrderCreate] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 class OrderAmend(BaseModel):
@@ -89,6 +98,25 @@ class RiskRejectedBody(BaseModel):
     detail: str
     reason: str
     order: OrderPublic | None
+
+
+class BatchItemPublic(BaseModel):
+    """One order's answer in a batch: ``status`` is the HTTP status its own POST /orders would have had.
+
+    201 accepted and 200 an idempotent replay carry ``order``; 422 ``risk_rejected`` carries ``reason`` and
+    the stored rejected ``order``; any other error (422 validation_error, 404 account_not_found, 409
+    duplicate_client_order_id) carries ``error`` and ``detail`` and stored nothing.
+    """
+
+    status: int
+    order: OrderPublic | None = None
+    error: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+class BatchPublic(BaseModel):
+    results: list[BatchItemPublic]
 
 
 class OrderPage(BaseModel):

@@ -1,6 +1,7 @@
 """End-to-end order benchmark on the embedded default: the whole platform as `tradeplane up` runs it.
 
-Run: ``.venv/bin/python tests/bench/bench_orders_e2e.py [--rate 500] [--seconds 20] [--concurrency 32] [--pairs 16]``
+Run: ``.venv/bin/python tests/bench/bench_orders_e2e.py [--rate 500] [--seconds 20] [--concurrency 32] [--pairs 16]
+[--batch 200] [--api-workers 1] [--skip-open-loop]``
 
 It starts the embedded servers (PostgreSQL, Redis, NATS, as `tradeplane up` does) in a temporary data folder and
 the platform as separate processes, `tradeplane run api`, `run relay` and `run engine` (one process each, so
@@ -14,6 +15,8 @@ taker buys 1 @ 190.00, so every pair trades):
 3. sustained closed-loop throughput with --concurrency clients: orders placed, matched and persisted per
    second (until the last order of the run is filled in PostgreSQL), and the CPU each process spent per order
    (api, relay, engine, PostgreSQL with its backends, NATS, Redis, this generator): where the 2 cores go.
+   With --batch N each client sends N orders per ``POST /orders/batch`` from its own maker/taker pair of one
+   firm's accounts; without it, one order per ``POST /orders``.
 
 The load generator runs on the same 2-core machine as the platform, so it competes with it for CPU. This is a
 benchmark, not a test: it prints figures and a one-line JSON summary and asserts nothing about time.
@@ -102,6 +105,31 @@ async def create_pair(database_url: str, index: int) -> dict[str, Any]:
                 )
                 out[name] = {"user_id": user_id, "key": key, "account_id": account_id}
             return out
+    finally:
+        await conn.close()
+
+
+async def create_firm(database_url: str, pairs: int) -> dict[str, Any]:
+    """One trading user owning `pairs` maker/taker account pairs, as a firm placing batches would."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            user_id = await identity.create_user(conn, "bench-firm", Role.TRADER)
+            key = (await identity.issue_api_key(conn, SECRET, user_id, "bench")).key
+            account_pairs = []
+            for index in range(pairs):
+                pair = []
+                for name in ("maker", "taker"):
+                    account_id = await accounts.create_account(conn, user_id, f"{name}-{index}", "margin", "USD")
+                    await accounts.deposit(conn, account_id, Decimal("1000000000.00"))
+                    await conn.execute(
+                        "INSERT INTO risk_limits (account_id, instrument_id, max_open_orders, max_orders_per_second)"
+                        " VALUES ($1, NULL, 1000000, 1000000)",
+                        account_id,
+                    )
+                    pair.append(account_id)
+                account_pairs.append(tuple(pair))
+            return {"user_id": user_id, "key": key, "pairs": account_pairs}
     finally:
         await conn.close()
 
@@ -259,6 +287,7 @@ async def sustained(
     concurrency: int,
     seconds: float,
     cpu: Callable[[], dict[str, float]],
+    batch: int = 0,
 ) -> dict[str, Any]:
     cpu_before = cpu()
     conn = await asyncpg.connect(database_url)
@@ -281,14 +310,31 @@ async def sustained(
                     placed += 1
         await conn.close()
 
+    async def batch_loop(firm: dict[str, Any], maker: int, taker: int) -> None:
+        """Batches of `batch` orders from one firm's maker/taker pair: sell, buy, sell, buy..."""
+        nonlocal placed
+        conn = await pool.get()
+        orders = [order(taker if k % 2 else maker, "buy" if k % 2 else "sell") for k in range(batch)]
+        request = conn.build("POST", "/api/v1/orders/batch", {"orders": orders}, auth(firm))
+        while time.perf_counter() < stop_at:
+            status, body = await conn.send(request)
+            if status == 200:
+                placed += sum(1 for result in json.loads(body)["results"] if result["status"] == 201)
+        await conn.close()
+
+    if batch:
+        firm = await create_firm(database_url, concurrency)
+        loops = [batch_loop(firm, maker, taker) for maker, taker in firm["pairs"]]
+    else:
+        loops = [client_loop(pairs[i % len(pairs)]) for i in range(concurrency)]
     start = time.perf_counter()
-    await asyncio.gather(*(client_loop(pairs[i % len(pairs)]) for i in range(concurrency)))
+    await asyncio.gather(*loops)
     placing_s = time.perf_counter() - start
     target = filled_before + placed
     while await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'") < target:
         if time.perf_counter() - start > seconds + 120:
             break
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the count scans the orders: polling often would load the database measured
     done_s = time.perf_counter() - start
     filled = await conn.fetchval("SELECT count(*) FROM orders WHERE status = 'filled'") - filled_before
     await conn.close()
@@ -299,6 +345,7 @@ async def sustained(
     print(f"  machine busy: {busy / done_s / (os.cpu_count() or 1):.0%} of {os.cpu_count()} cpus over the run")
     result = {
         "concurrency": concurrency,
+        "batch": batch,
         "placed": placed,
         "filled": filled,
         "placed_per_s": round(placed / placing_s),
@@ -319,6 +366,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=16, help="maker/taker account pairs")
     parser.add_argument("--api-workers", type=int, default=1, help="API processes (`run api --workers N`)")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="sustained phase: orders per POST /orders/batch (0: one order per POST)"
+    )
+    parser.add_argument("--skip-open-loop", action="store_true", help="only the account reads and sustained phase")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="tpbench"))
@@ -359,11 +410,14 @@ def main() -> None:
         database_url = urls["database_url"]
         parts = asyncio.run(create_participants(database_url, args.pairs))
         results: dict[str, Any] = {"benchmark": "orders_e2e", "machine": f"{host.machine()} {os.cpu_count()} cpus"}
-        results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds))
+        if not args.skip_open_loop:
+            results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds))
         results["account_reads"] = asyncio.run(account_reads(base, parts))
         workers = {name: process.pid for name, process in zip(("api", "relay", "engine"), processes, strict=True)}
         cpu = lambda: cpu_seconds(data_dir, workers)  # noqa: E731
-        results["sustained"] = asyncio.run(sustained(base, database_url, parts, args.concurrency, args.seconds, cpu))
+        results["sustained"] = asyncio.run(
+            sustained(base, database_url, parts, args.concurrency, args.seconds, cpu, args.batch)
+        )
         print(json.dumps(results))
     except BaseException:
         log.flush()

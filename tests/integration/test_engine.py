@@ -29,10 +29,10 @@ from tradeplane.config import Settings
 from tradeplane.domain.orders import OPEN_STATUSES, OrderStatus, OrderType, Side, TimeInForce, transition
 from tradeplane.domain.reservations import reservation, shard_for
 from tradeplane.domain.risk import OrderTerms
-from tradeplane.entrypoints.workers.engine import EngineWorker, book_snapshot_key
+from tradeplane.entrypoints.workers.engine import EngineWorker, book_snapshot_key, commands_of
 from tradeplane.services import accounts, demo, identity
 from tradeplane.services.identity import Principal, Role
-from tradeplane.services.orders import OrderEntry, OrderRequest
+from tradeplane.services.orders import OrderEntry, OrderRequest, Placement
 from tradeplane.services.relay import OutboxRelay
 
 D = Decimal
@@ -769,6 +769,50 @@ async def test_an_expiry_already_past_is_rejected(desk: Desk) -> None:
     row = await desk.order(late)
     assert (row["status"], row["reject_reason"]) == ("rejected", "already_expired")
     assert await desk.held(late) == 0
+
+
+async def test_a_batch_placement_is_one_message_applied_in_request_order(desk: Desk) -> None:
+    seller = await desk.trader("seller", base="5")
+    buyer = await desk.trader("buyer")
+    async with desk.db.transaction("test.admin") as conn:
+        admin_id = await identity.create_user(conn, f"desk-{uuid.uuid4().hex[:6]}", Role.ADMIN)
+
+    def limit(trader: Trader, side: str, qty: str, price: str) -> OrderRequest:
+        terms = OrderTerms(side=Side(side), order_type=OrderType.LIMIT, quantity=D(qty), price=D(price))
+        return OrderRequest(trader.account_id, desk.symbol, terms)
+
+    batch = [
+        limit(seller, "sell", "1", "100.00"),
+        limit(seller, "sell", "1", "99.00"),
+        limit(buyer, "buy", "1.5", "100.00"),
+    ]
+    async with desk.db.transaction("test.batch") as conn:
+        placements = await OrderEntry(desk.cache, shards=1).place_orders(
+            conn, Principal(admin_id, "desk", Role.ADMIN), batch
+        )
+    ids = [p.order.id for p in placements if isinstance(p, Placement) and p.order is not None]
+    assert len(ids) == 3 and await desk.value("SELECT count(*) FROM outbox") == 1
+    await desk.pump()
+
+    # commands 1-3 in request order: the buy (command 3) takes the better 99.00 offer first, then half the 100.00
+    fills = await desk.fetch("SELECT trade_id, order_id, price, quantity FROM fills ORDER BY id")
+    assert [(f["trade_id"], f["order_id"], f["price"], f["quantity"]) for f in fills] == [
+        (f"{desk.symbol}-3-1", ids[1], D("99"), D("1")),
+        (f"{desk.symbol}-3-1", ids[2], D("99"), D("1")),
+        (f"{desk.symbol}-3-2", ids[0], D("100"), D("0.5")),
+        (f"{desk.symbol}-3-2", ids[2], D("100"), D("0.5")),
+    ]
+    assert [(await desk.order(i))["status"] for i in ids] == ["partially_filled", "filled", "filled"]
+    await desk.check()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"type": "batch"}, {"type": "batch", "commands": []}, {"type": "batch", "commands": [{"type": "new"}]}, [1]],
+)
+def test_a_malformed_message_has_no_commands(payload: Any) -> None:
+    with pytest.raises(ValueError):
+        commands_of(payload)
 
 
 async def test_a_redelivered_message_is_a_no_op(desk: Desk) -> None:

@@ -179,9 +179,12 @@ async def stored(platform: Platform, book: Book) -> dict[str, list[tuple[Any, ..
             "SELECT order_id, asset, amount FROM holds WHERE account_id = ANY($1::bigint[]) ORDER BY id",
             list(book.account_ids),
         )
+        # the engine's commands in the order it gets them (a batch row carries several)
         outbox = await conn.fetch(
-            "SELECT stream, (payload->>'order_id')::bigint AS order_id FROM outbox"
-            " WHERE (payload->>'account_id')::bigint = ANY($1::bigint[]) ORDER BY id",
+            "SELECT x.stream, (c.command->>'order_id')::bigint AS order_id FROM outbox x,"
+            " jsonb_array_elements(CASE WHEN x.payload->>'type' = 'batch' THEN x.payload->'commands'"
+            " ELSE jsonb_build_array(x.payload) END) WITH ORDINALITY AS c(command, n)"
+            " WHERE (c.command->>'account_id')::bigint = ANY($1::bigint[]) ORDER BY x.id, c.n",
             list(book.account_ids),
         )
         audit = await conn.fetch(

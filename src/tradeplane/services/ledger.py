@@ -40,9 +40,14 @@ async def post_many(conn: asyncpg.Connection, txs: Sequence[LedgerTransaction]) 
         [tx.kind for tx in txs],
         [tx.reference for tx in txs],
     )
-    await conn.executemany(
-        "INSERT INTO ledger_entries (transaction_id, account_id, asset, amount) VALUES ($1, $2, $3, $4)",
-        [(tx_id, e.account_id, e.asset, e.amount) for tx_id, tx in zip(ids, txs, strict=True) for e in tx.entries],
+    entries = [(tx_id, e) for tx_id, tx in zip(ids, txs, strict=True) for e in tx.entries]
+    await conn.execute(
+        "INSERT INTO ledger_entries (transaction_id, account_id, asset, amount)"
+        " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::numeric[])",
+        [tx_id for tx_id, _ in entries],
+        [e.account_id for _, e in entries],
+        [e.asset for _, e in entries],
+        [e.amount for _, e in entries],
     )
     moves: dict[tuple[int, str], Decimal] = defaultdict(Decimal)
     for tx in txs:

@@ -39,6 +39,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import orjson
 
 from tradeplane.adapters.bus import order_stream
 from tradeplane.adapters.cache import REDIS_ERRORS, Cache
@@ -224,7 +225,9 @@ ORDER BY q.n
 
 # One statement writes every order of a placement and everything that must commit with it, from one array per
 # column (element k is the k-th order). Order ids are drawn first and handed out in ascending order, so ids,
-# outbox rows (the engine's time priority) and audit rows follow the request's order. A rejected order has
+# the engine's commands (its time priority) and audit rows follow the request's order. The accepted orders of
+# one engine shard become ONE outbox row, hence one bus message: a lone order's "new" command, or a "batch"
+# of them in request order, which the engine applies as consecutive commands. A rejected order has
 # NULL hold and outbox columns, and those inserts select nothing for it. $24 is the time, $25 the actor; $26
 # each order's place in the request, $27/$28 the places and audit details of orders refused for an unknown
 # instrument (no order row): audit rows follow the request's order.
@@ -256,8 +259,13 @@ WITH t AS MATERIALIZED (
     SELECT account_id, hold_asset, hold_amount, id, $24 FROM i WHERE hold_amount > 0 ORDER BY n
 ), x AS (
     INSERT INTO outbox (stream, key, payload, created_at)
-    SELECT stream, symbol, payload::jsonb || jsonb_build_object('order_id', id), $24 FROM i
-    WHERE stream IS NOT NULL ORDER BY n
+    SELECT stream, min(symbol),
+           CASE WHEN count(*) = 1 THEN (array_agg(command))[1]
+                ELSE jsonb_build_object('type', 'batch', 'commands', jsonb_agg(command ORDER BY n)) END,
+           $24
+    FROM (SELECT stream, symbol, n, payload::jsonb || jsonb_build_object('order_id', id) AS command
+          FROM i WHERE stream IS NOT NULL) AS accepted
+    GROUP BY stream ORDER BY min(n)
 ), a AS (
     INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details)
     SELECT $25, action, 'order', entity_id, details FROM (
@@ -540,7 +548,7 @@ class OrderEntry:
                 hold_price = verdict.hold_price
                 hold_asset, hold_amount = verdict.reservation.asset, verdict.reservation.amount
                 stream = self.stream_for(rules.symbol)
-                payload = json.dumps(
+                payload = orjson.dumps(
                     {
                         "type": "new",
                         "account_id": request.account_id,
@@ -555,7 +563,7 @@ class OrderEntry:
                         "post_only": t.post_only,
                         "stp": t.stp.value,
                     }
-                )
+                ).decode()
                 action = "order.place"
             values = (
                 request.account_id,
@@ -580,7 +588,7 @@ class OrderEntry:
                 rules.symbol,
                 payload,
                 action,
-                json.dumps(audit),
+                orjson.dumps(audit).decode(),
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)

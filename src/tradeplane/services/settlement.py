@@ -622,10 +622,11 @@ class _Settler:
             )
             ids = {r["fill_id"]: r["id"] for r in inserted}
             self.result.fills = [replace(f, id=ids[f.fill_id]) for f in self.result.fills]
-            await conn.executemany(
+            await conn.execute(
                 "INSERT INTO trades (trade_id, instrument_id, price, quantity, buy_order_id, sell_order_id,"
-                " aggressor_side, ts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                self.trade_rows,
+                " aggressor_side, ts) SELECT * FROM unnest($1::text[], $2::bigint[], $3::numeric[], $4::numeric[],"
+                " $5::bigint[], $6::bigint[], $7::text[], $8::timestamptz[])",
+                *[list(column) for column in zip(*self.trade_rows, strict=True)],
             )
         if self.ledger_txs:
             # Lock every balance this batch moves in one (account, asset) order first: two engine shards
@@ -663,40 +664,47 @@ class _Settler:
             return
         for row in dirty:
             row.updated_at = now
-        await conn.executemany(
-            "UPDATE orders SET status = $2, filled_quantity = $3, average_fill_price = $4, sequence = $5,"
-            " quantity = $6, price = $7, hold_price = $8, reject_reason = $9, updated_at = $10 WHERE id = $1",
-            [
-                (
-                    r.order_id,
-                    r.status.value,
-                    r.filled_quantity,
-                    r.average_fill_price,
-                    r.sequence,
-                    r.quantity,
-                    r.price,
-                    r.hold_price,
-                    r.reject_reason,
-                    now,
-                )
-                for r in dirty
-            ],
+        # One statement per kind of change, whatever the batch size (every row is already locked by
+        # load_order_rows, so the order the rows are visited in cannot deadlock).
+        await conn.execute(
+            "UPDATE orders o SET status = u.status, filled_quantity = u.filled_quantity,"
+            " average_fill_price = u.average_fill_price, sequence = u.sequence, quantity = u.quantity,"
+            " price = u.price, hold_price = u.hold_price, reject_reason = u.reject_reason, updated_at = $10"
+            " FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[], $5::bigint[], $6::numeric[],"
+            " $7::numeric[], $8::numeric[], $9::text[]) AS u(id, status, filled_quantity, average_fill_price,"
+            " sequence, quantity, price, hold_price, reject_reason) WHERE o.id = u.id",
+            [r.order_id for r in dirty],
+            [r.status.value for r in dirty],
+            [r.filled_quantity for r in dirty],
+            [r.average_fill_price for r in dirty],
+            [r.sequence for r in dirty],
+            [r.quantity for r in dirty],
+            [r.price for r in dirty],
+            [r.hold_price for r in dirty],
+            [r.reject_reason for r in dirty],
+            now,
         )
-        keep: list[tuple[int, Decimal]] = []
-        release: list[tuple[int, datetime]] = []
+        keep: dict[int, Decimal] = {}
+        release: list[int] = []
         for row in dirty:
             amount = hold_amount(row, self.by_id[row.instrument_id])
             if amount > 0:
-                keep.append((row.order_id, amount))
+                keep[row.order_id] = amount
             else:
-                release.append((row.order_id, now))
+                release.append(row.order_id)
         if keep:
-            await conn.executemany(
-                "UPDATE holds SET amount = $2 WHERE order_id = $1 AND released_at IS NULL AND amount <> $2", keep
+            await conn.execute(
+                "UPDATE holds h SET amount = u.amount FROM unnest($1::bigint[], $2::numeric[]) AS u(order_id, amount)"
+                " WHERE h.order_id = u.order_id AND h.released_at IS NULL AND h.amount <> u.amount",
+                list(keep),
+                list(keep.values()),
             )
         if release:
-            await conn.executemany(
-                "UPDATE holds SET released_at = $2 WHERE order_id = $1 AND released_at IS NULL", release
+            await conn.execute(
+                "UPDATE holds h SET released_at = $2 FROM unnest($1::bigint[]) AS u(order_id)"
+                " WHERE h.order_id = u.order_id AND h.released_at IS NULL",
+                release,
+                now,
             )
         self.result.orders.extend(dirty)
         self.result.symbols.update(r.symbol for r in dirty)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
 from tradeplane.entrypoints.api.schemas import (
@@ -84,7 +85,7 @@ async def place_order(body: OrderCreate, principal: PrincipalDep, platform: Plat
 
 
 @router.post("/orders/batch", response_model=BatchPublic)
-async def place_orders(body: OrderBatchCreate, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
+async def place_orders(batch: OrderBatchCreate, principal: PrincipalDep, platform: PlatformDep) -> Response:
     """Place up to 500 orders in one transaction, for any accounts the key may trade: 200 once committed, with
     one result per order in the request's order, each carrying the status its own POST /orders would have had.
 
@@ -93,12 +94,13 @@ async def place_orders(body: OrderBatchCreate, principal: PrincipalDep, platform
     rate: one request, one transaction and one round trip per statement for all of them.
     """
     entry = order_entry(platform)
-    requests = [OrderRequest(o.account_id, o.symbol, o.terms(), o.client_order_id) for o in body.orders]
+    requests = [OrderRequest(o.account_id, o.symbol, o.terms(), o.client_order_id) for o in batch.orders]
     outcomes = await submit_orders(platform.db, entry, principal, requests)
     owners = {o.owner_user_id for o in outcomes if isinstance(o, Placement) and o.outcome is PlacementOutcome.ACCEPTED}
     if owners:
         await queries.after_order_commit(platform.cache, *owners)
-    return JSONResponse({"results": [_batch_item(outcome) for outcome in outcomes]})
+    body = orjson.dumps({"results": [_batch_item(outcome) for outcome in outcomes]})
+    return Response(body, media_type="application/json")
 
 
 def _batch_item(outcome: Placement | TradeplaneError) -> dict[str, Any]:

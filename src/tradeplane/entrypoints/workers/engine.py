@@ -5,7 +5,8 @@ One ``EngineWorker`` owns the books of the symbols that ``shard_for`` maps to it
 1. fetch a batch of deliveries (settle it before fetching the next: RabbitMQ's prefetch is the batch size);
 2. skip deliveries whose bus sequence is at or below ``engine_offsets(engine-<k>)`` (applied before a crash
    or a lost ack) and "new" commands whose order the engine has already seen (RabbitMQ may redeliver a
-   re-published command under a new sequence);
+   re-published command under a new sequence); a message is one command or a ``batch`` of them (one batch
+   placement's orders for this shard), applied in order;
 3. translate the rest into domain commands (numbers from the order row, on the instrument's grid) and run
    them through the ``MatchingEngine``;
 4. settle every event in ONE transaction (``services.settlement.settle``) together with the offsets;
@@ -78,6 +79,7 @@ from tradeplane.services.stopping import pause
 log = logging.getLogger("tradeplane.engine")
 
 ENGINE_DURABLE = "engine"
+MAX_BATCH_COMMANDS = 2000
 BOOK_LEVELS = 50
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _REBUILD_STATUSES = ("new", "partially_filled", "pending_cancel")
@@ -95,6 +97,18 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def commands_of(payload: Any) -> list[dict[str, Any]]:
+    """The order commands of one bus message: a single command, or a ``batch`` (the orders of one placement
+    for this shard, in request order). Raises ValueError for anything else."""
+    commands = payload.get("commands") if isinstance(payload, dict) and payload.get("type") == "batch" else [payload]
+    if not isinstance(commands, list) or not commands:
+        raise ValueError("a batch without commands")
+    for command in commands:
+        if not isinstance(command, dict) or not isinstance(command.get("order_id"), int):
+            raise ValueError("not an order command")
+    return commands
 
 
 def consumer_name(shard: int) -> str:
@@ -193,6 +207,12 @@ class EngineWorker:
         self._stale_caches: set[int] = set()
         self._subscription: Subscription | None = None
         self._partitions_until: date | None = None
+        self._commands_per_message = 1.0  # moving average: batch placements carry many commands per message
+
+    def fetch_size(self) -> int:
+        """Messages to fetch next: `batch_size`, fewer when messages carry batches of commands, so one
+        transaction settles about MAX_BATCH_COMMANDS commands at most (a bounded transaction and latency)."""
+        return max(1, min(self.batch_size, int(MAX_BATCH_COMMANDS / max(self._commands_per_message, 1.0))))
 
     # ------------------------------------------------------------------------------------------ rebuild
 
@@ -327,7 +347,7 @@ class EngineWorker:
             # subscriber's unacked messages would otherwise come back after later ones (a cancel before its
             # order). Deliveries at or below the offset may still come (RabbitMQ) and are skipped below.
             self._subscription = await self.bus.subscribe(self.stream, ENGINE_DURABLE, start_after=self.bus_offset)
-        deliveries = await self._subscription.fetch(self.batch_size, timeout=self.fetch_timeout)
+        deliveries = await self._subscription.fetch(self.fetch_size(), timeout=self.fetch_timeout)
         if deliveries:
             await self.apply_batch(deliveries, stop)
         await self.expire_due(stop)
@@ -366,13 +386,13 @@ class EngineWorker:
                 continue  # applied before a crash or a lost ack
             top = max(top, d.sequence)
             try:
-                payload = orjson.loads(d.data)
-                if not isinstance(payload, dict) or not isinstance(payload.get("order_id"), int):
-                    raise ValueError("not an order command")
+                commands = commands_of(orjson.loads(d.data))
             except ValueError as exc:
                 log.error("engine shard %s drops undecodable message %s: %s", self.shard, d.msg_id, exc)
                 continue
-            todo.append(payload)
+            todo.extend(commands)
+        if deliveries:
+            self._commands_per_message += (len(todo) / len(deliveries) - self._commands_per_message) / 4
         result: SettledBatch | None = None
         if todo or top > self.bus_offset:
             await self._ensure_trade_partitions()

@@ -1,7 +1,7 @@
 """End-to-end order benchmark on the embedded default: the whole platform as `tradeplane up` runs it.
 
 Run: ``.venv/bin/python tests/bench/bench_orders_e2e.py [--rate 500] [--seconds 20] [--concurrency 32] [--pairs 16]
-[--batch 200] [--api-workers 1] [--skip-open-loop]``
+[--batch 200] [--shards 1] [--api-workers 1] [--skip-open-loop]``
 
 It starts the embedded servers (PostgreSQL, Redis, NATS, as `tradeplane up` does) in a temporary data folder and
 the platform as separate processes, `tradeplane run api`, `run relay` and `run engine` (one process each, so
@@ -55,6 +55,8 @@ from tradeplane.services.identity import Role
 
 SYMBOL = "AAPL"
 PRICE = "190.00"
+# --shards 2: the second engine shard trades ETH-USD (shard_for puts AAPL on shard 0 and ETH-USD on shard 1)
+SHARD_SYMBOLS = (("AAPL", "190.00"), ("ETH-USD", "3200.00"))
 SECRET = "bench-secret-not-for-production"
 
 
@@ -134,8 +136,8 @@ async def create_firm(database_url: str, pairs: int) -> dict[str, Any]:
         await conn.close()
 
 
-def order(account_id: int, side: str) -> dict[str, Any]:
-    return {"account_id": account_id, "symbol": SYMBOL, "side": side, "type": "limit", "quantity": "1", "price": PRICE}
+def order(account_id: int, side: str, symbol: str = SYMBOL, price: str = PRICE) -> dict[str, Any]:
+    return {"account_id": account_id, "symbol": symbol, "side": side, "type": "limit", "quantity": "1", "price": price}
 
 
 def auth(who: dict[str, Any]) -> dict[str, str]:
@@ -249,11 +251,11 @@ async def account_reads(base: str, pairs: list[dict[str, Any]], n: int = 2000) -
     return summary("GET /accounts/{id}", latencies)
 
 
-def cpu_seconds(data_dir: Path, workers: dict[str, int]) -> dict[str, float]:
+def cpu_seconds(data_dir: Path, workers: list[tuple[str, int]]) -> dict[str, float]:
     """CPU time (user + system) so far of every process of the run, by role: the platform's processes, the
     embedded servers (PostgreSQL with all its backends) and this load generator."""
-    roles: dict[int, str] = {pid: role for role, pid in workers.items()}
-    for role, pid in workers.items():  # `run api --workers N` serves from its children
+    roles: dict[int, str] = {pid: role for role, pid in workers}
+    for role, pid in workers:  # `run api --workers N` serves from its children
         with contextlib.suppress(psutil.NoSuchProcess):
             roles.update((child.pid, role) for child in psutil.Process(pid).children(recursive=True))
     roles[os.getpid()] = "load generator"
@@ -288,6 +290,7 @@ async def sustained(
     seconds: float,
     cpu: Callable[[], dict[str, float]],
     batch: int = 0,
+    shards: int = 1,
 ) -> dict[str, Any]:
     cpu_before = cpu()
     conn = await asyncpg.connect(database_url)
@@ -310,11 +313,11 @@ async def sustained(
                     placed += 1
         await conn.close()
 
-    async def batch_loop(firm: dict[str, Any], maker: int, taker: int) -> None:
+    async def batch_loop(firm: dict[str, Any], maker: int, taker: int, symbol: str, price: str) -> None:
         """Batches of `batch` orders from one firm's maker/taker pair: sell, buy, sell, buy..."""
         nonlocal placed
         conn = await pool.get()
-        orders = [order(taker if k % 2 else maker, "buy" if k % 2 else "sell") for k in range(batch)]
+        orders = [order(taker if k % 2 else maker, "buy" if k % 2 else "sell", symbol, price) for k in range(batch)]
         request = conn.build("POST", "/api/v1/orders/batch", {"orders": orders}, auth(firm))
         while time.perf_counter() < stop_at:
             status, body = await conn.send(request)
@@ -324,7 +327,9 @@ async def sustained(
 
     if batch:
         firm = await create_firm(database_url, concurrency)
-        loops = [batch_loop(firm, maker, taker) for maker, taker in firm["pairs"]]
+        loops = [
+            batch_loop(firm, maker, taker, *SHARD_SYMBOLS[k % shards]) for k, (maker, taker) in enumerate(firm["pairs"])
+        ]
     else:
         loops = [client_loop(pairs[i % len(pairs)]) for i in range(concurrency)]
     start = time.perf_counter()
@@ -346,6 +351,7 @@ async def sustained(
     result = {
         "concurrency": concurrency,
         "batch": batch,
+        "shards": shards,
         "placed": placed,
         "filled": filled,
         "placed_per_s": round(placed / placing_s),
@@ -370,6 +376,14 @@ def main() -> None:
         "--batch", type=int, default=0, help="sustained phase: orders per POST /orders/batch (0: one order per POST)"
     )
     parser.add_argument("--skip-open-loop", action="store_true", help="only the account reads and sustained phase")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="engine shards (processes); with 2, --batch clients"
+        " alternate between AAPL (shard 0) and ETH-USD (shard 1)",
+    )
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="tpbench"))
@@ -381,6 +395,7 @@ def main() -> None:
         TRADEPLANE_API_PORT=str(port),
         TRADEPLANE_LOG_LEVEL="WARNING",
         TRADEPLANE_SECRET_KEY=SECRET,
+        TRADEPLANE_ENGINE_SHARDS=str(args.shards),
     )
     stack = EmbeddedStack(data_dir / "data")
     urls = stack.start_all()
@@ -394,7 +409,11 @@ def main() -> None:
     log = (data_dir / "platform.log").open("w")
     processes = [
         subprocess.Popen([*cli, "run", *worker], env=env, stdout=log, stderr=subprocess.STDOUT)
-        for worker in (["api", "--workers", str(args.api_workers)], ["relay"], ["engine"])
+        for worker in (
+            ["api", "--workers", str(args.api_workers)],
+            ["relay"],
+            *(["engine", "--shard", str(k)] for k in range(args.shards)),
+        )
     ]
     try:
         print(f"starting the platform in {data_dir} ...", flush=True)
@@ -413,10 +432,11 @@ def main() -> None:
         if not args.skip_open_loop:
             results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds))
         results["account_reads"] = asyncio.run(account_reads(base, parts))
-        workers = {name: process.pid for name, process in zip(("api", "relay", "engine"), processes, strict=True)}
+        roles = ("api", "relay", *["engine"] * args.shards)
+        workers = [(name, process.pid) for name, process in zip(roles, processes, strict=True)]
         cpu = lambda: cpu_seconds(data_dir, workers)  # noqa: E731
         results["sustained"] = asyncio.run(
-            sustained(base, database_url, parts, args.concurrency, args.seconds, cpu, args.batch)
+            sustained(base, database_url, parts, args.concurrency, args.seconds, cpu, args.batch, args.shards)
         )
         print(json.dumps(results))
     except BaseException:

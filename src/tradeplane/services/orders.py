@@ -172,16 +172,20 @@ def _rejection_of(order: OrderRecord) -> RiskRejection | None:
         return None
 
 
-_LOCK_ACCOUNT = "SELECT user_id, kind, status FROM accounts WHERE id = $1 FOR NO KEY UPDATE"
+_LOCK_ACCOUNT = "SELECT id, user_id, kind, status FROM accounts WHERE id = $1 FOR NO KEY UPDATE"
 # Several accounts (a batch): locked in id order, so two batches naming the same accounts cannot deadlock.
 _LOCK_ACCOUNTS = (
     "SELECT id, user_id, kind, status FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE"
 )
 
 # After the account locks, in a new statement (READ COMMITTED: a fresh snapshot that sees every placement that
-# committed while we waited for the locks). One row per (account, instrument) pair, in the order given, plus
-# ``existing_ids``: for each (account, client_order_id) of $7/$8, the order already using it, or NULL.
-_EXPOSURE = f"""
+# committed while we waited for the locks): per (account, instrument) pair ``q``, the market state, the
+# effective limits and the account's exposure. Two driving clauses share the body: one pair from scalar
+# parameters (a single order or a modify: PostgreSQL keeps one cheap generic plan for it), or many pairs from
+# arrays, in the order given. Parameters: account, instrument, quote asset, base asset, whether to scan open
+# orders regardless of limits (reduce-only), an order to leave out of the open orders (a modify), then the
+# client_order_ids to look up.
+_EXPOSURE_BODY = f"""
 SELECT i.status, i.last_price, i.reference_price,
        rl.max_order_qty, rl.max_order_notional, rl.max_position, rl.max_open_orders, rl.max_orders_per_second,
        coalesce(p.net_quantity, 0) AS net_position,
@@ -194,11 +198,8 @@ SELECT i.status, i.last_price, i.reference_price,
          - coalesce((SELECT sum(h.amount) FROM holds h
                      WHERE h.account_id = q.account_id AND h.asset = q.base_asset AND h.released_at IS NULL), 0)
          AS free_base,
-       ARRAY(SELECT (SELECT o.id FROM orders o WHERE o.account_id = c.account_id AND o.client_order_id = c.coid)
-             FROM unnest($7::bigint[], $8::text[]) WITH ORDINALITY AS c(account_id, coid, n) ORDER BY c.n)
-         AS existing_ids
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::boolean[])
-     WITH ORDINALITY AS q(account_id, instrument_id, quote_asset, base_asset, scan, n)
+       {{existing}}
+FROM {{pairs}}
 JOIN instruments i ON i.id = q.instrument_id
 LEFT JOIN LATERAL (
     SELECT r.* FROM risk_limits r
@@ -220,8 +221,25 @@ CROSS JOIN LATERAL (
       -- only scan the open orders when a rule needs them (a filter on the pair alone: no scan at all otherwise)
       AND (q.scan OR rl.max_position IS NOT NULL OR rl.max_open_orders IS NOT NULL)
 ) oo
-ORDER BY q.n
 """
+# one pair; $7/$8: the account and client_order_id to look up (NULL: none)
+_EXPOSURE_ONE = _EXPOSURE_BODY.format(
+    existing="(SELECT o.id FROM orders o WHERE o.account_id = $7 AND o.client_order_id = $8) AS existing_id",
+    pairs="(SELECT $1::bigint AS account_id, $2::bigint AS instrument_id, $3::text AS quote_asset,"
+    " $4::text AS base_asset, $5::boolean AS scan) AS q",
+)
+# pairs from arrays; existing_ids: for each (account, client_order_id) of $7/$8, the order using it, or NULL
+_EXPOSURE_MANY = (
+    _EXPOSURE_BODY.format(
+        existing="ARRAY(SELECT (SELECT o.id FROM orders o WHERE o.account_id = c.account_id"
+        " AND o.client_order_id = c.coid)"
+        " FROM unnest($7::bigint[], $8::text[]) WITH ORDINALITY AS c(account_id, coid, n) ORDER BY c.n)"
+        " AS existing_ids",
+        pairs="unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::boolean[])"
+        " WITH ORDINALITY AS q(account_id, instrument_id, quote_asset, base_asset, scan, n)",
+    )
+    + "ORDER BY q.n"
+)
 
 # One statement writes every order of a placement and everything that must commit with it, from one array per
 # column (element k is the k-th order). Order ids are drawn first and handed out in ascending order, so ids,
@@ -276,6 +294,29 @@ WITH t AS MATERIALIZED (
     ) AS entries ORDER BY k
 )
 SELECT o.* FROM o JOIN i USING (id) ORDER BY i.n
+"""
+
+# A single order (the common case): the same rows as _INSERT_ORDERS from the same parameters as scalars, which
+# PostgreSQL plans once, where it plans the array statement afresh on every call.
+_INSERT_ONE = """
+WITH o AS (
+    INSERT INTO orders (account_id, instrument_id, client_order_id, side, type, time_in_force, quantity, price,
+                        stop_price, expire_at, post_only, reduce_only, stp_mode, status, reject_reason, hold_price,
+                        created_at, updated_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $24, $24)
+    RETURNING *
+), h AS (
+    INSERT INTO holds (account_id, asset, amount, order_id, created_at)
+    SELECT o.account_id, $17, $18::numeric, o.id, $24 FROM o WHERE $18::numeric > 0
+), x AS (
+    INSERT INTO outbox (stream, key, payload, created_at)
+    SELECT $19::text, $20::text, $21::text::jsonb || jsonb_build_object('order_id', o.id), $24 FROM o
+    WHERE $19::text IS NOT NULL
+), a AS (
+    INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details)
+    SELECT $25, $22, 'order', o.id::text, $23::text::jsonb || jsonb_build_object('status', o.status) FROM o
+)
+SELECT * FROM o
 """
 
 _LOCK_ORDER = f"""
@@ -350,7 +391,11 @@ class OrderEntry:
         wanted = {requests[k].account_id for k, outcome in enumerate(outcomes) if outcome is None}
         accounts: dict[int, asyncpg.Record] = {}
         if wanted:
-            rows = await conn.fetch(_LOCK_ACCOUNTS, sorted(wanted))
+            if len(wanted) == 1:
+                row = await conn.fetchrow(_LOCK_ACCOUNT, *wanted)
+                rows = [] if row is None else [row]
+            else:
+                rows = await conn.fetch(_LOCK_ACCOUNTS, sorted(wanted))
             accounts = {
                 r["id"]: r
                 for r in rows
@@ -407,22 +452,12 @@ class OrderEntry:
         with_ids = [index for index, _ in checked if requests[index].client_order_id is not None]
         state_rows: list[asyncpg.Record] = []
         window_counts: dict[int, int] = {}
+        existing: dict[int, int | None] = {}  # request index -> the order already using its client_order_id
         if checked:  # else the batch only has orders for unknown instruments to audit
-            state_rows, window_counts = await asyncio.gather(
-                conn.fetch(
-                    _EXPOSURE,
-                    [account for account, _ in pairs],
-                    [instrument for _, instrument in pairs],
-                    [rules.quote_asset for rules in pair_rules],
-                    [rules.base_asset for rules in pair_rules],
-                    scan,
-                    None,
-                    [requests[index].account_id for index in with_ids],
-                    [requests[index].client_order_id for index in with_ids],
-                ),
+            (state_rows, existing), window_counts = await asyncio.gather(
+                self._read_exposures(conn, requests, list(pairs), pair_rules, scan, with_ids),
                 self._count_orders(counted, now),
             )
-        existing = dict(zip(with_ids, state_rows[0]["existing_ids"], strict=True)) if state_rows else {}
         # the rate window count of each account's first order of this batch, then one more per order
         next_count = {account: total - counted[account] + 1 for account, total in window_counts.items()}
 
@@ -438,8 +473,9 @@ class OrderEntry:
             next_count[account_id] += 1
             if request.client_order_id is not None:
                 key = (account_id, request.client_order_id)
-                if existing.get(index) is not None:
-                    replays.append((index, existing[index]))
+                taken_by = existing.get(index)
+                if taken_by is not None:
+                    replays.append((index, taken_by))
                     continue
                 if key in first_of_id:
                     twins.append((index, first_of_id[key]))
@@ -498,6 +534,41 @@ class OrderEntry:
             )
         owner = accounts[request.account_id]["user_id"]
         return Placement(PlacementOutcome.REPLAYED, original, _rejection_of(original), owner)
+
+    async def _read_exposures(
+        self,
+        conn: asyncpg.Connection,
+        requests: Sequence[OrderRequest],
+        pairs: list[tuple[int, int]],
+        pair_rules: list[InstrumentRules],
+        scan: list[bool],
+        with_ids: list[int],
+    ) -> tuple[list[asyncpg.Record], dict[int, int | None]]:
+        """One exposure row per pair, in order, and the order already holding each client_order_id (by
+        request index). One pair with at most one client_order_id (a single order) uses the scalar
+        statement: PostgreSQL plans the array one afresh on every call, which costs about 1 ms."""
+        if len(pairs) == 1 and len(with_ids) <= 1:
+            (account, instrument), rules = pairs[0], pair_rules[0]
+            coid = requests[with_ids[0]].client_order_id if with_ids else None
+            row = await conn.fetchrow(
+                _EXPOSURE_ONE, account, instrument, rules.quote_asset, rules.base_asset, scan[0], None, account, coid
+            )
+            assert row is not None  # the catalog only knows instruments that exist
+            return [row], {index: row["existing_id"] for index in with_ids}
+        rows = list(
+            await conn.fetch(
+                _EXPOSURE_MANY,
+                [account for account, _ in pairs],
+                [instrument for _, instrument in pairs],
+                [rules.quote_asset for rules in pair_rules],
+                [rules.base_asset for rules in pair_rules],
+                scan,
+                None,
+                [requests[index].account_id for index in with_ids],
+                [requests[index].client_order_id for index in with_ids],
+            )
+        )
+        return rows, dict(zip(with_ids, rows[0]["existing_ids"], strict=True))
 
     async def _count_orders(self, counted: Mapping[int, int], now: datetime) -> dict[int, int]:
         """Add each account's orders to its one-second window, shared by every api replica; the new totals."""
@@ -592,6 +663,11 @@ class OrderEntry:
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
+        if len(stored) == 1 and not unknown:
+            rules = stored[0][1]
+            row = await conn.fetchrow(_INSERT_ONE, *(column[0] for column in columns), now, principal.user_id)
+            assert row is not None
+            return [order_from_row(row, rules.symbol)]
         rows = await conn.fetch(
             _INSERT_ORDERS,
             *columns,
@@ -647,15 +723,15 @@ class OrderEntry:
         rules = await self.catalog.by_id(conn, row["instrument_id"])
         side = Side(order.side)
         state = await conn.fetchrow(
-            _EXPOSURE,
-            [order.account_id],
-            [rules.instrument_id],
-            [rules.quote_asset],
-            [rules.base_asset],
-            [order.reduce_only],
+            _EXPOSURE_ONE,
+            order.account_id,
+            rules.instrument_id,
+            rules.quote_asset,
+            rules.base_asset,
+            order.reduce_only,
             order_id,
-            [],
-            [],
+            None,
+            None,
         )
         assert state is not None
         current_hold: Decimal = await conn.fetchval(

@@ -4,7 +4,9 @@ Two adapters implement it: NATS JetStream (`nats.py`) and RabbitMQ (`rabbitmq.py
 guarantees to a caller:
 
 - `publish` returns only once the server has persisted the message (JetStream PubAck, RabbitMQ publisher
-  confirm), so the outbox relay may mark an outbox row as sent when it returns.
+  confirm), so the outbox relay may mark an outbox row as sent when it returns. `publish_many` does the same
+  for a list of messages without a round trip per message: it sends them all, in list order, then waits for
+  every acknowledgement; if it raises, none of them may be taken as persisted.
 - Messages of one stream are delivered in publish order to the single consumer of that stream, each with a
   `sequence` that increases with publish order. An engine records the last sequence it applied in the same
   PostgreSQL transaction as the batch's results; a redelivered message whose sequence is at or below that
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
@@ -280,9 +282,23 @@ class MessageBus(ABC):
     async def setup(self, shards: int) -> None:
         """Create the streams (JetStream) or exchanges and queues (RabbitMQ). Safe to run again."""
 
-    @abstractmethod
     async def publish(self, stream: str, data: bytes, msg_id: str) -> None:
         """Append `data` to `stream`; returns once the server has persisted it. `msg_id` de-duplicates."""
+        await self.publish_many(((stream, data, msg_id),))
+
+    @abstractmethod
+    async def publish_many(self, messages: Sequence[tuple[str, bytes, str]]) -> None:
+        """Append each `(stream, data, msg_id)` to its stream, pipelined; returns once the server has persisted
+        every one of them.
+
+        The server receives the messages in list order, so each stream gets its messages in list order, with
+        rising sequences. Streams are checked before anything is sent (ValueError for an unknown stream).
+        If any message fails, InfrastructureUnavailable is raised and the caller must treat the whole list as
+        unpublished; some may have been persisted, so publishing the list again is the way to recover (the
+        msg_ids de-duplicate, see the module docstring). A failure never leaves a later message of a stream
+        persisted behind an earlier one that was lost (JetStream: see NatsBus.publish_many); on RabbitMQ that
+        holds unless the broker nacks a single message, which it does only on an internal error of a queue.
+        """
 
     @abstractmethod
     async def subscribe(self, stream: str, durable: str, *, start_after: int | None = None) -> Subscription:

@@ -10,17 +10,24 @@ stream's subject, with explicit acks: JetStream keeps its position, so a restart
 stopped; `subscribe(..., start_after=n)` recreates that consumer at stream sequence n + 1 instead.
 `Delivery.sequence` is the JetStream stream sequence, increasing in publish order (with gaps, since all
 shards share the ORDERS stream). JetStream itself drops a re-published `Nats-Msg-Id` inside the window.
+
+`publish_many` pipelines: it writes up to `publish_window` messages before waiting for their PubAcks, which
+come back on one wildcard reply subscription per connection, and chains the messages of one JetStream stream
+with `Nats-Expected-Last-Msg-Id` so that a lost message makes the server refuse the ones after it instead of
+storing them ahead of it (see `publish_many`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -54,7 +61,12 @@ from tradeplane.errors import ConfigError, InfrastructureUnavailable
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
+EXPECTED_LAST_MSG_ID_HEADER = "Nats-Expected-Last-Msg-Id"
+STATUS_HEADER = "Status"  # nats-py's key for the status line of a reply
+NO_RESPONDERS = "503"  # the status of a reply when no JetStream stream listens on the subject
 _STREAM_EXISTS = 10058  # JetStream API error: stream name already in use with a different configuration
+_WRONG_LAST_MSG_ID = 10070  # JetStream API error: Nats-Expected-Last-Msg-Id is not the stream's last msg id
 _DURABLE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
@@ -65,6 +77,19 @@ def _unavailable(what: str) -> Iterator[None]:
         yield
     except (nats.errors.Error, OSError) as exc:
         raise InfrastructureUnavailable(f"{what}: {type(exc).__name__} {exc}".rstrip()) from exc
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """One message of a `publish_many` call, with what the chain needs to know about it."""
+
+    stream: str
+    subject: str
+    jetstream_stream: str
+    data: bytes
+    msg_id: str
+    predecessor: int | None  # index of the call's previous message to the same JetStream stream
+    chained: bool = True  # whether to send it with Nats-Expected-Last-Msg-Id = the predecessor's msg_id
 
 
 class NatsSubscription(Subscription):
@@ -160,12 +185,17 @@ class NatsBus(MessageBus):
         replicas: int = 1,
         orders_max_age: float = 7 * 24 * 3600.0,
         md_ticks_max_age: float = 24 * 3600.0,
+        publish_window: int = 512,
     ) -> None:
         """`ack_wait`: how long an unacked delivery stays with a (possibly dead) consumer before JetStream
         redelivers it. `max_ack_pending` bounds deliveries in flight per consumer. `replicas` is 3 on a
         clustered JetStream. Orders stay in the stream for `orders_max_age` seconds for replay and audit,
-        long after they are applied; PostgreSQL is the system of record."""
+        long after they are applied; PostgreSQL is the system of record. `publish_window` bounds the
+        messages `publish_many` has sent and not yet seen a PubAck for."""
+        if publish_window < 1:
+            raise ValueError(f"publish_window must be >= 1 (got {publish_window})")
         super().__init__(url, namespace=namespace, connect_timeout=connect_timeout)
+        self.publish_window = publish_window
         self.ack_wait = ack_wait
         self.max_ack_pending = max_ack_pending
         self.replicas = replicas
@@ -173,6 +203,9 @@ class NatsBus(MessageBus):
         self.md_ticks_max_age = md_ticks_max_age
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._ack_inbox: str | None = None
+        self._ack_waiters: dict[str, asyncio.Future[None]] = {}
+        self._ack_tokens = itertools.count()
 
     # --- names -------------------------------------------------------------------------------------------
 
@@ -278,12 +311,20 @@ class NatsBus(MessageBus):
             raise InfrastructureUnavailable(
                 f"NATS at {self.endpoint} has no JetStream (start nats-server with -js): {exc}"
             ) from exc
+        # The PubAcks of publish_many come back to `<inbox>.<n>`; nats-py restores this after a reconnect.
+        inbox = nc.new_inbox()
+        try:
+            await nc.subscribe(f"{inbox}.*", cb=self._on_pub_ack)
+        except (nats.errors.Error, OSError) as exc:
+            await self.close()
+            raise InfrastructureUnavailable(f"NATS at {self.endpoint}: subscribing to PubAcks: {exc}") from exc
+        self._ack_inbox = inbox
 
     def _scrub(self, text: str) -> str:
         return scrub_password(self.url, text)
 
     async def close(self) -> None:
-        nc, self._nc, self._js = self._nc, None, None
+        nc, self._nc, self._js, self._ack_inbox = self._nc, None, None, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
                 await nc.drain()
@@ -349,18 +390,125 @@ class NatsBus(MessageBus):
 
     # --- messages ----------------------------------------------------------------------------------------
 
-    async def publish(self, stream: str, data: bytes, msg_id: str) -> None:
-        if stream == MD_TICKS_ALL:
-            raise ValueError(f"{MD_TICKS_ALL} is a wildcard for subscribers; publish to md_ticks_stream(symbol)")
-        expected = self._jetstream_stream(stream)
-        where = f"NATS at {self.endpoint}: publish to {stream}"
-        with _unavailable(where):
-            try:
-                await self.js.publish(self._subject(stream), data, stream=expected, headers={MSG_ID_HEADER: msg_id})
-            except nats.js.errors.NoStreamResponseError as exc:
-                raise InfrastructureUnavailable(f"{where}: no JetStream stream answers; run setup") from exc
-            except nats.js.errors.APIError as exc:
-                raise InfrastructureUnavailable(f"{where}: {exc.description}") from exc
+    async def publish_many(self, messages: Sequence[tuple[str, bytes, str]]) -> None:
+        """See MessageBus.publish_many. Writes up to `publish_window` messages, in list order on the socket,
+        before waiting for their PubAcks, then the next window.
+
+        Pipelining alone could reorder a stream after a failure: if the connection drops, messages already in
+        the socket are lost while those still in the client's buffer go out after the reconnect, so message
+        k + 1 is stored and k is not, and the retry appends k after it. So each message goes with
+        `Nats-Expected-Last-Msg-Id` = the msg_id of the list's previous message to the same JetStream stream:
+        the server refuses it unless that one is the last stored, and the refusal runs down the chain.
+        JetStream checks a msg_id for duplicates before the expectation, so a retried list passes over the
+        messages stored the first time.
+
+        When the first failure is such a refusal, its predecessor was acknowledged and nothing was lost: the
+        stream's last message is one this list did not put there (another publisher, or outbox rows committed
+        out of id order whose later rows an earlier attempt stored). The list is then sent again from that
+        message on, that message without the expectation, since its predecessor is known to be stored.
+        """
+        outgoing = self._outgoing(messages)
+        start = 0
+        while start < len(outgoing):
+            end = min(start + self.publish_window, len(outgoing))
+            outcomes = await self._send(outgoing, start, end)
+            failed = next((k for k, outcome in enumerate(outcomes) if isinstance(outcome, BaseException)), None)
+            if failed is None:
+                start = end
+                continue
+            message, error = outgoing[start + failed], outcomes[failed]
+            assert isinstance(error, BaseException)
+            if not (isinstance(error, nats.js.errors.APIError) and error.err_code == _WRONG_LAST_MSG_ID):
+                raise self._publish_failure(message, error) from error
+            message.chained = False
+            start += failed
+
+    def _outgoing(self, messages: Sequence[tuple[str, bytes, str]]) -> list[_Outgoing]:
+        """The messages with their routes and chain links, all checked before anything is sent."""
+        outgoing: list[_Outgoing] = []
+        last: dict[str, int] = {}
+        for stream, data, msg_id in messages:
+            if stream == MD_TICKS_ALL:
+                raise ValueError(f"{MD_TICKS_ALL} is a wildcard for subscribers; publish to md_ticks_stream(symbol)")
+            jetstream_stream = self._jetstream_stream(stream)
+            predecessor = last.get(jetstream_stream)
+            last[jetstream_stream] = len(outgoing)
+            outgoing.append(_Outgoing(stream, self._subject(stream), jetstream_stream, data, msg_id, predecessor))
+        return outgoing
+
+    async def _send(self, outgoing: list[_Outgoing], start: int, end: int) -> list[BaseException | None]:
+        """Send `outgoing[start:end]` and wait for every PubAck: each one's failure, or None when stored. A
+        PubAck that does not come within `connect_timeout` of the previous one is a TimeoutError.
+
+        nats-py's own `publish_async` is not used: its reply handler raises a JetStream error instead of
+        handing it to the message's future (nats-py 2.16), so a refused message would look like a timeout."""
+        nc = self.client
+        assert self._ack_inbox is not None  # subscribed by connect()
+        inbox = self._ack_inbox
+        loop = asyncio.get_running_loop()
+        tokens: list[str] = []
+        futures: list[asyncio.Future[None]] = []
+        try:
+            for message in outgoing[start:end]:
+                headers = {MSG_ID_HEADER: message.msg_id, EXPECTED_STREAM_HEADER: message.jetstream_stream}
+                if message.chained and message.predecessor is not None:
+                    headers[EXPECTED_LAST_MSG_ID_HEADER] = outgoing[message.predecessor].msg_id
+                token = str(next(self._ack_tokens))
+                future: asyncio.Future[None] = loop.create_future()
+                self._ack_waiters[token] = future
+                tokens.append(token)
+                futures.append(future)
+                try:
+                    # One coroutine awaits each write in turn, so the socket carries them in list order.
+                    await nc.publish(message.subject, message.data, reply=f"{inbox}.{token}", headers=headers)
+                except (nats.errors.Error, OSError) as exc:
+                    raise self._publish_failure(message, exc) from exc
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.connect_timeout) as deadline:
+                    for future in futures:
+                        if not future.done():
+                            with contextlib.suppress(Exception):
+                                await future  # a timeout cancels it: counted as no PubAck below
+                            deadline.reschedule(loop.time() + self.connect_timeout)
+            return [
+                TimeoutError() if not future.done() or future.cancelled() else future.exception() for future in futures
+            ]
+        finally:
+            for token, future in zip(tokens, futures, strict=True):
+                self._ack_waiters.pop(token, None)
+                future.cancel()  # a no-op once settled
+
+    async def _on_pub_ack(self, msg: Msg) -> None:
+        future = self._ack_waiters.pop(msg.subject.rpartition(".")[2], None)
+        if future is None or future.done():
+            return  # given up on (timeout) or from before a reconnect
+        if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS:
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            response = json.loads(msg.data)
+        except ValueError as exc:
+            future.set_exception(nats.errors.Error(f"unreadable PubAck: {exc}"))
+            return
+        error = response.get("error") if isinstance(response, dict) else None
+        if error:
+            future.set_exception(
+                nats.js.errors.APIError(
+                    code=error.get("code"), err_code=error.get("err_code"), description=error.get("description")
+                )
+            )
+        else:
+            future.set_result(None)
+
+    def _publish_failure(self, message: _Outgoing, error: BaseException) -> InfrastructureUnavailable:
+        where = f"NATS at {self.endpoint}: publish to {message.stream}"
+        if isinstance(error, nats.js.errors.NoStreamResponseError):
+            return InfrastructureUnavailable(f"{where}: no JetStream stream answers; run setup")
+        if isinstance(error, nats.js.errors.APIError):
+            return InfrastructureUnavailable(f"{where}: {error.description}")
+        if isinstance(error, TimeoutError | nats.errors.TimeoutError):
+            return InfrastructureUnavailable(f"{where}: no PubAck within {self.connect_timeout:g} s")
+        return InfrastructureUnavailable(f"{where}: {type(error).__name__} {error}".rstrip())
 
     async def subscribe(self, stream: str, durable: str, *, start_after: int | None = None) -> Subscription:
         """See MessageBus.subscribe. With `start_after` the durable consumer is deleted and created again

@@ -19,6 +19,13 @@ until the confirm. That value rises with publish order within one publisher and 
 redelivery carries it unchanged. It relies on one publisher per stream at a time (the outbox relay) and a
 wall clock that does not step back across a relay restart.
 
+Pipelining: `publish_many` holds the locks of all the queues it publishes to (taken in name order, so two
+calls cannot deadlock), numbers and writes every message in list order on the one publishing channel without
+waiting, then awaits all the confirms. A channel is delivered in order, and a broker that loses the connection
+or closes the channel has received a prefix of what was written, so a failure leaves no later message of a
+queue stored ahead of a lost one; the exception is a nack of a single message, which RabbitMQ sends only on an
+internal error of the queue.
+
 De-duplication: the msg_id travels as the AMQP `message_id` property; RabbitMQ does not drop duplicates,
 so consumers of these queues drop a msg_id they have already applied (see base.py).
 """
@@ -29,10 +36,11 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import aio_pika
 import aio_pika.exceptions as amqp_errors
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -40,6 +48,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiormq.abc import ConfirmationFrameType
 
 from tradeplane.adapters.bus.base import (
     MD_TICKS_ALL,
@@ -65,6 +74,9 @@ from tradeplane.errors import ConfigError, InfrastructureUnavailable
 _SEED_BY_NAME = {q.name: q for q in SEED_QUEUES}
 _MARKET_DATA_QUEUE = _SEED_BY_NAME["market_data"]
 _FAILURES = (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, OSError)
+
+_Routed = tuple[str, bytes, str, str, str, str]
+"""A message to publish: (stream, data, msg_id, exchange, routing key, queue), names before namespacing."""
 
 
 @contextlib.contextmanager
@@ -177,9 +189,9 @@ class RabbitMqBus(MessageBus):
         super().__init__(url, namespace=namespace, connect_timeout=connect_timeout)
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
         self._last_sequence: dict[str, int] = {}
         self._queue_locks: dict[str, asyncio.Lock] = {}
+        self._exchanges_seen: set[str] = set()  # exchanges publish_many has found to exist on this connection
 
     # --- names -------------------------------------------------------------------------------------------
 
@@ -239,7 +251,7 @@ class RabbitMqBus(MessageBus):
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         self._publish_channel = None
-        self._exchanges.clear()
+        self._exchanges_seen.clear()
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -296,7 +308,7 @@ class RabbitMqBus(MessageBus):
                     await channel.queue_delete(self.name(queue.name))
                 for exchange in exchanges:
                     await channel.exchange_delete(self.name(exchange.name))
-        self._exchanges.clear()
+        self._exchanges_seen.clear()
 
     # --- messages ----------------------------------------------------------------------------------------
 
@@ -307,37 +319,86 @@ class RabbitMqBus(MessageBus):
         self._last_sequence[queue] = sequence
         return sequence
 
-    async def _exchange(self, name: str) -> AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
+    async def publish_many(self, messages: Sequence[tuple[str, bytes, str]]) -> None:
+        """See MessageBus.publish_many and the module docstring ("Pipelining")."""
+        routed: list[_Routed] = []
+        for stream, data, msg_id in messages:
+            if stream == MD_TICKS_ALL:
+                raise ValueError(f"{MD_TICKS_ALL} is a wildcard for subscribers; publish to md_ticks_stream(symbol)")
+            routed.append((stream, data, msg_id, *self._route(stream)))
+        if not routed:
+            return
+        await self._check_exchanges(routed)
+        async with contextlib.AsyncExitStack() as locks:
+            for queue in sorted({r[5] for r in routed}):
+                await locks.enter_async_context(self._queue_locks.setdefault(queue, asyncio.Lock()))
+            outcomes = await self._send(routed)
+        failed = next((k for k, outcome in enumerate(outcomes) if isinstance(outcome, BaseException)), None)
+        if failed is None:
+            return
+        self._exchanges_seen.clear()
+        stream, exchange_name, error = routed[failed][0], routed[failed][3], outcomes[failed]
+        assert isinstance(error, BaseException)
+        where = f"RabbitMQ at {self.endpoint}: publish to {stream}"
+        if isinstance(error, amqp_errors.PublishError):
+            raise InfrastructureUnavailable(f"{where}: no queue takes it; run setup") from error
+        if isinstance(error, amqp_errors.ChannelNotFoundEntity):
+            raise InfrastructureUnavailable(f"{where}: exchange {exchange_name} missing; run setup") from error
+        # Whatever ended a publish task (a lost connection, a closed channel, a timeout, a nack; aiormq may also
+        # cancel it), it is the broker's failure and never this caller's cancellation.
+        raise InfrastructureUnavailable(f"{where}: {type(error).__name__} {error}".rstrip()) from error
+
+    async def _check_exchanges(self, routed: list[_Routed]) -> None:
+        """Make sure the batch's exchanges exist (once per connection, and again after a failed batch).
+
+        A publish to a missing exchange makes the broker close the channel, and the frames pipelined after it
+        then arrive on a closed channel, for which the broker closes the whole connection (504 CHANNEL_ERROR),
+        consumers included. A passive declare on a scratch channel finds out without that."""
+        for stream, _, _, exchange_name, _, _ in routed:
+            name = self.name(exchange_name)
+            if name in self._exchanges_seen:
+                continue
+            where = f"RabbitMQ at {self.endpoint}: publish to {stream}"
+            with _unavailable(where):
+                async with self._scratch_channel() as channel:
+                    try:
+                        await channel.get_exchange(name, ensure=True)
+                    except amqp_errors.ChannelNotFoundEntity as exc:
+                        raise InfrastructureUnavailable(
+                            f"{where}: exchange {exchange_name} missing; run setup"
+                        ) from exc
+            self._exchanges_seen.add(name)
+
+    async def _send(self, routed: list[_Routed]) -> list[ConfirmationFrameType | BaseException | None]:
+        """Number and write every message in list order, then wait for all the confirms: each one's outcome.
+
+        aiormq's basic_publish takes the channel's lock and queues its frames under it; the tasks start in
+        creation order and the lock is fair, so the frames go out in list order. `wait=False`: it does not
+        wait for a frame to reach the socket before the next message may be queued."""
+        with _unavailable(f"RabbitMQ at {self.endpoint}: publish to {routed[0][0]}"):
             if self._publish_channel is None:
                 raise InfrastructureUnavailable(f"RabbitMQ at {self.endpoint}: not connected")
-            exchange = await self._publish_channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
-
-    async def publish(self, stream: str, data: bytes, msg_id: str) -> None:
-        if stream == MD_TICKS_ALL:
-            raise ValueError(f"{MD_TICKS_ALL} is a wildcard for subscribers; publish to md_ticks_stream(symbol)")
-        exchange_name, routing_key, queue = self._route(stream)
-        where = f"RabbitMQ at {self.endpoint}: publish to {stream}"
-        lock = self._queue_locks.setdefault(queue, asyncio.Lock())
-        with _unavailable(where):
-            async with lock:
-                message = aio_pika.Message(
-                    data,
-                    message_id=msg_id,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    headers={SEQUENCE_HEADER: self._next_sequence(queue)},
-                )
-                exchange = await self._exchange(self.name(exchange_name))
-                try:
-                    await exchange.publish(message, routing_key, mandatory=True, timeout=self.connect_timeout)
-                except amqp_errors.PublishError as exc:
-                    raise InfrastructureUnavailable(f"{where}: no queue takes it; run setup") from exc
-                except amqp_errors.ChannelNotFoundEntity as exc:
-                    self._exchanges.clear()
-                    raise InfrastructureUnavailable(f"{where}: exchange {exchange_name} missing; run setup") from exc
+            channel = await self._publish_channel.get_underlay_channel()
+        assert isinstance(channel, aiormq.Channel)  # the concrete channel: its basic_publish takes `wait`
+        publishes = []
+        for _, data, msg_id, exchange_name, routing_key, queue in routed:
+            message = aio_pika.Message(
+                data,
+                message_id=msg_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers={SEQUENCE_HEADER: self._next_sequence(queue)},
+            )
+            publish = channel.basic_publish(
+                data,
+                exchange=self.name(exchange_name),
+                routing_key=routing_key,
+                properties=message.properties,
+                mandatory=True,
+                timeout=self.connect_timeout,
+                wait=False,
+            )
+            publishes.append(asyncio.ensure_future(publish))
+        return await asyncio.gather(*publishes, return_exceptions=True)
 
     async def subscribe(self, stream: str, durable: str, *, start_after: int | None = None) -> Subscription:
         """Consume the stream's queue. RabbitMQ keeps the position in the queue itself, so `durable` only

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
 from typing import Any
@@ -290,8 +290,11 @@ class Position:
 # ------------------------------------------------------------------------------------------------ result
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FillRecord:
+    """One fill as settled; ``id`` is set once the row is inserted (not frozen: dataclasses.replace per fill
+    cost 7 % of the engine's CPU)."""
+
     fill_id: str
     order_id: int
     account_id: int
@@ -621,7 +624,8 @@ class _Settler:
                 now,
             )
             ids = {r["fill_id"]: r["id"] for r in inserted}
-            self.result.fills = [replace(f, id=ids[f.fill_id]) for f in self.result.fills]
+            for fill in self.result.fills:
+                fill.id = ids[fill.fill_id]
             await conn.execute(
                 "INSERT INTO trades (trade_id, instrument_id, price, quantity, buy_order_id, sell_order_id,"
                 " aggressor_side, ts) SELECT * FROM unnest($1::text[], $2::bigint[], $3::numeric[], $4::numeric[],"

@@ -21,11 +21,16 @@ import httpx
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 from tests.integration.conftest import Actor, make_actor
 from tests.integration.live_server import serving
 from tradeplane.bootstrap import Platform
+from tradeplane.entrypoints.api import websocket as hub_module
 from tradeplane.entrypoints.api.app import create_app
 from tradeplane.entrypoints.api.websocket import WebSocketHub
 from tradeplane.entrypoints.api.ws_protocol import FanoutWebSocketProtocol
@@ -117,6 +122,77 @@ async def authenticated(server: Server, actor: Actor, **options: Any) -> ClientC
 
 async def publish(platform: Platform, channel: str, envelope: dict[str, Any]) -> None:
     await platform.cache.client.publish(channel, orjson.dumps(envelope))
+
+
+def hub_side(hub: WebSocketHub, local_port: int) -> hub_module.ClientConnection:
+    """The hub's record of the client connected from `local_port`."""
+    (found,) = [c for c in hub.clients if c.websocket.client and c.websocket.client.port == local_port]
+    return found
+
+
+class HandDrivenClient:
+    """A WebSocket client that does only what the test says: websockets' sans-I/O protocol over a plain socket.
+
+    It reads from the socket only when asked, answers a ping or a close only when the test flushes, and shows
+    every frame the server sends."""
+
+    def __init__(self, url: str, *, receive_buffer: int | None = None) -> None:
+        self.url = url
+        self.protocol = ClientProtocol(parse_uri(url))
+        self.pending: list[Frame] = []
+        self.received = bytearray()  # every byte from the server: the parser ignores what follows a close frame
+        self.sock = socket.socket()
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.setblocking(False)
+
+    async def connect(self) -> None:
+        host, port = self.url.split("/")[2].split(":")
+        await asyncio.get_running_loop().sock_connect(self.sock, (host, int(port)))
+        self.protocol.send_request(self.protocol.connect())
+        await self.flush()
+        while True:
+            events = await self._read()
+            assert events is not None, "the server closed the connection during the handshake"
+            if any(isinstance(event, Response) for event in events):
+                return
+
+    @property
+    def local_port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    async def flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def request(self, **body: Any) -> dict[str, Any]:
+        self.protocol.send_text(orjson.dumps(body))
+        await self.flush()
+        frame = await self.frame()
+        assert frame is not None and frame.opcode is Opcode.TEXT
+        reply: dict[str, Any] = orjson.loads(frame.data)
+        return reply
+
+    async def frame(self) -> Frame | None:
+        """The next frame from the server; None once the server has closed the TCP connection."""
+        while not self.pending:
+            events = await self._read()
+            if events is None:
+                return None
+            self.pending.extend(event for event in events if isinstance(event, Frame))
+        return self.pending.pop(0)
+
+    async def _read(self) -> list[object] | None:
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, 65536), WAIT_S)
+        if not data:
+            return None
+        self.received += data
+        self.protocol.receive_data(data)
+        return list(self.protocol.events_received())
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 # --- authentication ---------------------------------------------------------------------------------------
@@ -402,8 +478,8 @@ async def test_prepared_frames_go_only_to_connections_without_compression(platfo
                 assert (await request(ws, op="auth", key=actor.key))["event"] == "authenticated"
                 assert (await request(ws, op="subscribe", channel="trades", symbol=symbol))["event"] == "subscribed"
             by_port = {client.websocket.client.port: client for client in hub.clients if client.websocket.client}
-            assert by_port[deflating.local_address[1]].write_prepared is None
-            assert by_port[plain.local_address[1]].write_prepared is not None
+            assert by_port[deflating.local_address[1]].write_frame is None
+            assert by_port[plain.local_address[1]].write_frame is not None
 
             trades = [{"channel": "trades", "symbol": symbol, "data": {"n": i}} for i in range(30)]
             for trade in trades:
@@ -458,6 +534,185 @@ async def test_a_slow_consumer_is_dropped_and_the_others_keep_receiving(server: 
     finally:
         await fast.close()
         await slow.close()
+
+
+async def test_a_client_that_stops_reading_for_a_while_gets_every_message_in_order(
+    server: Server, alice: Actor
+) -> None:
+    """A client whose socket fills up is written to through its queue until it catches up, then straight to the
+    socket again (prepared frames); nothing is lost, repeated or reordered on the way, and it is not dropped."""
+    symbol = await make_symbol(server.platform)
+    channel = f"tp:trades:{symbol}"
+    fast = await authenticated(server, alice, compression=None)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(server.url.split(":")[2].split("/")[0])))
+    sock.setblocking(False)
+    paused = await authenticated(server, alice, sock=sock, compression=None, max_queue=1, ping_interval=None)
+    try:
+        for ws in (fast, paused):
+            assert (await request(ws, op="subscribe", channel="trades", symbol=symbol))["event"] == "subscribed"
+        on_hub = hub_side(server.hub, paused.local_address[1])
+        prepared = on_hub.write_frame is not None
+        filler = secrets.token_hex(8192)  # 16 KiB
+
+        def trade(n: int) -> dict[str, Any]:
+            return {"channel": "trades", "symbol": symbol, "data": {"n": n, "x": filler}}
+
+        # `paused` reads one message and then nothing: publish until the hub has to queue for it.
+        published = 0
+        while on_hub.outbox.empty():
+            assert published < 2000, "the paused client's socket never filled up"
+            await publish(server.platform, channel, trade(published))
+            assert (await receive(fast))["data"]["n"] == published  # the hub has handed it out
+            published += 1
+        if prepared:
+            assert not on_hub.link_ready and not on_hub.direct  # flow control told the hub to stop writing
+        for _ in range(10):  # and a few more behind the queued ones
+            await publish(server.platform, channel, trade(published))
+            assert (await receive(fast))["data"]["n"] == published
+            published += 1
+        assert server.hub.slow_consumers_dropped == 0
+
+        assert [(await receive(paused))["data"]["n"] for _ in range(published)] == list(range(published))
+        await publish(server.platform, channel, {"channel": "trades", "symbol": symbol, "data": {"n": "after"}})
+        for ws in (fast, paused):
+            assert (await receive(ws))["data"] == {"n": "after"}
+        if prepared:
+            for _ in range(int(WAIT_S / 0.01)):  # caught up: back to writing straight to the socket
+                if on_hub.direct:
+                    break
+                await asyncio.sleep(0.01)
+            assert on_hub.direct and on_hub.link_ready
+        assert server.hub.slow_consumers_dropped == 0
+    finally:
+        await fast.close()
+        await paused.close()
+
+
+async def test_order_holds_for_a_client_whose_socket_keeps_filling_and_draining(platform: Platform) -> None:
+    """A client that reads in fits and starts: its socket fills (the hub queues), drains (the hub writes straight
+    to it again), over and over while messages keep coming. Every switch between the two paths keeps the order."""
+    app = create_app(platform)
+    hub = WebSocketHub(platform, send_queue_limit=100_000)
+    app.state.websocket_hub = hub
+    actor = await make_actor(platform, "frank", Role.TRADER)
+    symbol = await make_symbol(platform)
+    channel = f"tp:trades:{symbol}"
+    total = 3000
+    async with serving(platform, app, ws=FanoutWebSocketProtocol, ws_per_message_deflate=False) as base_url:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
+        sock.setblocking(False)
+        url = base_url.replace("http://", "ws://") + "/ws"
+        ws = await connect(url, sock=sock, compression=None, max_queue=1, ping_interval=None)
+        try:
+            assert (await request(ws, op="auth", key=actor.key))["event"] == "authenticated"
+            assert (await request(ws, op="subscribe", channel="trades", symbol=symbol))["event"] == "subscribed"
+            filler = secrets.token_hex(4096)
+
+            async def publish_all() -> None:
+                for start in range(0, total, 25):
+                    pipe = platform.cache.client.pipeline(transaction=False)
+                    for n in range(start, start + 25):
+                        pipe.publish(channel, orjson.dumps({"channel": "trades", "data": {"n": n, "x": filler}}))
+                    await pipe.execute()
+                    await asyncio.sleep(0.001)
+
+            publishing = asyncio.create_task(publish_all())
+            received = []
+            for i in range(total):
+                received.append((await receive(ws))["data"]["n"])
+                if i % 40 == 0:
+                    await asyncio.sleep(0.005)  # stop reading for a moment: the socket fills up
+            await publishing
+            assert received == list(range(total))
+        finally:
+            await ws.close()
+
+
+@pytest.mark.parametrize("ending", ["client_closes", "keepalive_timeout"])
+async def test_no_data_frame_follows_the_close_frame_while_frames_are_still_in_flight(
+    platform: Platform, ending: str
+) -> None:
+    """The connection starts closing (the client sends a close, or misses the keepalive pong) while the server
+    still has frames for it in its write buffer: the close frame goes out after those, and the hub must stop
+    writing straight to the socket at once, or a message fanned out meanwhile would follow the close frame."""
+    app = create_app(platform)
+    hub = WebSocketHub(platform)
+    app.state.websocket_hub = hub
+    actor = await make_actor(platform, "erin", Role.TRADER)
+    symbol = await make_symbol(platform)
+    channel = f"tp:trades:{symbol}"
+    keepalive = {"ws_ping_interval": 2.0, "ws_ping_timeout": 2.0} if ending == "keepalive_timeout" else {}
+    async with serving(platform, app, ws=FanoutWebSocketProtocol, ws_per_message_deflate=False, **keepalive) as base:
+        url = base.replace("http://", "ws://") + "/ws"
+        watcher = await connect(url)  # gets every message too: once it has one, the hub has handed it out
+        client = HandDrivenClient(url, receive_buffer=4096)
+        await client.connect()
+        try:
+            assert (await request(watcher, op="auth", key=actor.key))["event"] == "authenticated"
+            assert (await client.request(op="auth", key=actor.key))["event"] == "authenticated"
+            assert (await request(watcher, op="subscribe", channel="trades", symbol=symbol))["event"] == "subscribed"
+            assert (await client.request(op="subscribe", channel="trades", symbol=symbol))["event"] == "subscribed"
+            on_hub = hub_side(hub, client.local_port)
+            assert on_hub.direct and on_hub.write_frame is not None
+            transport = on_hub.write_frame.__self__  # type: ignore[attr-defined]
+
+            filler = secrets.token_hex(1024)
+            published = 0
+            while not transport.get_write_buffer_size():  # the client reads nothing: its socket fills up
+                assert published < 5000, "the client's socket never filled up"
+                trade = {"channel": "trades", "symbol": symbol, "data": {"n": published, "x": filler}}
+                await publish(platform, channel, trade)
+                assert (await receive(watcher))["data"]["n"] == published
+                published += 1
+            assert on_hub.direct  # a few KiB waiting in the buffer is no reason to stop writing
+
+            if ending == "client_closes":
+                client.protocol.send_close(1000, "bye")
+                await client.flush()
+            # else: never flushed, so no pong goes back and the server gives up after the ping timeout
+            # Checked on every turn of the event loop, so before the hub's own clean-up when the client leaves.
+            deadline = asyncio.get_running_loop().time() + WAIT_S
+            while not transport.is_closing():  # then the close frame is queued behind the buffered ones
+                assert asyncio.get_running_loop().time() < deadline, "the connection never started closing"
+                await asyncio.sleep(0)
+            assert not on_hub.link_ready and not on_hub.direct
+            await publish(platform, channel, {"channel": "trades", "symbol": symbol, "data": {"n": "late"}})
+            assert (await receive(watcher))["data"]["n"] == "late"
+
+            frames = []
+            while (frame := await client.frame()) is not None:
+                if frame.opcode is not Opcode.PING:
+                    frames.append(frame)
+            assert frames and frames[-1].opcode is Opcode.CLOSE
+            assert int.from_bytes(frames[-1].data[:2], "big") == (1000 if ending == "client_closes" else 1011)
+            assert client.received.endswith(frames[-1].serialize(mask=False))  # nothing after the close frame
+            assert [orjson.loads(f.data)["data"]["n"] for f in frames[:-1]] == list(range(published))
+        finally:
+            client.close()
+            await watcher.close()
+
+
+async def test_messages_sent_counts_every_client_a_fanned_out_message_reached(server: Server, alice: Actor) -> None:
+    symbol = await make_symbol(server.platform)
+    clients = [await authenticated(server, alice) for _ in range(5)]
+    try:
+        for ws in clients:
+            assert (await request(ws, op="subscribe", channel="quotes", symbol=symbol))["event"] == "subscribed"
+        async with httpx.AsyncClient() as http:
+            before = metric((await http.get(f"{server.http}/metrics")).text, "websocket_messages_sent_total")
+            for n in range(7):
+                await publish(server.platform, f"tp:quotes:{symbol}", {"channel": "quotes", "data": {"n": n}})
+            for ws in clients:
+                assert [(await receive(ws))["data"]["n"] for _ in range(7)] == list(range(7))
+            after = metric((await http.get(f"{server.http}/metrics")).text, "websocket_messages_sent_total")
+        assert after - before == 5 * 7
+    finally:
+        for ws in clients:
+            await ws.close()
 
 
 def metric(text: str, name: str) -> float:

@@ -4,13 +4,16 @@ A market data message goes to hundreds of clients unchanged. Through ASGI each `
 builds a frame and passes four layers of awaits; measured with 500 subscribers that was about two thirds of the
 hub's CPU per tick, the socket writes themselves the other third. Server frames are not masked, so one text
 frame's bytes are the same for every connection that negotiated no extension: the hub encodes it once
-(`encode_text_frame`) and hands it to each connection's `write_prepared_frame`, found in the ASGI scope under
-`PREPARED_FRAMES_EXTENSION`.
+(`encode_text_frame`) and writes it to each connection's transport, through the `attach` function found in the
+ASGI scope under `PREPARED_FRAMES_EXTENSION`.
 
-`write_prepared_frame` writes only when an ASGI `send` would not have waited: the handshake is done, no close
-was sent or received and the transport is not paused by flow control. Otherwise it returns False and the hub
+A prepared frame may be written only when an ASGI `send` would not have waited: the handshake is done, no close
+was sent or received and the transport is neither closing nor paused by flow control. Checking that for every
+client on every message was a fifth of the fan-out's CPU, so the protocol keeps the answer instead: it
+re-evaluates it after each event that can change it (bytes received, an ASGI send, flow control, a keepalive
+timeout, shutdown, connection lost) and tells the hub's listener when it flips. While it is False the hub
 queues the message for the connection's writer task as before, so back-pressure and the slow-consumer drop are
-unchanged. The hub uses it only while that writer has nothing pending, so messages keep their order.
+unchanged.
 
 Under another server (or uvicorn configured with another protocol) the extension is absent and every message
 goes through ASGI. Serve with `ws=FanoutWebSocketProtocol` and `ws_per_message_deflate=False`; a connection
@@ -20,16 +23,23 @@ that negotiated compression does not offer the extension.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
 
 PREPARED_FRAMES_EXTENSION = "tradeplane.websocket.prepared_frames"
-"""scope["extensions"][PREPARED_FRAMES_EXTENSION]["write"]: Callable[[bytes], bool]."""
+"""scope["extensions"][PREPARED_FRAMES_EXTENSION]["attach"]: a PreparedFramesAttach."""
 
-PreparedFrameWriter = Callable[[bytes], bool]
+ReadinessListener = Callable[[bool], None]
+"""Called with True when a prepared frame may be written to the connection now, False when no longer."""
+FrameWriter = Callable[[bytes], None]
+"""Writes one complete frame to the connection; call it only while the readiness last reported is True."""
+PreparedFramesAttach = Callable[[ReadinessListener], FrameWriter]
+"""Registers the connection's one listener (called at once with the current readiness) and returns its writer."""
 
 
 def encode_text_frame(payload: bytes) -> bytes:
@@ -38,24 +48,82 @@ def encode_text_frame(payload: bytes) -> bytes:
 
 
 class FanoutWebSocketProtocol(WebSocketsSansIOProtocol):
-    """`websockets-sansio` as uvicorn ships it, plus `write_prepared_frame` offered to the app in the scope."""
+    """`websockets-sansio` as uvicorn ships it, plus prepared frames offered to the app in the scope."""
 
-    def handle_connect(self, event: Request) -> None:
-        super().handle_connect(event)
-        # The ASGI task was created but has not run yet, so the app sees the extension from its first step.
-        if self.handshake_initiated and not self.close_sent and not self.conn.extensions:
-            self.scope["extensions"][PREPARED_FRAMES_EXTENSION] = {"write": self.write_prepared_frame}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prepared_ready = False
+        self._readiness_listener: ReadinessListener | None = None
 
-    def write_prepared_frame(self, frame: bytes) -> bool:
-        """Write `frame` now if a `send` would not wait or fail; False leaves it to the caller to queue."""
-        if (
+    def attach_prepared_frames(self, listener: ReadinessListener) -> FrameWriter:
+        self._readiness_listener = listener
+        self.prepared_ready = self._can_write_prepared()
+        listener(self.prepared_ready)
+        return self.transport.write
+
+    def _can_write_prepared(self) -> bool:
+        """Whether an ASGI `send` of a data frame would go out now without waiting or failing."""
+        return (
             self.handshake_complete
             and not self.close_sent
             and not self.disconnected
             and self.writable.is_set()
             and self.conn.state is State.OPEN
             and not self.transport.is_closing()
-        ):
-            self.transport.write(frame)
-            return True
-        return False
+        )
+
+    def _readiness_may_have_changed(self) -> None:
+        ready = self._can_write_prepared()
+        if ready is not self.prepared_ready:
+            self.prepared_ready = ready
+            if self._readiness_listener is not None:
+                self._readiness_listener(ready)
+
+    # Every way the answer can change passes through one of these.
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        # The ASGI task was created but has not run yet, so the app sees the extension from its first step.
+        if self.handshake_initiated and not self.close_sent and not self.conn.extensions:
+            attach: PreparedFramesAttach = self.attach_prepared_frames
+            self.scope["extensions"][PREPARED_FRAMES_EXTENSION] = {"attach": attach}
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            super().data_received(data)  # a close frame, a parser error
+        finally:
+            self._readiness_may_have_changed()
+
+    async def send(self, message: ASGISendEvent) -> None:
+        try:
+            await super().send(message)  # accept, close
+        finally:
+            self._readiness_may_have_changed()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._readiness_may_have_changed()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._readiness_may_have_changed()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        self._readiness_may_have_changed()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._readiness_may_have_changed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._readiness_may_have_changed()
+
+    async def run_asgi(self) -> None:
+        try:
+            await super().run_asgi()
+        finally:
+            self._readiness_may_have_changed()

@@ -1021,19 +1021,10 @@ async def submit_order(db: Database, entry: OrderEntry, principal: Principal, re
     client_order_id is seen by the second placement's read. A unique violation can still happen if some
     other writer inserts orders without that lock; then the placement is retried once and finds the twin.
     """
-    started = time.perf_counter()
-    try:
-        for attempt in (1, 2):
-            try:
-                async with db.transaction("orders.place") as conn:
-                    return await entry.place_order(conn, principal, request)
-            except asyncpg.UniqueViolationError:
-                if attempt == 2 or request.client_order_id is None:
-                    raise
-                log.info("client_order_id %r raced; re-reading the original", request.client_order_id)
-        raise AssertionError("unreachable")
-    finally:
-        ORDER_PLACEMENT_DURATION.observe(time.perf_counter() - started)
+    (outcome,) = await submit_orders(db, entry, principal, [request])
+    if isinstance(outcome, TradeplaneError):
+        raise outcome
+    return outcome
 
 
 async def submit_orders(
@@ -1049,7 +1040,7 @@ async def submit_orders(
     try:
         for attempt in (1, 2):
             try:
-                async with db.transaction("orders.place_batch") as conn:
+                async with db.transaction("orders.place" if len(requests) == 1 else "orders.place_batch") as conn:
                     return await entry.place_orders(conn, principal, requests)
             except asyncpg.UniqueViolationError:
                 if attempt == 2:

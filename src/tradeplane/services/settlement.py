@@ -632,18 +632,6 @@ class _Settler:
                 " $5::bigint[], $6::bigint[], $7::text[], $8::timestamptz[])",
                 *[list(column) for column in zip(*self.trade_rows, strict=True)],
             )
-        if self.ledger_txs:
-            # Lock every balance this batch moves in one (account, asset) order first: two engine shards
-            # settling trades of the same accounts (and the shared fee account) then queue instead of
-            # deadlocking.
-            legs = sorted({(e.account_id, e.asset) for tx in self.ledger_txs for e in tx.entries})
-            await conn.execute(
-                "SELECT 1 FROM balances b JOIN unnest($1::bigint[], $2::text[]) AS k(account_id, asset)"
-                " USING (account_id, asset) ORDER BY b.account_id, b.asset FOR UPDATE OF b",
-                [leg[0] for leg in legs],
-                [leg[1] for leg in legs],
-            )
-        await ledger.post_many(conn, self.ledger_txs)
         if self.positions:
             await conn.executemany(
                 "INSERT INTO positions (account_id, instrument_id, net_quantity, average_price, realized_pnl,"
@@ -663,6 +651,30 @@ class _Settler:
                 "UPDATE instruments SET last_price = $2, last_trade_at = $3 WHERE id = $1",
                 [(instrument_id, price, now) for instrument_id, price in self.last_prices.items()],
             )
+        await self._write_orders()
+        await self._post_ledger()
+
+    async def _post_ledger(self) -> None:
+        """The batch's ledger transactions, last: the balances they move are locked until commit.
+
+        Every shard's trades move the shared fee account's balance, so while one shard holds these locks the
+        others wait; taking them after every other write keeps that window to the ledger rows and the commit.
+        The balances are locked in one (account, asset) order, so two shards queue instead of deadlocking.
+        """
+        if not self.ledger_txs:
+            return
+        legs = sorted({(e.account_id, e.asset) for tx in self.ledger_txs for e in tx.entries})
+        await self.conn.execute(
+            "SELECT 1 FROM balances b JOIN unnest($1::bigint[], $2::text[]) AS k(account_id, asset)"
+            " USING (account_id, asset) ORDER BY b.account_id, b.asset FOR UPDATE OF b",
+            [leg[0] for leg in legs],
+            [leg[1] for leg in legs],
+        )
+        await ledger.post_many(self.conn, self.ledger_txs)
+
+    async def _write_orders(self) -> None:
+        conn = self.conn
+        now = self.now
         dirty = [row for row in self.rows.values() if row.dirty]
         if not dirty:
             return

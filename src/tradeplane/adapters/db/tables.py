@@ -246,7 +246,7 @@ holds = Table(
     Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
     Column("asset", String(16), ForeignKey("assets.code"), nullable=False),
     Column("amount", Amount, nullable=False),
-    Column("order_id", BigInteger, ForeignKey("orders.id"), nullable=True, index=True),
+    Column("order_id", BigInteger, ForeignKey("orders.id"), nullable=True),
     created_at(),
     Column("released_at", DateTime(timezone=True), nullable=True),
     CheckConstraint("amount > 0", name="amount_positive"),
@@ -256,6 +256,8 @@ holds = Table(
         "asset",
         postgresql_where=text("released_at IS NULL"),
     ),
+    # One active hold per order; also what the engine's release-by-order statements look up (migration 0008).
+    Index("ux_holds_active_order_id", "order_id", unique=True, postgresql_where=text("released_at IS NULL")),
 )
 
 deposits = Table(

@@ -29,7 +29,9 @@ async def post_many(conn: asyncpg.Connection, txs: Sequence[LedgerTransaction]) 
     ids: list[int] = [
         row[0]
         for row in await conn.fetch(
-            "SELECT nextval(pg_get_serial_sequence('ledger_transactions', 'id')) FROM generate_series(1, $1)",
+            # the sequence looked up once (a scalar subquery), not per id
+            "SELECT nextval((SELECT pg_get_serial_sequence('ledger_transactions', 'id'))::regclass)"
+            " FROM generate_series(1, $1)",
             len(txs),
         )
     ]

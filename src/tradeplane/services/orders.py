@@ -261,7 +261,8 @@ WITH t AS MATERIALIZED (
                               hold_price, hold_asset, hold_amount, stream, symbol, payload, action, audit, k, n)
 ), ids AS MATERIALIZED (
     SELECT id, row_number() OVER (ORDER BY id) AS n
-    FROM (SELECT nextval(pg_get_serial_sequence('orders', 'id')) AS id FROM t) AS drawn
+    -- the sequence is looked up once (an InitPlan), not per order: 4.5 us a row otherwise
+    FROM (SELECT nextval((SELECT pg_get_serial_sequence('orders', 'id'))::regclass) AS id FROM t) AS drawn
 ), i AS MATERIALIZED (
     SELECT t.*, ids.id FROM t JOIN ids USING (n)
 ), o AS (

@@ -272,6 +272,9 @@ def cpu_seconds(data_dir: Path, workers: list[tuple[str, int]]) -> dict[str, flo
             roles[proc.pid] = "nats"
         elif "redis" in name:
             roles[proc.pid] = "redis"
+    # redis-server rewrites its command line ("redis-server 127.0.0.1:port"): find it by its pid file
+    with contextlib.suppress(OSError, ValueError):
+        roles[int((data_dir / "data" / "redis" / "redis.pid").read_text().split()[0])] = "redis"
     totals: dict[str, float] = {}
     for pid, role in roles.items():
         try:

@@ -1,7 +1,7 @@
 """End-to-end order benchmark on the embedded default: the whole platform as `tradeplane up` runs it.
 
 Run: ``.venv/bin/python tests/bench/bench_orders_e2e.py [--rate 500] [--seconds 20] [--concurrency 32] [--pairs 16]
-[--batch 200] [--shards 1] [--api-workers 1] [--skip-open-loop]``
+[--warmup 2] [--batch 200] [--shards 1] [--api-workers 1] [--skip-open-loop]``
 
 It starts the embedded servers (PostgreSQL, Redis, NATS, as `tradeplane up` does) in a temporary data folder and
 the platform as separate processes, `tradeplane run api`, `run relay` and `run engine` (one process each, so
@@ -10,7 +10,9 @@ takers (margin accounts, funded, with a high order-rate limit), and measures, on
 taker buys 1 @ 190.00, so every pair trades):
 
 1. open loop at --rate orders/s for --seconds: POST acknowledgement latency of every order, and order-to-fill
-   latency (POST sent -> the taker's fill report received on a WebSocket subscribed to `fills`);
+   latency (POST sent -> the taker's fill report received on a WebSocket subscribed to `fills`), after
+   --warmup seconds at the same rate that are not measured (new HTTP connections, statements prepared on each
+   pooled database connection: the first 150 ms of a cold start took 70-170 ms an order);
 2. ``GET /api/v1/accounts/{id}`` latency, 2,000 sequential requests;
 3. sustained closed-loop throughput with --concurrency clients: orders placed, matched and persisted per
    second (until the last order of the run is filled in PostgreSQL), and the CPU each process spent per order
@@ -173,7 +175,7 @@ async def close_pool(pool: asyncio.Queue[LeanHTTPConnection]) -> None:
         await pool.get_nowait().close()
 
 
-async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: float) -> dict[str, Any]:
+async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: float, warmup: float) -> dict[str, Any]:
     ack_ms: list[float] = []
     sent_at: dict[int, float] = {}
     fills_seen: dict[int, float] = {}
@@ -204,19 +206,27 @@ async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: 
         elif side == "buy":
             sent_at[int(json.loads(body)["id"])] = started
 
+    async def offer(total: int) -> float:
+        interval = 1.0 / rate
+        start = time.perf_counter()
+        tasks = []
+        for i in range(total):
+            delay = start + i * interval - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pair = pairs[(i // 2) % len(pairs)]
+            who, side = (pair["bench-taker"], "buy") if i % 2 else (pair["bench-maker"], "sell")
+            tasks.append(asyncio.create_task(send(who, side)))
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - start
+
+    if warmup > 0:
+        await offer(int(rate * warmup))
+        ack_ms.clear()
+        sent_at.clear()
+        errors = 0
     total = int(rate * seconds)
-    interval = 1.0 / rate
-    start = time.perf_counter()
-    tasks = []
-    for i in range(total):
-        delay = start + i * interval - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        pair = pairs[(i // 2) % len(pairs)]
-        who, side = (pair["bench-taker"], "buy") if i % 2 else (pair["bench-maker"], "sell")
-        tasks.append(asyncio.create_task(send(who, side)))
-    await asyncio.gather(*tasks)
-    offered_s = time.perf_counter() - start
+    offered_s = await offer(total)
     await close_pool(pool)
     deadline = time.perf_counter() + 30
     while time.perf_counter() < deadline and not set(sent_at) <= set(fills_seen):  # noqa: ASYNC110
@@ -228,6 +238,7 @@ async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: 
     print(f"open loop: offered {total} orders in {offered_s:.1f} s ({total / offered_s:.0f}/s), {errors} errors")
     return {
         "offered_rate": rate,
+        "warmup_s": warmup,
         "orders": total,
         "errors": errors,
         "ack": summary("POST ack", ack_ms),
@@ -372,6 +383,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--warmup", type=float, default=2, help="open loop: unmeasured seconds at --rate first")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=16, help="maker/taker account pairs")
     parser.add_argument("--api-workers", type=int, default=1, help="API processes (`run api --workers N`)")
@@ -433,7 +445,7 @@ def main() -> None:
         parts = asyncio.run(create_participants(database_url, args.pairs))
         results: dict[str, Any] = {"benchmark": "orders_e2e", "machine": f"{host.machine()} {os.cpu_count()} cpus"}
         if not args.skip_open_loop:
-            results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds))
+            results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds, args.warmup))
         results["account_reads"] = asyncio.run(account_reads(base, parts))
         roles = ("api", "relay", *["engine"] * args.shards)
         workers = [(name, process.pid) for name, process in zip(roles, processes, strict=True)]

@@ -246,19 +246,21 @@ _EXPOSURE_MANY = (
 # the engine's commands (its time priority) and audit rows follow the request's order. The accepted orders of
 # one engine shard become ONE outbox row, hence one bus message: a lone order's "new" command, or a "batch"
 # of them in request order, which the engine applies as consecutive commands. A rejected order has
-# NULL hold and outbox columns, and those inserts select nothing for it. $24 is the time, $25 the actor; $26
-# each order's place in the request, $27/$28 the places and audit details of orders refused for an unknown
-# instrument (no order row): audit rows follow the request's order.
+# NULL hold and outbox columns, and those inserts select nothing for it. $24 is the time, $25 each order's actor
+# (orders of several principals can share a placement); $26 each order's place in the request, $27/$28/$29 the
+# places, audit details and actors of orders refused for an unknown instrument (no order row): audit rows
+# follow the request's order.
 _INSERT_ORDERS = """
 WITH t AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::numeric[], $8::numeric[], $9::numeric[], $10::timestamptz[], $11::boolean[],
                          $12::boolean[], $13::text[], $14::text[], $15::text[], $16::numeric[], $17::text[],
                          $18::numeric[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
-                         $26::int[])
+                         $26::int[], $25::bigint[])
          WITH ORDINALITY AS t(account_id, instrument_id, client_order_id, side, type, time_in_force, quantity,
                               price, stop_price, expire_at, post_only, reduce_only, stp_mode, status, reject_reason,
-                              hold_price, hold_asset, hold_amount, stream, symbol, payload, action, audit, k, n)
+                              hold_price, hold_asset, hold_amount, stream, symbol, payload, action, audit, k, actor,
+                              n)
 ), ids AS MATERIALIZED (
     SELECT id, row_number() OVER (ORDER BY id) AS n
     -- the sequence is looked up once (an InitPlan), not per order: 4.5 us a row otherwise
@@ -287,11 +289,13 @@ WITH t AS MATERIALIZED (
     GROUP BY stream ORDER BY min(n)
 ), a AS (
     INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details)
-    SELECT $25, action, 'order', entity_id, details FROM (
-        SELECT k, action, id::text AS entity_id, audit::jsonb || jsonb_build_object('status', status) AS details
+    SELECT actor, action, 'order', entity_id, details FROM (
+        SELECT k, actor, action, id::text AS entity_id, audit::jsonb || jsonb_build_object('status', status)
+               AS details
         FROM i
         UNION ALL
-        SELECT k, 'order.reject', NULL, details::jsonb FROM unnest($27::int[], $28::text[]) AS u(k, details)
+        SELECT k, actor, 'order.reject', NULL, details::jsonb
+        FROM unnest($27::int[], $28::text[], $29::bigint[]) AS u(k, details, actor)
     ) AS entries ORDER BY k
 )
 SELECT o.* FROM o JOIN i USING (id) ORDER BY i.n
@@ -381,7 +385,19 @@ class OrderEntry:
         account, one exposure read for every (account, instrument) pair, one Redis round trip for the rate
         counters and one insert of every row.
         """
-        _require_writer(principal)
+        return await self.place_mixed(conn, [(principal, request) for request in requests])
+
+    async def place_mixed(
+        self, conn: asyncpg.Connection, orders: Sequence[tuple[Principal, OrderRequest]]
+    ) -> list[Placement | TradeplaneError]:
+        """``place_orders`` where each order has its own principal (PlacementQueue coalesces the single orders of
+        several clients into one placement): each order sees only the accounts its principal may trade, and its
+        audit row names that principal. PermissionDenied, for a readonly principal, is raised for all of them.
+        """
+        principals = [principal for principal, _ in orders]
+        requests = [request for _, request in orders]
+        for principal in {id(p): p for p in principals}.values():
+            _require_writer(principal)
         now = self.clock()
         outcomes: list[Placement | TradeplaneError | None] = [None] * len(requests)
         for index, request in enumerate(requests):
@@ -397,18 +413,15 @@ class OrderEntry:
                 rows = [] if row is None else [row]
             else:
                 rows = await conn.fetch(_LOCK_ACCOUNTS, sorted(wanted))
-            accounts = {
-                r["id"]: r
-                for r in rows
-                if r["kind"] != "house" and (sees_all_accounts(principal) or r["user_id"] == principal.user_id)
-            }
+            accounts = {r["id"]: r for r in rows if r["kind"] != "house"}
         checked: list[tuple[int, InstrumentRules]] = []
         unknown: dict[int, str] = {}  # request index -> audit details of an unknown instrument's rejection
         for index, request in enumerate(requests):
             if outcomes[index] is not None:
                 continue
             account = accounts.get(request.account_id)
-            if account is None:
+            principal = principals[index]
+            if account is None or not (sees_all_accounts(principal) or account["user_id"] == principal.user_id):
                 outcomes[index] = NotFound(f"no account {request.account_id}", code="account_not_found")
                 continue
             rules = await self.catalog.get(conn, request.symbol)
@@ -420,14 +433,14 @@ class OrderEntry:
             details = {"account_id": request.account_id, "symbol": request.symbol, "reason": rejection.reason.value}
             unknown[index] = json.dumps(details)
         if checked or unknown:
-            await self._assess_and_store(conn, principal, requests, accounts, checked, unknown, outcomes, now)
+            await self._assess_and_store(conn, principals, requests, accounts, checked, unknown, outcomes, now)
         assert all(outcome is not None for outcome in outcomes)
         return outcomes  # type: ignore[return-value]
 
     async def _assess_and_store(
         self,
         conn: asyncpg.Connection,
-        principal: Principal,
+        principals: Sequence[Principal],
         requests: Sequence[OrderRequest],
         accounts: Mapping[int, asyncpg.Record],
         checked: list[tuple[int, InstrumentRules]],
@@ -497,7 +510,7 @@ class OrderEntry:
             stored.append((index, rules, verdict))
 
         if stored or unknown:
-            orders = await self._insert(conn, principal, requests, stored, unknown, now)
+            orders = await self._insert(conn, principals, requests, stored, unknown, now)
             for (index, _, verdict), order in zip(stored, orders, strict=True):
                 owner = accounts[requests[index].account_id]["user_id"]
                 if isinstance(verdict, RiskRejection):
@@ -588,7 +601,7 @@ class OrderEntry:
     async def _insert(
         self,
         conn: asyncpg.Connection,
-        principal: Principal,
+        principals: Sequence[Principal],
         requests: Sequence[OrderRequest],
         stored: list[tuple[int, InstrumentRules, Acceptance | RiskRejection]],
         unknown: Mapping[int, str],
@@ -665,18 +678,19 @@ class OrderEntry:
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
         if len(stored) == 1 and not unknown:
-            rules = stored[0][1]
-            row = await conn.fetchrow(_INSERT_ONE, *(column[0] for column in columns), now, principal.user_id)
+            index, rules, _ = stored[0]
+            row = await conn.fetchrow(_INSERT_ONE, *(column[0] for column in columns), now, principals[index].user_id)
             assert row is not None
             return [order_from_row(row, rules.symbol)]
         rows = await conn.fetch(
             _INSERT_ORDERS,
             *columns,
             now,
-            principal.user_id,
+            [principals[index].user_id for index, _, _ in stored],
             [index for index, _, _ in stored],
             list(unknown),
             list(unknown.values()),
+            [principals[index].user_id for index in unknown],
         )
         return [order_from_row(row, rules.symbol) for row, (_, rules, _) in zip(rows, stored, strict=True)]
 
@@ -1037,12 +1051,19 @@ async def submit_orders(
     placement histogram gets one observation per order, the batch's time. A unique violation (a writer that
     does not take the account lock raced one of the client_order_ids) retries the batch once.
     """
+    return await submit_mixed(db, entry, [(principal, request) for request in requests])
+
+
+async def submit_mixed(
+    db: Database, entry: OrderEntry, orders: Sequence[tuple[Principal, OrderRequest]]
+) -> list[Placement | TradeplaneError]:
+    """``submit_orders`` where each order has its own principal (see ``OrderEntry.place_mixed``)."""
     started = time.perf_counter()
     try:
         for attempt in (1, 2):
             try:
-                async with db.transaction("orders.place" if len(requests) == 1 else "orders.place_batch") as conn:
-                    return await entry.place_orders(conn, principal, requests)
+                async with db.transaction("orders.place" if len(orders) == 1 else "orders.place_batch") as conn:
+                    return await entry.place_mixed(conn, orders)
             except asyncpg.UniqueViolationError:
                 if attempt == 2:
                     raise
@@ -1050,7 +1071,7 @@ async def submit_orders(
         raise AssertionError("unreachable")
     finally:
         elapsed = time.perf_counter() - started
-        for _ in requests:
+        for _ in orders:
             ORDER_PLACEMENT_DURATION.observe(elapsed)
 
 
@@ -1066,3 +1087,79 @@ def order_entry(platform: Platform) -> OrderEntry:
         _ENTRIES[key] = entry
         weakref.finalize(platform, _ENTRIES.pop, key, None)
     return entry
+
+
+class PlacementQueue:
+    """Group commit for single orders: the orders that arrive while placements are in flight share the next one.
+
+    ``place`` is ``submit_order`` for one client's order. A lone order starts its own placement at once, so
+    nothing waits when the process is quiet; at most ``max_inflight`` placements run together, and every order
+    that arrives meanwhile (any client, any principal) joins the next one, up to MAX_BATCH orders. Under load a
+    placement then costs a few statements for many orders instead of for each (``OrderEntry.place_mixed``),
+    and each order still gets the answer it would have had alone, in arrival order. A failed transaction fails
+    the orders it carried (a 503 for each); a client that stops waiting may still have its order placed, as
+    with any acknowledgement lost on the way back, and a retry with the same client_order_id finds it.
+    """
+
+    def __init__(self, db: Database, entry: OrderEntry, *, max_inflight: int = 4) -> None:
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
+        self.db = db
+        self.entry = entry
+        self.max_inflight = max_inflight
+        self.placements = 0  # transactions run, for tests and the curious
+        self._pending: list[tuple[Principal, OrderRequest, asyncio.Future[Placement]]] = []
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def place(self, principal: Principal, request: OrderRequest) -> Placement:
+        _require_writer(principal)  # before queueing: a refusal is this order's alone
+        future: asyncio.Future[Placement] = asyncio.get_running_loop().create_future()
+        self._pending.append((principal, request, future))
+        if self._inflight < self.max_inflight:
+            self._inflight += 1
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                self.placements += 1
+                try:
+                    outcomes = await submit_mixed(self.db, self.entry, [(p, r) for p, r, _ in batch])
+                except Exception as exc:  # the transaction failed: so did every order it carried
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except asyncio.CancelledError:
+                    for _, _, future in batch:
+                        future.cancel()
+                    raise
+                for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():  # its client stopped waiting
+                        continue
+                    if isinstance(outcome, TradeplaneError):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._inflight -= 1
+
+
+_QUEUES: dict[int, PlacementQueue] = {}
+
+
+def placement_queue(platform: Platform) -> PlacementQueue:
+    """The process's PlacementQueue for `platform` (one per process, like ``order_entry``)."""
+    key = id(platform)
+    queue = _QUEUES.get(key)
+    if queue is None:
+        queue = PlacementQueue(platform.db, order_entry(platform))
+        _QUEUES[key] = queue
+        weakref.finalize(platform, _QUEUES.pop, key, None)
+    return queue

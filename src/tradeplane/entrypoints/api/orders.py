@@ -37,7 +37,7 @@ from tradeplane.services.orders import (
     Placement,
     PlacementOutcome,
     order_entry,
-    submit_order,
+    placement_queue,
     submit_orders,
 )
 from tradeplane.services.queries import OrderRecord, sees_all_accounts
@@ -72,9 +72,8 @@ def _risk_rejected(order: OrderRecord | None, reason: str, detail: str) -> JSONR
 async def place_order(body: OrderCreate, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
     """Place an order: 201 once it is committed (status pending_new); a retry with the same client_order_id
     and parameters returns the original (200); the same id with other parameters is 409."""
-    entry = order_entry(platform)
     request = OrderRequest(body.account_id, body.symbol, body.terms(), body.client_order_id)
-    placement = await submit_order(platform.db, entry, principal, request)
+    placement = await placement_queue(platform).place(principal, request)
     if placement.rejection is not None:
         return _risk_rejected(placement.order, placement.rejection.reason.value, placement.rejection.detail)
     assert placement.order is not None

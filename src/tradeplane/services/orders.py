@@ -80,6 +80,7 @@ from tradeplane.services.queries import (
     ORDER_COLUMNS,
     InstrumentCatalog,
     OrderRecord,
+    after_order_commit,
     decimal_text,
     order_from_row,
     sees_all_accounts,
@@ -1092,7 +1093,8 @@ def order_entry(platform: Platform) -> OrderEntry:
 class PlacementQueue:
     """Group commit for single orders: the orders that arrive while placements are in flight share the next one.
 
-    ``place`` is ``submit_order`` for one client's order. A lone order starts its own placement at once, so
+    ``place`` is ``submit_order`` for one client's order, followed by ``after_order_commit`` for the owners of
+    the accepted orders (once per placement). A lone order starts its own placement at once, so
     nothing waits when the process is quiet; at most ``max_inflight`` placements run together, and every order
     that arrives meanwhile (any client, any principal) joins the next one, up to MAX_BATCH orders. Under load a
     placement then costs a few statements for many orders instead of for each (``OrderEntry.place_mixed``),
@@ -1140,6 +1142,17 @@ class PlacementQueue:
                     for _, _, future in batch:
                         future.cancel()
                     raise
+                # before any answer, as POST /orders/batch does: one cache drop and one relay wake-up for all
+                owners = [
+                    o.owner_user_id
+                    for o in outcomes
+                    if isinstance(o, Placement) and o.outcome is PlacementOutcome.ACCEPTED
+                ]
+                if owners:
+                    try:
+                        await after_order_commit(self.entry.cache, *owners)
+                    except Exception:  # best effort (it logs Redis errors itself): the orders are committed
+                        log.exception("dropping caches after a placement failed")
                 for (_, _, future), outcome in zip(batch, outcomes, strict=True):
                     if future.done():  # its client stopped waiting
                         continue

@@ -76,11 +76,8 @@ async def place_order(body: OrderCreate, principal: PrincipalDep, platform: Plat
     placement = await placement_queue(platform).place(principal, request)
     if placement.rejection is not None:
         return _risk_rejected(placement.order, placement.rejection.reason.value, placement.rejection.detail)
-    assert placement.order is not None
-    if placement.outcome is PlacementOutcome.ACCEPTED:
-        await queries.after_order_commit(platform.cache, placement.owner_user_id)
-        return _order_response(placement.order, 201)
-    return _order_response(placement.order, 200)
+    assert placement.order is not None  # the queue has dropped the owner's caches and woken the relay
+    return _order_response(placement.order, 201 if placement.outcome is PlacementOutcome.ACCEPTED else 200)
 
 
 @router.post("/orders/batch", response_model=BatchPublic)

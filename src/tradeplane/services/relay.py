@@ -86,7 +86,9 @@ class OutboxRelay:
                 await pause(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if published == 0:
+            if published < self.batch_size:
+                # Caught up with what the read saw. A row committed since has set `wake` (cleared before the
+                # read), so this returns at once for it; no need for another read to learn the outbox is empty.
                 await pause(stop, self.idle_sleep_s, self.wake)
 
 

@@ -10,6 +10,30 @@ import asyncpg
 
 from tradeplane.domain.ledger import LedgerTransaction
 
+# One statement: draw an id per transaction (ascending in the order given), insert the transactions, then their
+# entries in the order given ($3: each entry's transaction, 1-based). The sequence is looked up once (a scalar
+# subquery), not per id.
+_INSERT_TRANSACTIONS = """
+WITH drawn AS MATERIALIZED (
+    SELECT id, row_number() OVER (ORDER BY id) AS n
+    FROM (SELECT nextval((SELECT pg_get_serial_sequence('ledger_transactions', 'id'))::regclass) AS id
+          FROM generate_series(1, cardinality($1::text[]))) AS d
+), tx AS (
+    INSERT INTO ledger_transactions (id, kind, reference)
+    SELECT drawn.id, t.kind, t.reference
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(kind, reference, n) JOIN drawn USING (n)
+    ORDER BY t.n
+), entries AS (
+    INSERT INTO ledger_entries (transaction_id, account_id, asset, amount)
+    SELECT drawn.id, e.account_id, e.asset, e.amount
+    FROM unnest($3::bigint[], $4::bigint[], $5::text[], $6::numeric[]) WITH ORDINALITY
+         AS e(n, account_id, asset, amount, k)
+    JOIN drawn USING (n)
+    ORDER BY e.k
+)
+SELECT id FROM drawn ORDER BY n
+"""
+
 
 async def post(conn: asyncpg.Connection, tx: LedgerTransaction) -> int:
     """Post one transaction; returns its id."""
@@ -19,38 +43,24 @@ async def post(conn: asyncpg.Connection, tx: LedgerTransaction) -> int:
 async def post_many(conn: asyncpg.Connection, txs: Sequence[LedgerTransaction]) -> list[int]:
     """Insert the transactions and their entries and move each balance by the sum of its entries.
 
-    A fixed number of round trips whatever the batch size (the engine posts one transaction per fill). Balance
+    Two round trips whatever the batch size (the engine posts one transaction per fill). Balance
     rows are moved in (account, asset) order, the same order the engine locks them in. The database re-checks
     the zero-sum rule at commit (deferred constraint trigger), so a bug here cannot commit an unbalanced
     transaction. Returns the transaction ids in the order given.
     """
     if not txs:
         return []
-    ids: list[int] = [
-        row[0]
-        for row in await conn.fetch(
-            # the sequence looked up once (a scalar subquery), not per id
-            "SELECT nextval((SELECT pg_get_serial_sequence('ledger_transactions', 'id'))::regclass)"
-            " FROM generate_series(1, $1)",
-            len(txs),
-        )
-    ]
-    await conn.execute(
-        "INSERT INTO ledger_transactions (id, kind, reference)"
-        " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[])",
-        ids,
+    entries = [(n, e) for n, tx in enumerate(txs, 1) for e in tx.entries]
+    rows = await conn.fetch(
+        _INSERT_TRANSACTIONS,
         [tx.kind for tx in txs],
         [tx.reference for tx in txs],
-    )
-    entries = [(tx_id, e) for tx_id, tx in zip(ids, txs, strict=True) for e in tx.entries]
-    await conn.execute(
-        "INSERT INTO ledger_entries (transaction_id, account_id, asset, amount)"
-        " SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::numeric[])",
-        [tx_id for tx_id, _ in entries],
+        [n for n, _ in entries],
         [e.account_id for _, e in entries],
         [e.asset for _, e in entries],
         [e.amount for _, e in entries],
     )
+    ids: list[int] = [row[0] for row in rows]
     moves: dict[tuple[int, str], Decimal] = defaultdict(Decimal)
     for tx in txs:
         for e in tx.entries:

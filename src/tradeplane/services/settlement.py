@@ -614,24 +614,22 @@ class _Settler:
         now = self.now
         if self.fill_rows:
             columns = list(zip(*self.fill_rows, strict=True))
-            inserted = await conn.fetch(
-                "INSERT INTO fills (fill_id, order_id, account_id, instrument_id, side, quantity, price, fee,"
-                " fee_asset, liquidity, trade_id, created_at)"
+            inserted = await conn.fetch(  # the fills and their trades in one statement
+                "WITH f AS (INSERT INTO fills (fill_id, order_id, account_id, instrument_id, side, quantity, price,"
+                " fee, fee_asset, liquidity, trade_id, created_at)"
                 " SELECT f.*, $12::timestamptz FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[],"
                 " $5::text[], $6::numeric[], $7::numeric[], $8::numeric[], $9::text[], $10::text[], $11::text[]) AS f"
-                " RETURNING id, fill_id",
+                " RETURNING id, fill_id), t AS (INSERT INTO trades (trade_id, instrument_id, price, quantity,"
+                " buy_order_id, sell_order_id, aggressor_side, ts) SELECT * FROM unnest($13::text[], $14::bigint[],"
+                " $15::numeric[], $16::numeric[], $17::bigint[], $18::bigint[], $19::text[], $20::timestamptz[]))"
+                " SELECT id, fill_id FROM f",
                 *[list(column) for column in columns],
                 now,
+                *[list(column) for column in zip(*self.trade_rows, strict=True)],
             )
             ids = {r["fill_id"]: r["id"] for r in inserted}
             for fill in self.result.fills:
                 fill.id = ids[fill.fill_id]
-            await conn.execute(
-                "INSERT INTO trades (trade_id, instrument_id, price, quantity, buy_order_id, sell_order_id,"
-                " aggressor_side, ts) SELECT * FROM unnest($1::text[], $2::bigint[], $3::numeric[], $4::numeric[],"
-                " $5::bigint[], $6::bigint[], $7::text[], $8::timestamptz[])",
-                *[list(column) for column in zip(*self.trade_rows, strict=True)],
-            )
         if self.positions:
             await conn.executemany(
                 "INSERT INTO positions (account_id, instrument_id, net_quantity, average_price, realized_pnl,"
@@ -700,28 +698,16 @@ class _Settler:
             [r.reject_reason for r in dirty],
             now,
         )
-        keep: dict[int, Decimal] = {}
-        release: list[int] = []
-        for row in dirty:
-            amount = hold_amount(row, self.by_id[row.instrument_id])
-            if amount > 0:
-                keep[row.order_id] = amount
-            else:
-                release.append(row.order_id)
-        if keep:
-            await conn.execute(
-                "UPDATE holds h SET amount = u.amount FROM unnest($1::bigint[], $2::numeric[]) AS u(order_id, amount)"
-                " WHERE h.order_id = u.order_id AND h.released_at IS NULL AND h.amount <> u.amount",
-                list(keep),
-                list(keep.values()),
-            )
-        if release:
-            await conn.execute(
-                "UPDATE holds h SET released_at = $2 FROM unnest($1::bigint[]) AS u(order_id)"
-                " WHERE h.order_id = u.order_id AND h.released_at IS NULL",
-                release,
-                now,
-            )
+        # Each changed order's hold: resized to what it still reserves, or released (0) once it is finished.
+        await conn.execute(
+            "UPDATE holds h SET amount = CASE WHEN u.amount > 0 THEN u.amount ELSE h.amount END,"
+            " released_at = CASE WHEN u.amount > 0 THEN NULL ELSE $3::timestamptz END"
+            " FROM unnest($1::bigint[], $2::numeric[]) AS u(order_id, amount)"
+            " WHERE h.order_id = u.order_id AND h.released_at IS NULL AND (u.amount = 0 OR h.amount <> u.amount)",
+            [row.order_id for row in dirty],
+            [hold_amount(row, self.by_id[row.instrument_id]) for row in dirty],
+            now,
+        )
         self.result.orders.extend(dirty)
         self.result.symbols.update(r.symbol for r in dirty)
 

@@ -17,7 +17,9 @@ from tests.conftest import create_database, drop_database, with_database
 from tradeplane.adapters.db.backup import BackupFailed, backup, find_pg_tool, restore, server_major
 from tradeplane.adapters.db.migrate import upgrade
 from tradeplane.adapters.embedded import EmbeddedStack
+from tradeplane.adapters.postgres import Database
 from tradeplane.errors import Conflict
+from tradeplane.services.audit import AuditSealer
 from tradeplane.services.demo import seed_demo
 
 SECRET = "test-secret-key-not-for-production"
@@ -93,6 +95,19 @@ async def test_backup_restores_every_table_into_a_fresh_database(
     finally:
         await source.close()
         await target.close()
+    if "public.audit_log" in before:
+        # and the chain carries on: the restored rows, sealed or not, and new ones are chained once each
+        restored_db = Database(fresh_database_url, min_size=1, max_size=2)
+        await restored_db.connect()
+        try:
+            async with restored_db.transaction("test") as conn:
+                await conn.execute("INSERT INTO audit_log (action, entity) VALUES ('after restore', 'test')")
+            check = await AuditSealer(restored_db).verify()
+            assert (check.bad_row_ids, check.unsealed) == ([], 0)
+            async with restored_db.connection("test") as conn:
+                assert await conn.fetchval("SELECT count(*) FROM audit_chain") == before["public.audit_log"] + 1
+        finally:
+            await restored_db.close()
 
 
 async def test_restore_refuses_a_database_that_already_has_tables(database_url: str, tmp_path: Path) -> None:

@@ -148,11 +148,11 @@ async def test_db_verify_audit_seals_checks_and_reports_a_broken_chain(
         result = run("db", "verify-audit", env=env)
         assert result.returncode == 0, result.stderr
         assert "audit chain intact (sealed 3 rows now" in result.stdout
-        assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE hash IS NULL") == 0
+        assert await conn.fetchval("SELECT count(*) FROM audit_chain") == 3
 
         await conn.execute("ALTER TABLE audit_log DISABLE TRIGGER tp_audit_log_immutable")
-        await conn.execute("UPDATE audit_log SET action = 'forged' WHERE seq = 2")
-        forged = await conn.fetchval("SELECT id FROM audit_log WHERE seq = 2")
+        forged = await conn.fetchval("SELECT audit_id FROM audit_chain WHERE seq = 2")
+        await conn.execute("UPDATE audit_log SET action = 'forged' WHERE id = $1", forged)
     finally:
         await conn.close()
     result = run("db", "verify-audit", env=env)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
 import itertools
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -318,17 +320,21 @@ async def test_downgrade_below_the_audit_sealer_keeps_a_verifiable_chain(empty_d
     """0005 moved chaining to a sealer; going back to 0004 seals what is pending and renumbers rows by chain."""
     url = empty_database_url
     await asyncio.to_thread(upgrade, url)
-    first, second = await asyncpg.connect(url), await asyncpg.connect(url)
+    early, late = await asyncpg.connect(url), await asyncpg.connect(url)
     try:
-        pending = first.transaction()
-        await pending.start()
-        await audit(first, "committed last")
-        await audit(second, "committed first")
-        assert await seal(second) == 1  # sealed before the lower id commits: chain order differs from id order
-        await pending.commit()
+        # `early` holds a transaction id before `late` writes the lower audit id: chain order is not id order
+        early_tx, late_tx = early.transaction(), late.transaction()
+        await early_tx.start()
+        await early.fetchval("SELECT pg_current_xact_id()")
+        await late_tx.start()
+        await audit(late, "committed last")
+        await audit(early, "committed first")
+        await early_tx.commit()
+        assert await seal_committed(early) == 1
+        await late_tx.commit()
     finally:
-        await first.close()
-        await second.close()
+        await early.close()
+        await late.close()
 
     await asyncio.to_thread(downgrade, url, "0004")
     conn = await asyncpg.connect(url)
@@ -345,8 +351,91 @@ async def test_downgrade_below_the_audit_sealer_keeps_a_verifiable_chain(empty_d
     conn = await asyncpg.connect(url)
     try:
         await audit(conn, "sealed again")
-        assert await seal(conn) == 1
-        assert await conn.fetchval("SELECT max(seq) FROM audit_log") == 4
+        assert await seal_committed(conn) == 1
+        assert await conn.fetchval("SELECT max(seq) FROM audit_chain") == 4
+        assert await conn.fetch("SELECT * FROM tp_audit_log_verify()") == []
+    finally:
+        await conn.close()
+
+
+# The audit objects as PostgreSQL describes them (columns by name, not position).
+AUDIT_SCHEMA_SQL = """
+WITH audit_tables(oid) AS (VALUES ('audit_log'::regclass), ('audit_log_head'::regclass))
+SELECT 'column', c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+       || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END || ' identity:' || a.attidentity::text
+       || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+       || coalesce(' -- ' || col_description(c.oid, a.attnum), '')
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+ WHERE c.oid IN (SELECT oid FROM audit_tables) AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'index', pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid IN (SELECT oid FROM audit_tables)
+UNION ALL
+SELECT 'constraint', conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+ WHERE conrelid IN (SELECT oid FROM audit_tables)
+UNION ALL
+SELECT 'trigger', pg_get_triggerdef(oid) FROM pg_trigger
+ WHERE tgrelid IN (SELECT oid FROM audit_tables) AND NOT tgisinternal
+UNION ALL
+SELECT 'function', pg_get_functiondef(oid) FROM pg_proc WHERE proname LIKE 'tp\\_audit\\_%'
+"""
+
+
+async def audit_schema(conn: asyncpg.Connection) -> set[tuple[str, str]]:
+    return {(row[0], row[1]) for row in await conn.fetch(AUDIT_SCHEMA_SQL)}
+
+
+async def test_upgrade_to_the_chain_table_and_back_keeps_every_hash(empty_database_url: str) -> None:
+    """0009 moves (seq, prev_hash, hash) out of audit_log: sealed rows keep their hashes, rows unsealed at upgrade
+    are sealed by it, and downgrade puts the chain back, leaving rows not chained yet to the 0005 sealer."""
+    url = empty_database_url
+    await asyncio.to_thread(upgrade, url, "0008")
+    conn = await asyncpg.connect(url)
+    try:
+        ids = [await audit(conn, action) for action in ("a", "b", "c")]
+        assert await seal(conn, 2) == 2  # "c" stays unsealed
+        sealed_before = [
+            tuple(r) for r in await conn.fetch("SELECT id, seq, prev_hash, hash FROM audit_log WHERE seq IS NOT NULL")
+        ]
+        schema_0008 = await audit_schema(conn)
+    finally:
+        await conn.close()
+
+    await asyncio.to_thread(upgrade, url, "0009")
+    conn = await asyncpg.connect(url)
+    try:
+        chain = [
+            tuple(r) for r in await conn.fetch("SELECT audit_id, seq, prev_hash, hash FROM audit_chain ORDER BY seq")
+        ]
+        assert sorted(chain[:2]) == sorted(sealed_before)
+        assert [row[0] for row in chain] == ids
+        assert await conn.fetch("SELECT * FROM tp_audit_log_verify()") == []
+        assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE xact_id <> 0") == 0
+        ids.append(await audit(conn, "d"))
+        assert await seal_committed(conn) == 1
+        ids.append(await audit(conn, "e"))  # committed, not sealed when the downgrade runs
+        chain = [
+            tuple(r) for r in await conn.fetch("SELECT audit_id, seq, prev_hash, hash FROM audit_chain ORDER BY seq")
+        ]
+    finally:
+        await conn.close()
+
+    await asyncio.to_thread(downgrade, url, "0008")
+    conn = await asyncpg.connect(url)
+    try:
+        assert await audit_schema(conn) == schema_0008
+        rows = [tuple(r) for r in await conn.fetch("SELECT id, seq, prev_hash, hash FROM audit_log ORDER BY id")]
+        assert rows == [*chain, (ids[-1], None, None, None)]
+        assert await conn.fetch("SELECT * FROM tp_audit_log_verify()") == []
+        assert await seal(conn) == 1  # the 0005 sealer picks the unsealed row up
+        assert await conn.fetch("SELECT * FROM tp_audit_log_verify()") == []
+    finally:
+        await conn.close()
+
+    await asyncio.to_thread(upgrade, url, "head")
+    conn = await asyncpg.connect(url)
+    try:
+        assert [r[0] for r in await conn.fetch("SELECT audit_id FROM audit_chain ORDER BY seq")] == ids
         assert await conn.fetch("SELECT * FROM tp_audit_log_verify()") == []
     finally:
         await conn.close()
@@ -354,13 +443,31 @@ async def test_downgrade_below_the_audit_sealer_keeps_a_verifiable_chain(empty_d
 
 # ------------------------------------------------------------------------------------------------ audit
 
+CHAIN_SQL = """
+SELECT c.seq, c.prev_hash, c.hash, a.id, a.ts, a.actor_user_id, a.action, a.entity, a.entity_id,
+       a.details::text AS details_text
+FROM audit_chain c JOIN audit_log a ON a.id = c.audit_id ORDER BY c.seq
+"""
+UNCHAINED_SQL = "SELECT count(*) FROM audit_log a WHERE NOT EXISTS (SELECT FROM audit_chain c WHERE c.audit_id = a.id)"
+NEXT_XACT_ID_SQL = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+# A committed row of a transaction below $1 that is not chained yet.
+COMMITTED_UNCHAINED_SQL = """
+SELECT EXISTS (
+    SELECT FROM audit_log a
+     WHERE a.xact_id >= (SELECT xact_cursor FROM audit_log_head) AND a.xact_id < $1
+       AND NOT EXISTS (SELECT FROM audit_chain c WHERE c.audit_id = a.id)
+)
+"""
 
-async def audit(conn: asyncpg.Connection, action: str, details: str = "{}") -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details) VALUES (7, $1, 'order', '42', $2)",
+
+async def audit(conn: asyncpg.Connection, action: str, details: str = "{}") -> int:
+    audit_id: int = await conn.fetchval(
+        "INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details) VALUES (7, $1, 'order', '42', $2)"
+        " RETURNING id",
         action,
         details,
     )
+    return audit_id
 
 
 def expected_hash(prev_hash: bytes | None, row: asyncpg.Record) -> bytes:
@@ -378,9 +485,22 @@ def expected_hash(prev_hash: bytes | None, row: asyncpg.Record) -> bytes:
     return hashlib.sha256((prev_hash or b"") + content.encode()).digest()
 
 
-async def seal(conn: asyncpg.Connection) -> int:
-    sealed: int = await conn.fetchval("SELECT tp_audit_log_seal()")
+async def seal(conn: asyncpg.Connection, max_rows: int = 10_000) -> int:
+    sealed: int = await conn.fetchval("SELECT tp_audit_log_seal($1)", max_rows)
     return sealed
+
+
+async def seal_committed(conn: asyncpg.Connection) -> int:
+    """Seal until every row committed before the call is chained, as `AuditSealer.seal_committed` does: a
+    transaction open anywhere on the server (other tests' databases share it) holds sealing back meanwhile."""
+    target = await conn.fetchval(NEXT_XACT_ID_SQL)
+    sealed = 0
+    async with asyncio.timeout(30):
+        while True:
+            sealed += await seal(conn)
+            if not await conn.fetchval(COMMITTED_UNCHAINED_SQL, target):
+                return sealed
+            await asyncio.sleep(0.01)
 
 
 async def test_audit_log_rows_are_hash_chained_when_sealed(db: asyncpg.Connection) -> None:
@@ -388,11 +508,11 @@ async def test_audit_log_rows_are_hash_chained_when_sealed(db: asyncpg.Connectio
     await audit(db, "order.cancel")
     async with db.transaction():
         await audit(db, "order.replace", '{"nested": {"k": [1, 2]}}')
-    # written unsealed: no chain position, no hash, until the sealer runs
-    assert await db.fetchval("SELECT count(*) FROM audit_log WHERE seq IS NULL AND hash IS NULL") == 3
-    assert await seal(db) == 3
+    # written unchained: no chain position, no hash, until the sealer runs
+    assert await db.fetchval(UNCHAINED_SQL) == 3
+    assert await seal_committed(db) == 3
     assert await seal(db) == 0
-    rows = await db.fetch("SELECT *, details::text AS details_text FROM audit_log ORDER BY seq")
+    rows = await db.fetch(CHAIN_SQL)
 
     assert [row["seq"] for row in rows] == [1, 2, 3]
     assert [row["action"] for row in rows] == ["order.place", "order.cancel", "order.replace"]
@@ -401,83 +521,220 @@ async def test_audit_log_rows_are_hash_chained_when_sealed(db: asyncpg.Connectio
         assert row["prev_hash"] == previous["hash"]
     for row in rows:
         assert row["hash"] == expected_hash(row["prev_hash"], row)
+    assert await db.fetchval("SELECT (last_seq, last_hash) FROM audit_log_head") == (3, rows[-1]["hash"])
     assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
 
 
-async def test_audit_writers_do_not_wait_for_each_other_and_late_commits_join_the_chain(
+async def test_audit_content_is_the_0001_text_for_every_kind_of_row(db: asyncpg.Connection) -> None:
+    """0009 gave tp_audit_log_content a body the planner inlines; the text it returns (what every hash covers)
+    is still exactly 0001's, NULLs, separators and multibyte characters included."""
+    initial = importlib.import_module("tradeplane.adapters.db.migrations.versions.0001_initial")
+    await db.execute(
+        initial.AUDIT_CONTENT.replace(
+            "CREATE FUNCTION tp_audit_log_content(", "CREATE FUNCTION pg_temp.content_0001(", 1
+        )
+    )
+    texts = [None, "", "-", "a,b:c", "1:x,-", "ordre passé ✓", "日本語", " spaced ", "line\nbreak", "x" * 300]
+    details = [None, "{}", "[]", "null", '"s"', '{"ü": [1, 2.50, null], "a": "b,c:d"}', '{"k": {"n": 1e3}}']
+    seqs = [None, 0, 1, 42, -5, 9_223_372_036_854_775_807]
+    stamps = [
+        None,
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2026, 6, 30, 23, 59, 59, 999_999, tzinfo=timezone(timedelta(hours=-7))),
+        datetime(1999, 12, 31, 22, 0, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+    ]
+    rows = [
+        (seq, ts, actor, text, texts[(i + 3) % len(texts)], texts[(i + 7) % len(texts)], detail)
+        for i, (seq, ts, actor, text, detail) in enumerate(
+            itertools.product(seqs, stamps, [None, 7, -1], texts, details)
+        )
+    ]
+    differing = await db.fetch(
+        """
+        SELECT r.*, tp_audit_log_content(r.seq, r.ts, r.actor, r.action, r.entity, r.entity_id, r.details) AS now,
+               pg_temp.content_0001(r.seq, r.ts, r.actor, r.action, r.entity, r.entity_id, r.details) AS before
+          FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                      $7::jsonb[]) AS r(seq, ts, actor, action, entity, entity_id, details)
+         WHERE tp_audit_log_content(r.seq, r.ts, r.actor, r.action, r.entity, r.entity_id, r.details)
+               IS DISTINCT FROM pg_temp.content_0001(r.seq, r.ts, r.actor, r.action, r.entity, r.entity_id, r.details)
+        """,
+        *[list(column) for column in zip(*rows, strict=True)],
+    )
+    assert len(rows) > 5000
+    assert differing == []
+
+
+async def test_a_late_commit_joins_the_chain_and_an_open_writer_holds_later_rows_back(
     db: asyncpg.Connection, database_url: str
 ) -> None:
-    other = await asyncpg.connect(database_url)
+    early, late, blocker = [await asyncpg.connect(database_url) for _ in range(3)]
     try:
-        first = db.transaction()
-        await first.start()
-        await audit(db, "first")  # the lower id, still uncommitted
-        # A second writer commits while the first is open: no chain lock, so it does not wait.
-        await asyncio.wait_for(audit(other, "second"), timeout=10)
-        assert await seal(other) == 1  # only what has committed
-        await first.commit()
-        assert await seal(db) == 1
+        early_tx, late_tx = early.transaction(), late.transaction()
+        await early_tx.start()
+        await early.fetchval("SELECT pg_current_xact_id()")  # `early` holds a transaction id from here
+        await late_tx.start()
+        async with late.transaction():  # a savepoint: the row carries the top-level transaction's id
+            await audit(late, "late")  # the lower id, committed last
+        # A writer commits while another is open: no chain lock, so it does not wait.
+        await asyncio.wait_for(audit(early, "early"), timeout=10)
+        await early_tx.commit()
+        assert await seal_committed(db) == 1  # only what has committed
+        assert await seal(db) == 0
+        await late_tx.commit()
+        assert await seal_committed(db) == 1
+
+        # A committed row stays unsealed while a transaction that took its id earlier is open (it could still
+        # write a row that belongs before it), and is sealed once that one ends.
+        blocker_tx = blocker.transaction()
+        await blocker_tx.start()
+        await blocker.fetchval("SELECT pg_current_xact_id()")
+        await audit(db, "behind an open transaction")
+        assert await seal(db) == 0
+        await blocker_tx.rollback()
+        assert await seal_committed(db) == 1
     finally:
-        await other.close()
-    rows = await db.fetch("SELECT id, seq, action, prev_hash, hash FROM audit_log ORDER BY seq")
-    assert [(row["seq"], row["action"]) for row in rows] == [(1, "second"), (2, "first")]
-    assert rows[0]["id"] > rows[1]["id"]  # chain order is commit (seal) order, not id order
+        for conn in (early, late, blocker):
+            await conn.close()
+    rows = await db.fetch(CHAIN_SQL)
+    assert [(row["seq"], row["action"]) for row in rows] == [
+        (1, "early"),
+        (2, "late"),
+        (3, "behind an open transaction"),
+    ]
+    assert rows[0]["id"] > rows[1]["id"]  # chain order is transaction order, not id order
     assert rows[1]["prev_hash"] == rows[0]["hash"]
     assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
 
 
-async def test_concurrent_sealers_keep_one_linear_chain(db: asyncpg.Connection, database_url: str) -> None:
-    for i in range(200):
-        await audit(db, f"a{i}")
-    sealers = [await asyncpg.connect(database_url) for _ in range(4)]
-
-    async def seal_in_batches(conn: asyncpg.Connection) -> int:
-        return sum([await conn.fetchval("SELECT tp_audit_log_seal(7)") for _ in range(10)])
-
-    try:
-        counts = await asyncio.gather(*(seal_in_batches(conn) for conn in sealers))
-    finally:
-        for conn in sealers:
-            await conn.close()
-    assert sum(counts) == 200
-    assert [r[0] for r in await db.fetch("SELECT seq FROM audit_log ORDER BY seq")] == list(range(1, 201))
+async def test_a_full_batch_inside_one_transaction_resumes_after_its_last_row(db: asyncpg.Connection) -> None:
+    async with db.transaction():
+        ids = [await audit(db, f"a{i}") for i in range(25)]
+    batches: list[int] = []
+    async with asyncio.timeout(30):
+        while sum(batches) < 25:
+            if sealed := await seal(db, 10):
+                batches.append(sealed)
+            else:
+                await asyncio.sleep(0.01)  # a transaction open elsewhere on the server holds sealing back
+    assert batches == [10, 10, 5]
+    assert [row["id"] for row in await db.fetch(CHAIN_SQL)] == ids
     assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
 
 
-async def test_audit_log_refuses_update_delete_and_truncate(db: asyncpg.Connection) -> None:
+async def test_concurrent_sealers_and_writers_keep_one_linear_chain(db: asyncpg.Connection, database_url: str) -> None:
+    """Writers commit out of id order while four sealers run: every row is chained exactly once."""
+    rng = random.Random(20261125)
+    writers = [await asyncpg.connect(database_url) for _ in range(4)]
+    sealers = [await asyncpg.connect(database_url) for _ in range(4)]
+    writing_done = asyncio.Event()
+
+    async def write(conn: asyncpg.Connection) -> list[int]:
+        written: list[int] = []
+        for _ in range(25):
+            async with conn.transaction():
+                for _ in range(rng.randint(1, 3)):
+                    written.append(await audit(conn, "w"))
+                    await asyncio.sleep(rng.random() * 0.004)  # held open: commits land out of id order
+        return written
+
+    async def seal_until_done(conn: asyncpg.Connection) -> int:
+        sealed = 0
+        while not writing_done.is_set():
+            sealed += await seal(conn, 7)
+            await asyncio.sleep(0.001)
+        return sealed
+
+    try:
+        sealing = [asyncio.create_task(seal_until_done(conn)) for conn in sealers]
+        written = [row_id for ids in await asyncio.gather(*(write(conn) for conn in writers)) for row_id in ids]
+        writing_done.set()
+        counts = await asyncio.gather(*sealing)
+    finally:
+        writing_done.set()
+        for conn in (*writers, *sealers):
+            await conn.close()
+    rest = await seal_committed(db)
+    chain = await db.fetch("SELECT seq, audit_id FROM audit_chain ORDER BY seq")
+    assert sum(counts) + rest == len(written) == len(chain)
+    assert [row["seq"] for row in chain] == list(range(1, len(written) + 1))
+    assert sorted(row["audit_id"] for row in chain) == sorted(written)
+    assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
+
+
+async def test_a_restore_onto_a_server_with_lower_transaction_ids_seals_every_row_once(db: asyncpg.Connection) -> None:
+    """Transaction ids belong to the server: restored where they are lower than the sealer's cursor, new rows
+    would sit behind it. The sealer notices (the cursor is ahead of the server) and re-bases."""
+    await audit(db, "sealed before the backup")
+    await seal_committed(db)
+    next_id = await db.fetchval(NEXT_XACT_ID_SQL)
+    # What a restore from a server whose ids ran far ahead brings: its cursor, and rows it had not sealed yet,
+    # one of them with an id this server is about to reach.
+    await db.execute("UPDATE audit_log_head SET xact_cursor = $1, id_cursor = 3", next_id + 1_000_000_000)
+    await db.execute(
+        "INSERT INTO audit_log (action, entity, xact_id) VALUES ('restored, behind', 'test', 5),"
+        " ('restored, ahead', 'test', $1)",
+        next_id + 40,
+    )
+    await audit(db, "written after the restore")  # this server's id: below the restored cursor
+    assert await seal_committed(db) == 3
+    assert await db.fetchval("SELECT xact_cursor FROM audit_log_head") <= await db.fetchval(NEXT_XACT_ID_SQL)
+
+    for _ in range(50):  # this server's ids pass the restored row's: it is not sealed again
+        await db.fetchval("SELECT pg_current_xact_id()")
+    await audit(db, "written later")
+    assert await seal_committed(db) == 1
+    actions = [row["action"] for row in await db.fetch(CHAIN_SQL)]
+    assert actions[0] == "sealed before the backup"
+    assert sorted(actions[1:4]) == ["restored, ahead", "restored, behind", "written after the restore"]
+    assert actions[4:] == ["written later"]
+    assert await db.fetchval(UNCHAINED_SQL) == 0
+    assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
+
+
+async def test_audit_tables_refuse_update_delete_and_truncate(db: asyncpg.Connection) -> None:
     await audit(db, "login")
-    for statement in (
-        "UPDATE audit_log SET action = 'nothing'",  # unsealed: content may still not change
+    refused = [
+        "UPDATE audit_log SET action = 'nothing'",
+        "UPDATE audit_log SET action = action WHERE false",  # every statement, even one that changes no row
         "DELETE FROM audit_log",
         "TRUNCATE audit_log",
-    ):
+    ]
+    for statement in refused:
         with pytest.raises(asyncpg.RestrictViolationError, match="append-only"):
             await db.execute(statement)
-    await seal(db)
+    assert await seal_committed(db) == 1
     for statement in (
-        "UPDATE audit_log SET action = 'nothing'",
-        "UPDATE audit_log SET hash = sha256('forged'), seq = 9",  # a sealed row cannot be re-sealed
-        "DELETE FROM audit_log",
+        *refused,
+        "UPDATE audit_chain SET hash = sha256('forged')",
+        "DELETE FROM audit_chain WHERE false",
+        "DELETE FROM audit_chain",
+        "TRUNCATE audit_chain",
+        "TRUNCATE audit_log, audit_chain",
     ):
         with pytest.raises(asyncpg.RestrictViolationError, match="append-only"):
             await db.execute(statement)
     assert await db.fetchval("SELECT action FROM audit_log") == "login"
+    assert await db.fetchval("SELECT count(*) FROM audit_chain") == 1
     assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
 
 
-async def test_audit_log_verify_finds_a_row_tampered_behind_the_triggers(db: asyncpg.Connection) -> None:
-    for action in ("a", "b", "c"):
-        await audit(db, action)
-    await seal(db)
-    # A superuser can switch the guard off; the chain still tells.
+async def test_audit_log_verify_finds_rows_tampered_behind_the_triggers(db: asyncpg.Connection) -> None:
+    ids = [await audit(db, action) for action in ("a", "b", "c", "d")]
+    await seal_committed(db)
+    # A superuser can switch the guards off; the chain still tells.
     await db.execute("ALTER TABLE audit_log DISABLE TRIGGER tp_audit_log_immutable")
-    await db.execute("UPDATE audit_log SET details = '{\"forged\": true}' WHERE seq = 2")
-    forged = await db.fetchval("SELECT id FROM audit_log WHERE seq = 2")
-    assert [row[0] for row in await db.fetch("SELECT * FROM tp_audit_log_verify()")] == [forged]
-    # removing a sealed row breaks the link of the one after it
-    await db.execute("DELETE FROM audit_log WHERE seq = 2")
-    after = await db.fetchval("SELECT id FROM audit_log WHERE seq = 3")
-    assert [row[0] for row in await db.fetch("SELECT * FROM tp_audit_log_verify()")] == [after]
+    await db.execute("ALTER TABLE audit_chain DISABLE TRIGGER tp_audit_chain_immutable")
+    await db.execute("UPDATE audit_log SET details = '{\"forged\": true}' WHERE id = $1", ids[1])
+    assert [row[0] for row in await db.fetch("SELECT * FROM tp_audit_log_verify()")] == [ids[1]]
+    # removing a chain row breaks the link and the position of the one after it
+    await db.execute("DELETE FROM audit_chain WHERE audit_id = $1", ids[1])
+    assert [row[0] for row in await db.fetch("SELECT * FROM tp_audit_log_verify()")] == [ids[2]]
+    # a sealed audit row that is gone is reported too
+    await db.execute("DELETE FROM audit_log WHERE id = $1", ids[3])
+    assert [row[0] for row in await db.fetch("SELECT * FROM tp_audit_log_verify()")] == [ids[2], ids[3]]
+    # so is a re-hashed chain row whose link no longer matches its predecessor
+    await db.execute("UPDATE audit_chain SET hash = sha256('forged') WHERE audit_id = $1", ids[0])
+    assert [row[0] for row in await db.fetch("SELECT * FROM tp_audit_log_verify()")] == ids[:1] + ids[2:4]
 
 
 # ------------------------------------------------------------------------------------------ time series

@@ -517,7 +517,7 @@ def db_verify_audit() -> None:
             shown = ", ".join(map(str, check.bad_row_ids[:20]))
             err.print(f"audit chain broken: {len(check.bad_row_ids)} rows fail verification (ids {shown})")
             raise typer.Exit(1)
-        pending = f"{check.unsealed} written since or not yet committed"
+        pending = f"{check.unsealed} written since, not yet committed, or behind a transaction still open"
         out.print(f"audit chain intact (sealed {check.sealed_now} rows now; {pending})")
 
     with servers("database_url") as settings:

@@ -604,21 +604,25 @@ spreads = Table(
 
 # ------------------------------------------------------------------------------------------------ audit
 
-#: Append-only, hash-chained off the hot path. Insert without ``id``, ``seq``, ``prev_hash`` or ``hash``: the
-#: insert takes no lock. ``tp_audit_log_seal(max_rows)`` (run continuously by the relay worker,
-#: ``services.audit.AuditSealer``) chains committed unsealed rows in id order: it locks the single
-#: ``audit_log_head`` row, gives each row the next gapless ``seq``, sets ``prev_hash`` to the previous sealed
-#: row's hash and ``hash = sha256(coalesce(prev_hash, '') || content)``, content being the UTF-8 of
-#: ``tp_audit_log_content(seq, ts, actor_user_id, action, entity, entity_id, details)``: each field as
-#: ``length:value`` (``-`` for NULL) joined by commas, ts as ``YYYY-MM-DDTHH:MI:SS.ffffffZ`` and details as
-#: ``details::text``. ``SELECT * FROM tp_audit_log_verify()`` returns the ids of sealed rows whose hash, link
-#: or seq is wrong. DELETE and TRUNCATE are refused, and so is every UPDATE except sealing an unsealed row
-#: without changing its content. No foreign key to users: an audit row must outlive anything it mentions.
+#: Append-only, hash-chained off the hot path, never updated. Insert without ``id`` or ``xact_id``: the insert
+#: takes no lock. ``tp_audit_log_seal(max_rows)`` (run continuously by the relay worker,
+#: ``services.audit.AuditSealer``) chains the rows of finished transactions in (``xact_id``, ``id``) order: it
+#: locks the single ``audit_log_head`` row and appends to ``audit_chain`` each row's gapless ``seq``, the
+#: previous row's hash as ``prev_hash`` and ``hash = sha256(coalesce(prev_hash, '') || content)``, content
+#: being the UTF-8 of ``tp_audit_log_content(seq, ts, actor_user_id, action, entity, entity_id, details)``:
+#: each field as ``length:value`` (``-`` for NULL) joined by commas, ts as ``YYYY-MM-DDTHH:MI:SS.ffffffZ`` and
+#: details as ``details::text``. ``SELECT * FROM tp_audit_log_verify()`` returns the ids of sealed rows whose
+#: hash, link or seq is wrong, or whose row is gone. Every UPDATE, DELETE and TRUNCATE of either table is
+#: refused. No foreign key to users: an audit row must outlive anything it mentions.
 audit_log = Table(
     "audit_log",
     metadata,
     Column(
-        "id", BigInteger, Identity(always=False), primary_key=True, comment="insertion order; the chain order is seq"
+        "id",
+        BigInteger,
+        Identity(always=False),
+        primary_key=True,
+        comment="insertion order; the chain order is audit_chain.seq",
     ),
     Column("ts", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("actor_user_id", BigInteger, nullable=True),
@@ -626,30 +630,56 @@ audit_log = Table(
     Column("entity", Text, nullable=False),
     Column("entity_id", Text, nullable=True),
     Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    # The sealer's cursor: rows of transactions below a snapshot's xmin are final (migration 0009).
     Column(
-        "seq",
+        "xact_id",
         BigInteger,
-        nullable=True,
-        unique=True,
-        comment="gapless chain position, set by the sealer; null until sealed",
-    ),
-    Column("prev_hash", BYTEA, nullable=True, comment="hash of the previous row; null for the first"),
-    Column("hash", BYTEA, nullable=True),
-    CheckConstraint(
-        "(seq IS NULL) = (hash IS NULL) AND (seq IS NOT NULL OR prev_hash IS NULL)", name="sealed_together"
+        nullable=False,
+        server_default=text("(pg_current_xact_id()::text)::bigint"),
+        comment="inserting transaction (sealer cursor); 0 for rows chained before revision 0009",
     ),
     Index(None, "entity", "entity_id"),
     Index(None, "ts"),
-    Index("ix_audit_log_id_unsealed", "id", postgresql_where=text("hash IS NULL")),
+    Index("ix_audit_log_xact_id_id", "xact_id", "id"),
 )
 
-#: The tip of the audit chain: exactly one row, locked by the sealer to serialise the chain.
+#: The hash chain over ``audit_log``, one row per sealed row, appended by the sealer only. No foreign key to
+#: ``audit_log``: its check would lock (write) every sealed audit row again; verify reports a missing one.
+audit_chain = Table(
+    "audit_chain",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False, comment="gapless chain position"),
+    Column(
+        "audit_id",
+        BigInteger,
+        nullable=False,
+        unique=True,
+        comment="the audit_log row sealed at this position",
+    ),
+    Column("prev_hash", BYTEA, nullable=True, comment="hash of the previous row; null for the first"),
+    Column("hash", BYTEA, nullable=False),
+)
+
+#: The tip of the audit chain and the sealer's cursor: exactly one row, locked by the sealer to serialise it.
 audit_log_head = Table(
     "audit_log_head",
     metadata,
     Column("singleton", Boolean, primary_key=True, server_default=text("true")),
     Column("last_seq", BigInteger, nullable=False, server_default=text("0")),
     Column("last_hash", BYTEA, nullable=True),
+    Column(
+        "xact_cursor",
+        BigInteger,
+        nullable=False,
+        server_default=text("0"),
+        comment="rows of transactions below this are sealed",
+    ),
+    Column(
+        "id_cursor",
+        BigInteger,
+        nullable=True,
+        comment="rows of transaction xact_cursor up to this id are sealed too; null: none of them",
+    ),
     CheckConstraint("singleton", name="single_row"),
 )
 

@@ -1116,7 +1116,9 @@ async def _drain(pubsub: Any, done: Callable[[list[dict[str, Any]]], bool]) -> l
     for _ in range(100):
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
         if message is not None:
-            got.append(orjson.loads(message["data"]))
+            # The engine sends a batch's reports on one channel as one message: a JSON array of envelopes.
+            decoded = orjson.loads(message["data"])
+            got.extend(decoded if isinstance(decoded, list) else [decoded])
         elif done(got):
             return got
     raise AssertionError(f"Redis did not deliver the expected messages; got {got}")

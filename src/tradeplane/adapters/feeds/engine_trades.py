@@ -65,7 +65,7 @@ RESUBSCRIBE_DELAY_S = 1.0
 
 
 def trade_to_tick(payload: bytes, validator: TickValidator, lot_sizes: Mapping[str, Decimal]) -> Tick | None:
-    """The accepted tick of one ``tp:trades`` message, or None (the drop is counted by the validator)."""
+    """The accepted tick of one ``tp:trades`` envelope, or None (the drop is counted by the validator)."""
     try:
         envelope = json.loads(payload)
         data = envelope["data"]
@@ -237,12 +237,21 @@ class EngineTradesFeed:
             await asyncio.sleep(RESUBSCRIBE_DELAY_S)
 
     def _note(self, payload: bytes) -> None:
-        """Remember an announced trade id, so the reader re-reads quickly until its commit is readable."""
+        """Remember the announced trade ids, so the reader re-reads quickly until their commit is readable.
+
+        A message is one trade envelope, or a batch's trades of a symbol as a JSON array of them (workers.engine).
+        """
         try:
-            trade_id = json.loads(payload)["data"]["trade_id"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            decoded = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
             return
-        if isinstance(trade_id, str) and trade_id not in self._recent:
-            if len(self._expected) >= MAX_EXPECTED:
-                self._expected.clear()
-            self._expected[trade_id] = time.monotonic()
+        now = time.monotonic()
+        for envelope in decoded if isinstance(decoded, list) else [decoded]:
+            try:
+                trade_id = envelope["data"]["trade_id"]
+            except (KeyError, TypeError):
+                continue
+            if isinstance(trade_id, str) and trade_id not in self._recent:
+                if len(self._expected) >= MAX_EXPECTED:
+                    self._expected.clear()
+                self._expected[trade_id] = now

@@ -20,7 +20,16 @@ Channels:
 Every channel needs an authenticated connection.
 
 Data messages are the publishers' envelope, `{"channel": "trades", "symbol": "BTC-USD", "data": {...}}`, with
-decimals as strings. The `book` channel is an L2 book kept in step by sequence numbers:
+decimals as strings, one envelope per WebSocket message.
+
+On Redis (internal, see workers.engine) the engine sends one message per channel per settled batch: on
+`tp:user:<id>` and `tp:trades:<symbol>` a message is either one envelope or a JSON array of envelopes in the
+order they happened. The hub unpacks an array into one WebSocket message per envelope, in array order, each
+the `orjson` encoding of that envelope, byte for byte what the engine would have sent as a single envelope;
+the private channels still go only to a client subscribed to that envelope's kind. A payload that is not
+JSON (or an array element that is not an envelope) is logged and dropped; the rest of an array is delivered.
+
+The `book` channel is an L2 book kept in step by sequence numbers:
 
     {"channel": "book", "symbol": "BTC-USD", "type": "snapshot",
      "data": {"seq": 41, "bids": [["64999.00", "1.5"], ...], "asks": [...]}}
@@ -38,7 +47,9 @@ connection with code 4001, as does not authenticating within AUTH_TIMEOUT_S.
 
 Back-pressure: each connection has a bounded send queue and one writer task. Fan-out never waits for a client:
 when a client's queue is full it is closed with code 4008 and reason "slow consumer", and everyone else goes on
-receiving. One Redis subscription per channel per process (adapters.pubsub), however many clients share it.
+receiving. The bound counts the messages the client's writer has had a turn to send, so a client that keeps up
+is never dropped for the size of one batch of execution reports (see `ClientConnection.offer`). One Redis
+subscription per channel per process (adapters.pubsub), however many clients share it.
 
 Fan-out cost: a public message is encoded into a WebSocket frame once and, for every client whose queue is
 empty and whose socket is not flow-controlled, written straight to the connection (ws_protocol); only the others
@@ -53,7 +64,6 @@ else, and metrics are counted once per message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from abc import ABC, abstractmethod
@@ -138,7 +148,9 @@ class ClientConnection:
         self.hub = hub
         self.websocket = websocket
         self.principal: Principal | None = None
-        self.outbox: asyncio.Queue[str | _Close] = asyncio.Queue(send_queue_limit)
+        self.queue_limit = send_queue_limit
+        self.outbox: asyncio.Queue[str | _Close] = asyncio.Queue()  # `offer` applies the limit (see there)
+        self._fresh = 0  # messages queued since the event loop last ran other tasks, the writer among them
         self.closing = asyncio.Event()
         self.sending = False  # the writer has taken a message off the outbox and not finished sending it
         self.private_channels: set[str] = set()
@@ -172,15 +184,29 @@ class ClientConnection:
                 topic.replan()
 
     def offer(self, text: str) -> None:
-        """Queue `text` for this client without waiting; a full queue drops the client as a slow consumer."""
+        """Queue `text` for this client without waiting; a full queue drops the client as a slow consumer.
+
+        Full means `queue_limit` messages waiting that the writer has had a turn to send: the messages queued
+        since the event loop last ran other tasks (`_fresh`) do not count. The engine sends a batch's reports to
+        one channel as one Redis message, which the hub hands out in one go, so a client that keeps up takes a
+        batch of any size; when each report came alone the pub/sub reader let the writers drain in between
+        (adapters.pubsub YIELD_EVERY). The queue so holds at most the limit plus what one turn of the reader
+        brings.
+        """
         if self.closing.is_set():
             return
         if self.direct:
             self._set_direct(False)  # from now on everything queues behind `text`, until the writer has sent it
-        try:
-            self.outbox.put_nowait(text)
-        except asyncio.QueueFull:
+        if self.outbox.qsize() - self._fresh >= self.queue_limit:
             self.hub.drop_slow_consumer(self)
+            return
+        if not self._fresh:
+            asyncio.get_running_loop().call_soon(self._turn_over)
+        self._fresh += 1
+        self.outbox.put_nowait(text)
+
+    def _turn_over(self) -> None:
+        self._fresh = 0
 
     def offer_prepared(self, text: str, frame: bytes) -> bool:
         """`offer` for a message encoded once for many clients (`frame` is `text` as a WebSocket frame).
@@ -215,15 +241,10 @@ class ClientConnection:
             return
         self.closing.set()
         self._set_direct(False)
-        if discard_pending:
+        # A full queue, even when not discarding: it is a slow consumer after all.
+        if discard_pending or self.outbox.qsize() - self._fresh >= self.queue_limit:
             while not self.outbox.empty():
                 self.outbox.get_nowait()
-        with contextlib.suppress(asyncio.QueueFull):
-            self.outbox.put_nowait(_Close(code, reason))
-            return
-        # Queue full and not discarding: it is a slow consumer after all.
-        while not self.outbox.empty():
-            self.outbox.get_nowait()
         self.outbox.put_nowait(_Close(code, reason))
 
     async def write(self) -> None:
@@ -276,7 +297,7 @@ class BookSubscription:
             self.resync = asyncio.create_task(self._resynchronise())
             return False
         self.buffer.append((seq, text))
-        if len(self.buffer) > self.client.outbox.maxsize:
+        if len(self.buffer) > self.client.queue_limit:
             self.hub.drop_slow_consumer(self.client)
         return False
 
@@ -399,8 +420,16 @@ class _PublicTopic(_Topic):
         return self._plan
 
     def deliver(self, channel: str, payload: bytes) -> None:
+        sent = self._fan_out(payload)
+        if sent:
+            WEBSOCKET_MESSAGES_SENT.inc(sent)
+
+    def _fan_out(self, payload: bytes) -> int:
+        """One message to every member; returns how many it was written to straight away (the writers of the
+        others count theirs when they send)."""
         text = payload.decode()  # also refuses a payload that is not UTF-8, which a text frame must be
         frame = encode_text_frame(payload)
+        # Fetched per message: a direct write may have just moved a client to the queue path (replan).
         writers, others = self._plan or self._make_plan()
         sent = len(writers)
         remaining = iter(writers)
@@ -414,14 +443,28 @@ class _PublicTopic(_Topic):
                 self._write_failed(write, text, exc)
         for client in others:
             sent += client.offer_prepared(text, frame)
-        if sent:
-            WEBSOCKET_MESSAGES_SENT.inc(sent)
+        return sent
 
     def _write_failed(self, write: FrameWriter, text: str, exc: Exception) -> None:
         for client in self.members:
             if client.write_frame is write:
                 client.direct_write_failed(text, exc)
                 return
+
+
+class _TradesTopic(_PublicTopic):
+    """trades: like any public channel, except that the engine sends a batch's trades of a symbol as one JSON
+    array of envelopes, which goes out as one WebSocket message per envelope, in order."""
+
+    def deliver(self, channel: str, payload: bytes) -> None:
+        if not payload.startswith(b"["):
+            super().deliver(channel, payload)  # one envelope, passed on untouched
+            return
+        sent = 0
+        for envelope in _envelopes(channel, payload):
+            sent += self._fan_out(orjson.dumps(envelope))
+        if sent:
+            WEBSOCKET_MESSAGES_SENT.inc(sent)
 
 
 class _BookTopic(_Topic):
@@ -450,20 +493,57 @@ class _BookTopic(_Topic):
 
 
 class _UserTopic(_Topic):
-    """tp:user:<id>: each member gets the event kinds (orders, fills, positions) it subscribed to."""
+    """tp:user:<id>: each member gets the event kinds (orders, fills, positions) it subscribed to, one message per
+    envelope of a grouped payload, in order."""
 
     def deliver(self, channel: str, payload: bytes) -> None:
+        client: ClientConnection
+        if payload.startswith(b"["):
+            for envelope in _envelopes(channel, payload):
+                kind = envelope["channel"]
+                text: str | None = None  # encoded only if someone takes this kind
+                for client in self.audience:
+                    if kind in client.private_channels:
+                        if text is None:
+                            text = orjson.dumps(envelope).decode()
+                        client.offer(text)
+            return
         try:
-            envelope = orjson.loads(payload)
-            kind = envelope["channel"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            kind = _kind_of(orjson.loads(payload))
+        except orjson.JSONDecodeError:
+            kind = None
+        if kind is None:
             log.warning("dropping malformed private event on %s: %.200r", channel, payload)
             return
-        text = payload.decode()
-        client: ClientConnection
+        single = payload.decode()
         for client in self.audience:
             if kind in client.private_channels:
-                client.offer(text)
+                client.offer(single)
+
+
+def _kind_of(envelope: object) -> str | None:
+    """The `channel` of an engine envelope (`fills`, `trades`, ...), or None when it is not one."""
+    if isinstance(envelope, dict):
+        kind = envelope.get("channel")
+        if isinstance(kind, str):
+            return kind
+    return None
+
+
+def _envelopes(channel: str, payload: bytes) -> list[dict[str, Any]]:
+    """The envelopes of a grouped engine message (a JSON array), in order; what is malformed is logged and left
+    out."""
+    try:
+        decoded = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        decoded = None
+    if not isinstance(decoded, list):
+        log.warning("dropping malformed grouped event on %s: %.200r", channel, payload)
+        return []
+    envelopes = [e for e in decoded if _kind_of(e) is not None]
+    if len(envelopes) < len(decoded):
+        log.warning("dropping %d malformed events grouped on %s", len(decoded) - len(envelopes), channel)
+    return envelopes
 
 
 # --- the hub ------------------------------------------------------------------------------------------------
@@ -689,7 +769,8 @@ class WebSocketHub:
             return
         client.public[(channel, symbol)] = None
         try:
-            await self._join(public_channel(channel, symbol), _PublicTopic, client)
+            topic = _TradesTopic if channel == "trades" else _PublicTopic
+            await self._join(public_channel(channel, symbol), topic, client)
         except BaseException:
             client.public.pop((channel, symbol), None)
             raise

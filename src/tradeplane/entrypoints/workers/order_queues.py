@@ -9,7 +9,8 @@ Queues (exchange `trading`, declared by `tradeplane setup` / `MessageBus.setup`,
     order_cancellation  (order.cancel)    {"api_key" | "user", "order_id"}
                                           or {"api_key" | "user", "account_id", "symbol"?}  (cancel-all)
     position_updates    (position.update) out: {"user_id", "channel": "positions", "symbol", "data"} for every
-                                          position change the engine reports
+                                          position change the engine reports (one message per change, also
+                                          when the engine groups a batch's reports into one Redis message)
 
 Fields are those of the REST bodies, and each command runs through the same service functions as REST
 (services.orders), so validation, pre-trade risk, idempotency and the transaction are identical. `api_key`
@@ -97,7 +98,7 @@ class OrderQueueWorker:
         self.prefetch = prefetch
         self.handled = 0
         self.positions_published = 0
-        self._positions: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(POSITION_BACKLOG)
+        self._positions: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue(POSITION_BACKLOG)
         self._channels: list[AbstractChannel] = []
         self.ready = asyncio.Event()
         """Set once position events are subscribed to (commands wait in their queues until consumed anyway)."""
@@ -273,27 +274,29 @@ class OrderQueueWorker:
     # --- position updates --------------------------------------------------------------------------------
 
     def _on_user_event(self, channel: str, payload: bytes) -> None:
-        """From the engine's private events keep the position changes; publishing happens in its own task."""
+        """From the engine's private events (one envelope, or a batch's JSON array of them; see workers.engine)
+        keep the position changes, in order; publishing happens in its own task."""
         if b'"positions"' not in payload:
             return
         try:
-            self._positions.put_nowait((channel, payload))
-        except asyncio.QueueFull:
-            dropped = self._positions.get_nowait()
-            log.warning("position_updates backlog full; dropped the update on %s", dropped[0])
-            self._positions.put_nowait((channel, payload))
+            user_id = int(channel.rsplit(":", 1)[1])
+            decoded = orjson.loads(payload)
+        except (orjson.JSONDecodeError, ValueError):
+            log.warning("ignoring a malformed private event on %s", channel)
+            return
+        for envelope in decoded if isinstance(decoded, list) else [decoded]:
+            if not isinstance(envelope, dict) or envelope.get("channel") != "positions":
+                continue
+            try:
+                self._positions.put_nowait((user_id, envelope))
+            except asyncio.QueueFull:
+                self._positions.get_nowait()
+                log.warning("position_updates backlog full; dropped the oldest update")
+                self._positions.put_nowait((user_id, envelope))
 
     async def _publish_positions(self) -> None:
         while True:
-            channel, payload = await self._positions.get()
-            try:
-                envelope = orjson.loads(payload)
-                if not isinstance(envelope, dict) or envelope.get("channel") != "positions":
-                    continue
-                user_id = int(channel.rsplit(":", 1)[1])
-            except (orjson.JSONDecodeError, ValueError):
-                log.warning("ignoring a malformed private event on %s", channel)
-                continue
+            user_id, envelope = await self._positions.get()
             message = orjson.dumps({"user_id": user_id, **envelope})
             while True:
                 try:

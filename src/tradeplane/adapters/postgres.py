@@ -33,6 +33,17 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# For a transaction whose statements take arrays (``unnest($1::bigint[])``, ``= ANY($1)``): PostgreSQL plans
+# such a prepared statement afresh on every call (each call's array length changes its estimates, so it keeps
+# preferring custom plans), and for a batch of a few rows planning costs more than running. A generic plan is
+# planned once per connection and statement and kept until the tables' statistics change, so use it only for
+# statements that stay index lookups whatever the table sizes: order placement's (measured: 0.1 ms less CPU
+# per order at 500 single orders/s). Not the engine's: its cached generic plan for loading order rows was a
+# sequential scan of orders, planned while the table was small and kept until the first ANALYZE.
+# ``await conn.execute(GENERIC_PLANS)`` first thing in the transaction.
+GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+
+
 def describe_server(url: str) -> str:
     """host:port/db without credentials, for error messages."""
     parts = urlsplit(url)

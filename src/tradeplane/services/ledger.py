@@ -11,27 +11,26 @@ import asyncpg
 from tradeplane.domain.ledger import LedgerTransaction
 
 # One statement: draw an id per transaction (ascending in the order given), insert the transactions, then their
-# entries in the order given ($3: each entry's transaction, 1-based). The sequence is looked up once (a scalar
-# subquery), not per id.
+# entries in the order given ($3: each entry's transaction, 1-based, an index into the drawn ids: no join, so
+# the plan is the same for any number of rows). The sequence is looked up once (a scalar subquery), not per id.
 _INSERT_TRANSACTIONS = """
 WITH drawn AS MATERIALIZED (
-    SELECT id, row_number() OVER (ORDER BY id) AS n
+    SELECT array_agg(id ORDER BY id) AS ids
     FROM (SELECT nextval((SELECT pg_get_serial_sequence('ledger_transactions', 'id'))::regclass) AS id
           FROM generate_series(1, cardinality($1::text[]))) AS d
 ), tx AS (
     INSERT INTO ledger_transactions (id, kind, reference)
-    SELECT drawn.id, t.kind, t.reference
-    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(kind, reference, n) JOIN drawn USING (n)
+    SELECT drawn.ids[t.n], t.kind, t.reference
+    FROM drawn, unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(kind, reference, n)
     ORDER BY t.n
 ), entries AS (
     INSERT INTO ledger_entries (transaction_id, account_id, asset, amount)
-    SELECT drawn.id, e.account_id, e.asset, e.amount
-    FROM unnest($3::bigint[], $4::bigint[], $5::text[], $6::numeric[]) WITH ORDINALITY
+    SELECT drawn.ids[e.n], e.account_id, e.asset, e.amount
+    FROM drawn, unnest($3::bigint[], $4::bigint[], $5::text[], $6::numeric[]) WITH ORDINALITY
          AS e(n, account_id, asset, amount, k)
-    JOIN drawn USING (n)
     ORDER BY e.k
 )
-SELECT id FROM drawn ORDER BY n
+SELECT unnest(ids) FROM drawn
 """
 
 

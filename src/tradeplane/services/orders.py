@@ -43,7 +43,7 @@ import orjson
 
 from tradeplane.adapters.bus import order_stream
 from tradeplane.adapters.cache import REDIS_ERRORS, Cache
-from tradeplane.adapters.postgres import Database
+from tradeplane.adapters.postgres import GENERIC_PLANS, Database
 from tradeplane.domain.orders import (
     OPEN_STATUSES,
     OrderStatus,
@@ -263,11 +263,12 @@ WITH t AS MATERIALIZED (
                               hold_price, hold_asset, hold_amount, stream, symbol, payload, action, audit, k, actor,
                               n)
 ), ids AS MATERIALIZED (
-    SELECT id, row_number() OVER (ORDER BY id) AS n
+    -- ascending ids, the k-th for the k-th order: an array index, not a join, so the plan suits any batch size;
     -- the sequence is looked up once (an InitPlan), not per order: 4.5 us a row otherwise
-    FROM (SELECT nextval((SELECT pg_get_serial_sequence('orders', 'id'))::regclass) AS id FROM t) AS drawn
+    SELECT array_agg(id ORDER BY id) AS drawn
+    FROM (SELECT nextval((SELECT pg_get_serial_sequence('orders', 'id'))::regclass) AS id FROM t) AS d
 ), i AS MATERIALIZED (
-    SELECT t.*, ids.id FROM t JOIN ids USING (n)
+    SELECT t.*, ids.drawn[t.n] AS id FROM t, ids
 ), o AS (
     INSERT INTO orders (id, account_id, instrument_id, client_order_id, side, type, time_in_force, quantity, price,
                         stop_price, expire_at, post_only, reduce_only, stp_mode, status, reject_reason, hold_price,
@@ -299,7 +300,7 @@ WITH t AS MATERIALIZED (
         FROM unnest($27::int[], $28::text[], $29::bigint[]) AS u(k, details, actor)
     ) AS entries ORDER BY k
 )
-SELECT o.* FROM o JOIN i USING (id) ORDER BY i.n
+SELECT o.* FROM o ORDER BY o.id  -- the ids ascend in request order
 """
 
 # A single order (the common case): the same rows as _INSERT_ORDERS from the same parameters as scalars, which
@@ -1064,6 +1065,8 @@ async def submit_mixed(
         for attempt in (1, 2):
             try:
                 async with db.transaction("orders.place" if len(orders) == 1 else "orders.place_batch") as conn:
+                    if len(orders) > 1:  # a single order uses scalar statements
+                        await conn.execute(GENERIC_PLANS)
                     return await entry.place_mixed(conn, orders)
             except asyncpg.UniqueViolationError:
                 if attempt == 2:

@@ -34,6 +34,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.integration.conftest import TEST_SECRET
 from tests.integration.live_server import serving
+from tests.integration.test_websocket import make_symbol
 from tradeplane.adapters.bus import create_bus
 from tradeplane.adapters.bus.rabbitmq import RabbitMqBus
 from tradeplane.bootstrap import Platform, build_platform
@@ -45,7 +46,7 @@ from tradeplane.entrypoints.api.websocket import WebSocketHub
 from tradeplane.entrypoints.api.ws_protocol import FanoutWebSocketProtocol
 from tradeplane.entrypoints.workers.engine import EngineWorker, book_snapshot_key
 from tradeplane.entrypoints.workers.order_queues import OrderQueueWorker
-from tradeplane.services import accounts, demo, identity
+from tradeplane.services import accounts, identity
 from tradeplane.services.identity import Principal, Role
 from tradeplane.services.orders import OrderRequest, Placement, order_entry, submit_orders
 from tradeplane.services.relay import OutboxRelay
@@ -157,14 +158,8 @@ class Market:
 
 @asynccontextmanager
 async def open_market(platform: Platform) -> AsyncIterator[Market]:
-    symbol = f"RG{uuid.uuid4().hex[:8].upper()}-USD"
+    symbol = await make_symbol(platform)
     async with platform.db.transaction("test.setup") as conn:
-        await demo.load_reference_data(conn)
-        await conn.execute(
-            "INSERT INTO instruments (symbol, base_asset, quote_asset, tick_size, lot_size, min_qty, max_qty,"
-            " price_band_pct, reference_price) VALUES ($1, 'BTC', 'USD', 0.01, 0.0001, 0.0001, 100, 10, 100)",
-            symbol,
-        )
         # Users get ids no other concurrently running test database hands out, so tp:user:<id> is ours alone.
         await conn.execute(f"ALTER TABLE users ALTER COLUMN id RESTART WITH {random.randrange(10**9, 2 * 10**9)}")
     engine = RecordingEngine(platform.db, platform.cache, platform.bus, fetch_timeout=0.5)

@@ -43,7 +43,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -77,8 +77,10 @@ from tradeplane.entrypoints.heap import freeze_long_lived
 from tradeplane.errors import InfrastructureUnavailable
 from tradeplane.services.accounts import house_account
 from tradeplane.services.settlement import (
+    FillRecord,
     InstrumentInfo,
     OrderRow,
+    Position,
     SettledBatch,
     load_instrument,
     load_instruments,
@@ -165,18 +167,16 @@ def execution_reports(result: SettledBatch) -> list[tuple[str, bytes]]:
     for trade in result.trades:
         envelope = {"channel": "trades", "symbol": trade.symbol, "data": trade.to_public()}
         grouped.setdefault(trades_channel(trade.symbol), []).append(envelope)
-    for fill in result.fills:
-        if fill.user_id is not None:
-            envelope = {"channel": "fills", "symbol": fill.symbol, "data": fill.to_public()}
-            grouped.setdefault(user_channel(fill.user_id), []).append(envelope)
-    for order in result.orders:
-        if order.user_id is not None:
-            envelope = {"channel": "orders", "symbol": order.symbol, "data": order.to_public()}
-            grouped.setdefault(user_channel(order.user_id), []).append(envelope)
-    for position in result.positions:
-        if position.user_id is not None:
-            envelope = {"channel": "positions", "symbol": position.symbol, "data": position.to_public()}
-            grouped.setdefault(user_channel(position.user_id), []).append(envelope)
+    private: tuple[tuple[str, Sequence[FillRecord | OrderRow | Position]], ...] = (
+        ("fills", result.fills),
+        ("orders", result.orders),
+        ("positions", result.positions),
+    )
+    for kind, reports in private:
+        for report in reports:
+            if report.user_id is not None:
+                envelope = {"channel": kind, "symbol": report.symbol, "data": report.to_public()}
+                grouped.setdefault(user_channel(report.user_id), []).append(envelope)
     # Insertion order puts every trades channel first (see the module docstring).
     return [
         (channel, orjson.dumps(envelopes[0] if len(envelopes) == 1 else envelopes))

@@ -32,6 +32,8 @@ from tradeplane.adapters.db.timeseries import (
     storage_kind_async,
     timescale_available_async,
 )
+from tradeplane.domain.ledger import LedgerEntry, LedgerTransaction
+from tradeplane.services import ledger
 
 # Everything in the public schema that is ours, by kind; alembic_version is Alembic's.
 INVENTORY_SQL = """
@@ -204,6 +206,22 @@ async def test_order_checks_reject_invalid_rows(
         await place(db, s, **overrides)
     assert caught.value.constraint_name in constraints
     assert await db.fetchval("SELECT count(*) FROM orders") == 0
+
+
+async def test_a_ledger_posting_in_an_unknown_asset_is_refused_by_the_balance_it_moves(
+    db: asyncpg.Connection,
+) -> None:
+    """ledger_entries.asset has no foreign key since 0010: the balance row post_many moves checks the asset."""
+    s = await seed(db)
+    legs = (LedgerEntry(s.account_id, "XYZ", Decimal("5")), LedgerEntry(s.other_account_id, "XYZ", Decimal("-5")))
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        async with db.transaction():
+            await ledger.post_many(db, [LedgerTransaction(kind="transfer", reference="t1", entries=legs)])
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
+    usd = tuple(LedgerEntry(entry.account_id, "USD", entry.amount) for entry in legs)
+    async with db.transaction():
+        await ledger.post_many(db, [LedgerTransaction(kind="transfer", reference="t2", entries=usd)])
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 2
 
 
 async def test_filled_quantity_cannot_exceed_order_quantity(db: asyncpg.Connection) -> None:

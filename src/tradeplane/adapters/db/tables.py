@@ -217,7 +217,8 @@ ledger_entries = Table(
         index=True,
     ),
     Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
-    Column("asset", String(16), ForeignKey("assets.code"), nullable=False),
+    # no foreign key to assets (migration 0010): balances.asset checks it, moved in the same transaction
+    Column("asset", String(16), nullable=False),
     Column("amount", Amount, nullable=False, comment="positive credits the account, negative debits it"),
     created_at(),
     CheckConstraint("amount <> 0", name="amount_nonzero"),
@@ -244,7 +245,8 @@ holds = Table(
     metadata,
     identity_pk(),
     Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
-    Column("asset", String(16), ForeignKey("assets.code"), nullable=False),
+    # no foreign key to assets (migration 0010): the instrument's base or quote asset
+    Column("asset", String(16), nullable=False),
     Column("amount", Amount, nullable=False),
     Column("order_id", BigInteger, ForeignKey("orders.id"), nullable=True),
     created_at(),
@@ -423,7 +425,8 @@ fills = Table(
     Column("quantity", Amount, nullable=False),
     Column("price", Amount, nullable=False),
     Column("fee", Amount, nullable=False, server_default=text("0"), comment="negative = rebate"),
-    Column("fee_asset", String(16), ForeignKey("assets.code"), nullable=False),
+    # no foreign key to assets (migration 0010): always the instrument's quote asset
+    Column("fee_asset", String(16), nullable=False),
     Column("liquidity", String(8), nullable=False),
     Column("trade_id", String(64), nullable=False, index=True),
     created_at(),

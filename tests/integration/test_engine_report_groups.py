@@ -172,15 +172,22 @@ async def open_market(platform: Platform) -> AsyncIterator[Market]:
         await platform.cache.client.delete(book_snapshot_key(symbol))
 
 
-@pytest.fixture
-async def nats_platform(settings: Settings, nats_url: str) -> AsyncIterator[Platform]:
+@asynccontextmanager
+async def platform_on(settings: Settings, bus_url: str) -> AsyncIterator[Platform]:
+    """A started platform whose bus is `bus_url`, in a namespace of its own."""
     platform = build_platform(settings)
-    platform.bus = create_bus(nats_url, namespace=f"rg{uuid.uuid4().hex[:10]}")
+    platform.bus = create_bus(bus_url, namespace=f"rg{uuid.uuid4().hex[:10]}")
     await platform.start()
     await platform.bus.setup(1)
     yield platform
     await platform.bus.destroy(1)
     await platform.stop()
+
+
+@pytest.fixture
+async def nats_platform(settings: Settings, nats_url: str) -> AsyncIterator[Platform]:
+    async with platform_on(settings, nats_url) as platform:
+        yield platform
 
 
 @pytest.fixture
@@ -411,13 +418,8 @@ async def test_a_client_that_falls_behind_is_dropped_and_the_others_keep_receivi
 
 @pytest.fixture
 async def amqp_platform(settings: Settings, amqp_url: str) -> AsyncIterator[Platform]:
-    platform = build_platform(settings.with_urls(bus_url=amqp_url))
-    platform.bus = create_bus(amqp_url, namespace=f"rg{uuid.uuid4().hex[:10]}")
-    await platform.start()
-    await platform.bus.setup(1)
-    yield platform
-    await platform.bus.destroy(1)
-    await platform.stop()
+    async with platform_on(settings.with_urls(bus_url=amqp_url), amqp_url) as platform:
+        yield platform
 
 
 async def test_position_updates_get_one_message_per_position_change_in_order(

@@ -12,7 +12,8 @@ taker buys 1 @ 190.00, so every pair trades):
 1. open loop at --rate orders/s for --seconds: POST acknowledgement latency of every order, and order-to-fill
    latency (POST sent -> the taker's fill report received on a WebSocket subscribed to `fills`), after
    --warmup seconds at the same rate that are not measured (new HTTP connections, statements prepared on each
-   pooled database connection: the first 150 ms of a cold start took 70-170 ms an order);
+   pooled database connection: the first 150 ms of a cold start took 70-170 ms an order), and the CPU each process spent
+   per order while offering (as in 3): at a rate the machine cannot absorb, the latency is queueing;
 2. ``GET /api/v1/accounts/{id}`` latency, 2,000 sequential requests;
 3. sustained closed-loop throughput with --concurrency clients: orders placed, matched and persisted per
    second (until the last order of the run is filled in PostgreSQL), and the CPU each process spent per order
@@ -175,7 +176,14 @@ async def close_pool(pool: asyncio.Queue[LeanHTTPConnection]) -> None:
         await pool.get_nowait().close()
 
 
-async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: float, warmup: float) -> dict[str, Any]:
+async def open_loop(
+    base: str,
+    pairs: list[dict[str, Any]],
+    rate: int,
+    seconds: float,
+    warmup: float,
+    cpu: Callable[[], dict[str, float]],
+) -> dict[str, Any]:
     ack_ms: list[float] = []
     sent_at: dict[int, float] = {}
     fills_seen: dict[int, float] = {}
@@ -226,7 +234,9 @@ async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: 
         sent_at.clear()
         errors = 0
     total = int(rate * seconds)
+    cpu_before = cpu()
     offered_s = await offer(total)
+    cpu_after = cpu()
     await close_pool(pool)
     deadline = time.perf_counter() + 30
     while time.perf_counter() < deadline and not set(sent_at) <= set(fills_seen):  # noqa: ASYNC110
@@ -236,6 +246,10 @@ async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: 
     await asyncio.gather(*watchers, return_exceptions=True)
     fill_ms = [(fills_seen[oid] - t) * 1000 for oid, t in sent_at.items() if oid in fills_seen]
     print(f"open loop: offered {total} orders in {offered_s:.1f} s ({total / offered_s:.0f}/s), {errors} errors")
+    per_order = {role: round((cpu_after[role] - cpu_before.get(role, 0.0)) * 1000 / total, 3) for role in cpu_after}
+    busy = (sum(cpu_after.values()) - sum(cpu_before.values())) / offered_s / (os.cpu_count() or 1)
+    print(f"  CPU per order (ms): {per_order}")
+    print(f"  machine busy: {busy:.0%} of {os.cpu_count()} cpus while offering")
     return {
         "offered_rate": rate,
         "warmup_s": warmup,
@@ -244,6 +258,8 @@ async def open_loop(base: str, pairs: list[dict[str, Any]], rate: int, seconds: 
         "ack": summary("POST ack", ack_ms),
         "order_to_fill": summary("order -> fill over WS", fill_ms),
         "fills_missing": len(set(sent_at) - set(fills_seen)),
+        "cpu_ms_per_order": per_order,
+        "machine_busy": round(busy, 2),
     }
 
 
@@ -444,12 +460,12 @@ def main() -> None:
         database_url = urls["database_url"]
         parts = asyncio.run(create_participants(database_url, args.pairs))
         results: dict[str, Any] = {"benchmark": "orders_e2e", "machine": f"{host.machine()} {os.cpu_count()} cpus"}
-        if not args.skip_open_loop:
-            results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds, args.warmup))
-        results["account_reads"] = asyncio.run(account_reads(base, parts))
         roles = ("api", "relay", *["engine"] * args.shards)
         workers = [(name, process.pid) for name, process in zip(roles, processes, strict=True)]
         cpu = lambda: cpu_seconds(data_dir, workers)  # noqa: E731
+        if not args.skip_open_loop:
+            results["open_loop"] = asyncio.run(open_loop(base, parts, args.rate, args.seconds, args.warmup, cpu))
+        results["account_reads"] = asyncio.run(account_reads(base, parts))
         results["sustained"] = asyncio.run(
             sustained(base, database_url, parts, args.concurrency, args.seconds, cpu, args.batch, args.shards)
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -95,16 +96,24 @@ async def worker(amqp_platform: Platform) -> AsyncIterator[OrderQueueWorker]:
     await running
 
 
-@pytest.fixture
-async def requester(amqp_platform: Platform, amqp_url: str, worker: OrderQueueWorker) -> AsyncIterator[Requester]:
-    assert isinstance(amqp_platform.bus, RabbitMqBus)
+@contextlib.asynccontextmanager
+async def open_requester(platform: Platform, amqp_url: str) -> AsyncIterator[Requester]:
+    assert isinstance(platform.bus, RabbitMqBus)
     connection = await aio_pika.connect_robust(amqp_url)
     channel = await connection.channel()
     replies = await channel.declare_queue(exclusive=True)
-    requester = Requester(amqp_platform.bus, connection, channel, replies, {})
+    requester = Requester(platform.bus, connection, channel, replies, {})
     await replies.consume(requester.on_reply)
-    yield requester
-    await connection.close()
+    try:
+        yield requester
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def requester(amqp_platform: Platform, amqp_url: str, worker: OrderQueueWorker) -> AsyncIterator[Requester]:
+    async with open_requester(amqp_platform, amqp_url) as requester:
+        yield requester
 
 
 @pytest.fixture
@@ -181,6 +190,47 @@ async def test_a_redelivered_placement_places_one_order(
     assert (first["status"], again["status"]) == (201, 200)
     assert first["order"]["id"] == again["order"]["id"]
     assert [r["client_order_id"] for r in await order_rows(amqp_platform)] == ["amqp-msg-42"]
+
+
+async def test_a_burst_of_placements_shares_transactions_with_one_by_one_answers(
+    amqp_platform: Platform, amqp_url: str
+) -> None:
+    """Messages waiting in order_placement are placed together, yet each gets the answer it would have had
+    alone, in delivery order: funds run out at the same message, and replays and conflicts see earlier ones."""
+    trader = await make_actor(amqp_platform, "dave", Role.TRADER, with_account=True)
+    async with amqp_platform.db.transaction("test.funds") as conn:
+        await accounts.deposit(conn, trader.account_id, Decimal("13000.00"))  # 0.01 BTC at 65,000: 20 less fees
+        await conn.execute(
+            "INSERT INTO risk_limits (account_id, instrument_id, max_orders_per_second) VALUES ($1, NULL, 1000)",
+            trader.account_id,
+        )
+    commands = [placement(trader, quantity="0.01", price="65000.00", client_order_id=f"b-{k}") for k in range(30)]
+    commands[5] = placement(trader, side="sideways")  # refused before it is queued
+    commands[9] = placement(trader, quantity="0.01", price="65000.00", client_order_id="b-3")  # the same order
+    commands[12] = placement(trader, quantity="0.02", price="65000.00", client_order_id="b-3")  # other terms
+    async with open_requester(amqp_platform, amqp_url) as requester:
+        calls = [asyncio.ensure_future(requester.call("order.place", command)) for command in commands]
+        await asyncio.sleep(0.5)  # all of them wait in the queue before the worker starts
+        worker = OrderQueueWorker(amqp_platform)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            replies = await asyncio.gather(*calls)
+        finally:
+            stop.set()
+            await running
+    statuses = [reply["status"] for reply in replies]
+    assert statuses[5] == 422 and replies[5]["error"] == "validation_error"
+    assert (statuses[9], replies[9]["order"]["id"]) == (200, replies[3]["order"]["id"])
+    assert (statuses[12], replies[12]["error"]) == (409, "duplicate_client_order_id")
+    placed = [k for k in range(30) if k not in (5, 9, 12)]
+    accepted = [k for k in placed if statuses[k] == 201]
+    refused = [k for k in placed if statuses[k] != 201]
+    assert accepted == placed[: len(accepted)] and 0 < len(accepted) < len(placed)  # funds ran out once, in order
+    assert {replies[k].get("reason") for k in refused} == {"insufficient_funds"}
+    stored = [replies[k]["order"]["id"] for k in placed]
+    assert stored == sorted(stored)  # stored in delivery order
+    assert worker.placements.placements < len(placed) // 2  # shared transactions, not one per message
 
 
 async def test_modify_and_cancel_messages(amqp_platform: Platform, requester: Requester, trader: Actor) -> None:

@@ -1118,6 +1118,11 @@ class PlacementQueue:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def place(self, principal: Principal, request: OrderRequest) -> Placement:
+        return await self.submit(principal, request)
+
+    def submit(self, principal: Principal, request: OrderRequest) -> asyncio.Future[Placement]:
+        """Queue the order now and return its future: orders submitted one after the other are placed in that
+        order (with ``max_inflight=1`` also committed in that order, batch after batch)."""
         _require_writer(principal)  # before queueing: a refusal is this order's alone
         future: asyncio.Future[Placement] = asyncio.get_running_loop().create_future()
         self._pending.append((principal, request, future))
@@ -1126,7 +1131,7 @@ class PlacementQueue:
             task = asyncio.create_task(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await future
+        return future
 
     async def _drain(self) -> None:
         try:

@@ -22,7 +22,9 @@ Replies: when a message has `reply_to`, the result goes there (default exchange,
 {"status": 422, "error": "risk_rejected", "reason": ..., "detail": ..., "order": {...}},
 {"status": 404, "error": "order_not_found", "detail": ...}, {"status": 200, "orders": [...]} for cancel-all.
 A message is acked once its result is committed (and replied); an outage of PostgreSQL or Redis naks it for
-redelivery instead. Each queue is consumed in order, one message at a time.
+redelivery instead. Each queue is consumed in order. Modifications and cancellations run one message at a time;
+placements are queued in delivery order and the prefetched ones share a transaction, committed one after the
+other (group commit, as for REST), so a burst costs a few statements per batch rather than per order.
 
 Redelivery: RabbitMQ delivers at least once. A placement without a client_order_id gets
 `amqp-<message_id>` as one when the message has a message_id, so a redelivered placement returns the
@@ -36,11 +38,11 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tradeplane.adapters.bus.rabbitmq import RabbitMqBus
@@ -50,7 +52,13 @@ from tradeplane.entrypoints.api.schemas import OrderAmend, OrderCreate
 from tradeplane.errors import AuthenticationFailed, ConfigError, InfrastructureUnavailable, TradeplaneError
 from tradeplane.services import queries
 from tradeplane.services.identity import Principal, Role
-from tradeplane.services.orders import OrderRequest, PlacementOutcome, order_entry, submit_order
+from tradeplane.services.orders import (
+    OrderRequest,
+    Placement,
+    PlacementOutcome,
+    PlacementQueue,
+    order_entry,
+)
 
 log = logging.getLogger("tradeplane.order_queues")
 
@@ -59,11 +67,16 @@ MODIFICATION_QUEUE = "order_modification"
 CANCELLATION_QUEUE = "order_cancellation"
 POSITION_UPDATES_QUEUE = "position_updates"
 PREFETCH = 16
+PLACEMENT_PREFETCH = 256
+"""Placements in flight per consumer: up to this many share one transaction when they arrive in a burst."""
 RETRY_DELAY_S = 1.0
 POSITION_BACKLOG = 10_000
 """Position updates waiting for RabbitMQ; beyond this the oldest are dropped (and logged), never the process."""
 
 Reply = dict[str, Any]
+Handler = Callable[[Principal, dict[str, Any], str], Awaitable[Reply]]
+Placing = asyncio.Future[Placement]
+_T = TypeVar("_T")
 
 
 class _Identity(BaseModel):
@@ -87,15 +100,34 @@ def _fail(status: int, code: str, detail: object) -> Reply:
     return {"status": status, "error": code, "detail": detail}
 
 
+def _placement_reply(placement: Placement) -> Reply:
+    if placement.rejection is not None:
+        return {
+            "status": 422,
+            "error": "risk_rejected",
+            "reason": placement.rejection.reason.value,
+            "detail": placement.rejection.detail,
+            "order": None if placement.order is None else placement.order.to_json(),
+        }
+    assert placement.order is not None
+    status = 201 if placement.outcome is PlacementOutcome.ACCEPTED else 200
+    return {"status": status, "order": placement.order.to_json()}
+
+
 class OrderQueueWorker:
     """Consumes the three order-entry queues and publishes position changes to `position_updates`."""
 
-    def __init__(self, platform: Platform, *, prefetch: int = PREFETCH) -> None:
+    def __init__(
+        self, platform: Platform, *, prefetch: int = PREFETCH, placement_prefetch: int = PLACEMENT_PREFETCH
+    ) -> None:
         if not isinstance(platform.bus, RabbitMqBus):
             raise ConfigError("the seed order queues exist on RabbitMQ only (TRADEPLANE_BUS_URL=amqp://...)")
         self.platform = platform
         self.bus: RabbitMqBus = platform.bus
         self.prefetch = prefetch
+        self.placement_prefetch = placement_prefetch
+        self.placements = PlacementQueue(platform.db, order_entry(platform), max_inflight=1)
+        """Group commit for order_placement, one transaction at a time so they commit in delivery order."""
         self.handled = 0
         self.positions_published = 0
         self._positions: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue(POSITION_BACKLOG)
@@ -109,7 +141,7 @@ class OrderQueueWorker:
         await fanout.psubscribe("tp:user:*", self._on_user_event)
         self.ready.set()
         tasks = [
-            asyncio.create_task(self._consume(PLACEMENT_QUEUE, self.place)),
+            asyncio.create_task(self._consume_placements()),
             asyncio.create_task(self._consume(MODIFICATION_QUEUE, self.modify)),
             asyncio.create_task(self._consume(CANCELLATION_QUEUE, self.cancel)),
             asyncio.create_task(self._publish_positions()),
@@ -133,28 +165,51 @@ class OrderQueueWorker:
 
     # --- consuming -------------------------------------------------------------------------------------
 
-    async def _consume(
-        self, queue_name: str, handle: Callable[[Principal, dict[str, Any], str], Awaitable[Reply]]
-    ) -> None:
-        channel = await self.bus.connection.channel()
-        self._channels.append(channel)
-        await channel.set_qos(prefetch_count=self.prefetch)
-        queue = await channel.get_queue(self.bus.name(queue_name), ensure=True)
+    async def _consume(self, queue_name: str, handle: Handler) -> None:
+        channel, queue = await self._open(queue_name, self.prefetch)
         async with queue.iterator() as messages:
             async for message in messages:
-                await self._process(channel, queue_name, message, handle)
+                reply = await self._replying(message, self._execute(message, handle))
+                await self._finish(channel, queue_name, message, reply)
 
-    async def _process(
-        self,
-        channel: AbstractChannel,
-        queue_name: str,
-        message: AbstractIncomingMessage,
-        handle: Callable[[Principal, dict[str, Any], str], Awaitable[Reply]],
-    ) -> None:
+    async def _consume_placements(self) -> None:
+        """`order_placement`: each message is decoded, authenticated and queued in delivery order without
+        waiting for the one before it to commit, so the prefetched ones share a transaction
+        (PlacementQueue, one placement at a time: they also commit in delivery order). Each message is replied
+        to and acked once its own order is committed."""
+        channel, queue = await self._open(PLACEMENT_QUEUE, self.placement_prefetch)
+        finishing: set[asyncio.Task[None]] = set()
         try:
-            reply = await self._execute(message, handle)
-        except InfrastructureUnavailable as exc:
-            log.warning("%s: %s; the message goes back to the queue", queue_name, exc.detail)
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    queueing = self._execute(message, self._queue_placement)
+                    queued = await self._replying(message, queueing)
+                    task = asyncio.create_task(self._finish_placement(channel, message, queued))
+                    finishing.add(task)
+                    task.add_done_callback(finishing.discard)
+        finally:  # placements under way commit: answer them before the channel closes
+            if finishing:
+                _, late = await asyncio.wait(finishing, timeout=RETRY_DELAY_S * 5)
+                for task in late:
+                    task.cancel()
+
+    async def _open(self, queue_name: str, prefetch: int) -> tuple[AbstractChannel, AbstractQueue]:
+        channel = await self.bus.connection.channel()
+        self._channels.append(channel)
+        await channel.set_qos(prefetch_count=prefetch)
+        return channel, await channel.get_queue(self.bus.name(queue_name), ensure=True)
+
+    async def _finish_placement(
+        self, channel: AbstractChannel, message: AbstractIncomingMessage, queued: Placing | Reply | None
+    ) -> None:
+        reply = await self._replying(message, self._placed(queued)) if isinstance(queued, asyncio.Future) else queued
+        await self._finish(channel, PLACEMENT_QUEUE, message, reply)
+
+    async def _finish(
+        self, channel: AbstractChannel, queue_name: str, message: AbstractIncomingMessage, reply: Reply | None
+    ) -> None:
+        """Reply (if asked) and ack; None (PostgreSQL or Redis is down) sends the message back to its queue."""
+        if reply is None:
             await asyncio.sleep(RETRY_DELAY_S)
             await message.nack(requeue=True)
             return
@@ -173,29 +228,32 @@ class OrderQueueWorker:
             log.info("%s: command refused (%s): %s", queue_name, reply.get("error"), reply.get("detail"))
         await message.ack()
 
-    async def _execute(
-        self, message: AbstractIncomingMessage, handle: Callable[[Principal, dict[str, Any], str], Awaitable[Reply]]
-    ) -> Reply:
+    async def _replying(self, message: AbstractIncomingMessage, work: Awaitable[_T]) -> _T | Reply | None:
+        """`work`'s result; a refused command as its reply; None when PostgreSQL or Redis is unavailable."""
+        try:
+            return await work
+        except ValidationError as exc:
+            detail = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+            return _fail(422, "validation_error", detail)
+        except InfrastructureUnavailable as exc:
+            log.warning("%s; the message goes back to the queue", exc.detail)
+            return None
+        except TradeplaneError as exc:
+            return _fail(exc.status_code, exc.code, exc.detail)
+        except Exception:  # a bug: answer and ack, so one message cannot wedge the queue by redelivery
+            log.exception("command failed: %.500r", message.body)
+            return _fail(500, "internal", "the command failed; see the platform log")
+
+    async def _execute(self, message: AbstractIncomingMessage, handle: Callable[..., Awaitable[_T]]) -> _T | Reply:
         try:
             command = orjson.loads(message.body)
         except orjson.JSONDecodeError:
             return _fail(400, "bad_json", "the message body must be one JSON object")
         if not isinstance(command, dict):
             return _fail(400, "bad_json", "the message body must be one JSON object")
-        try:
-            principal = await self._principal(_Identity.model_validate(command))
-            body = {k: v for k, v in command.items() if k not in ("api_key", "user")}
-            return await handle(principal, body, message.message_id or "")
-        except ValidationError as exc:
-            detail = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-            return _fail(422, "validation_error", detail)
-        except InfrastructureUnavailable:
-            raise
-        except TradeplaneError as exc:
-            return _fail(exc.status_code, exc.code, exc.detail)
-        except Exception:  # a bug: answer and ack, so one message cannot wedge the queue by redelivery
-            log.exception("command failed: %.500r", message.body)
-            return _fail(500, "internal", "the command failed; see the platform log")
+        principal = await self._principal(_Identity.model_validate(command))
+        body = {k: v for k, v in command.items() if k not in ("api_key", "user")}
+        return await handle(principal, body, message.message_id or "")
 
     async def _principal(self, identity: _Identity) -> Principal:
         if identity.api_key:
@@ -212,27 +270,20 @@ class OrderQueueWorker:
 
     # --- the commands: the same service calls as the REST handlers ----------------------------------------
 
-    async def place(self, principal: Principal, body: dict[str, Any], message_id: str) -> Reply:
+    async def _queue_placement(self, principal: Principal, body: dict[str, Any], message_id: str) -> Placing:
+        return self.placements.submit(principal, self._request(body, message_id))
+
+    @staticmethod
+    async def _placed(placing: Placing) -> Reply:
+        return _placement_reply(await placing)  # PlacementQueue has dropped the caches and woken the relay
+
+    @staticmethod
+    def _request(body: dict[str, Any], message_id: str) -> OrderRequest:
         order = OrderCreate.model_validate(body)
         client_order_id = order.client_order_id
         if client_order_id is None and message_id:
             client_order_id = f"amqp-{message_id}"[:64]
-        platform = self.platform
-        request = OrderRequest(order.account_id, order.symbol, order.terms(), client_order_id)
-        placement = await submit_order(platform.db, order_entry(platform), principal, request)
-        if placement.rejection is not None:
-            return {
-                "status": 422,
-                "error": "risk_rejected",
-                "reason": placement.rejection.reason.value,
-                "detail": placement.rejection.detail,
-                "order": None if placement.order is None else placement.order.to_json(),
-            }
-        assert placement.order is not None
-        if placement.outcome is PlacementOutcome.ACCEPTED:
-            await queries.after_order_commit(platform.cache, placement.owner_user_id)
-            return {"status": 201, "order": placement.order.to_json()}
-        return {"status": 200, "order": placement.order.to_json()}
+        return OrderRequest(order.account_id, order.symbol, order.terms(), client_order_id)
 
     async def modify(self, principal: Principal, body: dict[str, Any], message_id: str) -> Reply:
         order_id = body.pop("order_id", None)

@@ -230,7 +230,7 @@ async def check_invariants(conn: asyncpg.Connection, seeds: dict[tuple[int, int]
     assert negative == [], f"cash accounts below zero: {negative}"
     orders = await conn.fetch(
         "SELECT o.id, o.side, o.status, o.quantity, o.filled_quantity, o.hold_price, a.kind, i.maker_fee_rate,"
-        " i.taker_fee_rate, i.margin_rate, i.base_asset, i.quote_asset, q.scale,"
+        " i.taker_fee_rate, i.margin_rate, i.base_asset, i.quote_asset, q.scale, o.reduce_only,"
         " (SELECT coalesce(sum(amount), 0) FROM holds h WHERE h.order_id = o.id AND h.released_at IS NULL) AS held,"
         " (SELECT count(*) FROM holds h WHERE h.order_id = o.id AND h.released_at IS NULL) AS active,"
         " (SELECT coalesce(sum(quantity), 0) FROM fills f WHERE f.order_id = o.id) AS fill_qty"
@@ -251,6 +251,7 @@ async def check_invariants(conn: asyncpg.Connection, seeds: dict[tuple[int, int]
                 base_asset=o["base_asset"],
                 quote_asset=o["quote_asset"],
                 quote_scale=o["scale"],
+                reduce_only=o["reduce_only"],
             ).amount
         else:
             expected = D(0)
@@ -415,6 +416,15 @@ class Trader:
         async with self.desk.db.transaction("test.modify") as conn:
             await request_modify(conn, order_id, **change)
 
+    async def amend(self, order_id: int, *, price: str) -> None:
+        """PATCH /orders/{id} through the real order entry, which raises the hold price before the engine runs."""
+        principal = Principal(self.user_id, f"user{self.user_id}", Role.TRADER)
+        async with self.desk.db.transaction("test.amend") as conn:
+            amendment = await OrderEntry(self.desk.cache, shards=1).modify_order(
+                conn, principal, order_id, price=D(price)
+            )
+        assert amendment.rejection is None, amendment.rejection
+
     async def position(self) -> asyncpg.Record | None:
         rows = await self.desk.fetch(
             "SELECT * FROM positions WHERE account_id = $1 AND instrument_id = $2",
@@ -483,8 +493,9 @@ async def test_crossing_order_fills_at_the_makers_price_with_deterministic_ids(d
         (f"{trade_id}-T", crossing, "taker"),
     ]
     assert all(f["price"] == D("100") and f["quantity"] == D("0.4") and f["trade_id"] == trade_id for f in fills)
-    # fees: maker 40 x 0.0002 = 0.008 -> 0.01 (half up), taker 40 x 0.0005 = 0.02
-    assert [f["fee"] for f in fills] == [D("0.01"), D("0.02")]
+    # fees: maker 40 x 0.0002 = 0.008 -> 0.00 (toward zero, so pieces never cost more than the hold), taker 40 x
+    # 0.0005 = 0.02
+    assert [f["fee"] for f in fills] == [D("0.00"), D("0.02")]
     maker, taker = await desk.order(resting), await desk.order(crossing)
     assert (maker["status"], maker["filled_quantity"], maker["average_fill_price"]) == (
         "partially_filled",
@@ -493,7 +504,7 @@ async def test_crossing_order_fills_at_the_makers_price_with_deterministic_ids(d
     )
     assert (taker["status"], taker["filled_quantity"]) == ("filled", D("0.4"))
     assert await buyer.cash() == D("100000") - D("40") - D("0.02")
-    assert await seller.cash() == D("100000") + D("40") - D("0.01")
+    assert await seller.cash() == D("100000") + D("40")  # the maker fee 0.008 rounds toward zero
     buyer_position = await buyer.position()
     assert buyer_position is not None
     assert (buyer_position["net_quantity"], buyer_position["average_price"]) == (D("0.4"), D("100"))
@@ -676,7 +687,7 @@ async def test_a_triggered_stop_buy_never_pays_beyond_its_hold_price(desk: Desk,
         ([], [(12000, 5000)]),
     )
     assert await desk.held(stop) == 0
-    assert await stopper.cash() == D("34") - D("10.50") - D("0.01")
+    assert await stopper.cash() == D("34") - D("10.50")  # the taker fee 0.00525 rounds toward zero
     await desk.check()
 
 
@@ -742,6 +753,51 @@ async def test_a_waiting_stop_keeps_its_protection_and_day_expiry_through_a_quan
     assert await desk.worker.expire_due() == 1
     assert (await desk.order(stop))["status"] == "expired"
     assert await desk.held(stop) == 0
+    await desk.check()
+
+
+async def test_a_modify_the_engine_refuses_gives_back_the_hold_the_api_raised(desk: Desk) -> None:
+    """The api raises a repriced buy's hold before the engine sees the modify; when the engine refuses it (a
+    post-only bid that would now cross) the order keeps its price, its hold price and the hold its leaves need,
+    and its report carries the engine's reason until a later modify is applied."""
+    seller = await desk.trader("seller", base="5")
+    buyer = await desk.trader("buyer")
+    await seller.place("sell", "1", "105.00")
+    bid = await buyer.place("buy", "1", "100.00", post_only=True)
+    await desk.pump()
+    needed = reservation(
+        side=Side.BUY,
+        account_kind="cash",
+        leaves_qty=D(1),
+        hold_price=D("100.00"),
+        maker_fee_rate=D("0.0002"),
+        taker_fee_rate=D("0.0005"),
+        margin_rate=D("0.10"),
+        base_asset="BTC",
+        quote_asset="USD",
+        quote_scale=2,
+    ).amount
+    assert await desk.held(bid) == needed == D("100.05")
+
+    await buyer.amend(bid, price="106.00")  # accepted by the api, which raises the hold to 106.06
+    assert await desk.held(bid) == D("106.06")
+    await desk.pump()
+    row = await desk.order(bid)
+    assert (row["status"], row["price"], row["hold_price"], row["reject_reason"]) == (
+        "new",
+        D("100.00"),
+        D("100.00"),
+        "post_only_would_take",
+    )
+    assert await desk.held(bid) == needed
+    resting = desk.worker.engine.book(desk.symbol).order(bid)
+    assert resting is not None and resting.price == 10000
+    await desk.check()
+
+    await buyer.amend(bid, price="101.00")  # applied: the order moves and the old refusal is no longer news
+    await desk.pump()
+    row = await desk.order(bid)
+    assert (row["price"], row["hold_price"], row["reject_reason"]) == (D("101.00"), D("101.00"), None)
     await desk.check()
 
 

@@ -303,7 +303,7 @@ async def test_the_order_rate_is_limited_per_account_per_second(
     assert counter == b"3"
 
 
-async def test_reduce_only_counts_open_reduce_only_orders(
+async def test_reduce_only_counts_every_open_order_on_its_side(
     client: httpx.AsyncClient, platform: Platform, alice: Actor
 ) -> None:
     await sql(
@@ -320,6 +320,23 @@ async def test_reduce_only_counts_open_reduce_only_orders(
     assert third.status_code == 201
     hold = await one(platform, "SELECT sum(amount) FROM holds WHERE asset = 'BTC' AND released_at IS NULL")
     assert hold == D("1.0")
+
+
+async def test_reduce_only_counts_ordinary_orders_on_its_side_too(
+    client: httpx.AsyncClient, platform: Platform, alice: Actor
+) -> None:
+    """If the ordinary sell filled first, a reduce-only sell beside it for the whole position would cross zero."""
+    await sql(
+        platform,
+        "INSERT INTO positions (account_id, instrument_id, net_quantity, average_price)"
+        " SELECT $1, id, 1, 60000 FROM instruments WHERE symbol = 'BTC-USD'",
+        alice.account_id,
+    )
+    plain = await post(client, alice, side="sell", quantity="0.3")
+    assert plain.status_code == 201, plain.text
+    too_much = await post(client, alice, side="sell", quantity="0.8", reduce_only=True)
+    assert too_much.status_code == 422 and too_much.json()["reason"] == "reduce_only_would_increase"
+    assert (await post(client, alice, side="sell", quantity="0.7", reduce_only=True)).status_code == 201
 
 
 @pytest.mark.parametrize(
@@ -675,6 +692,7 @@ async def test_account_summary_and_positions_match_a_hand_computation(
         "free": "98099.43",
         "positions_value": "128101",
         "equity": "228101",
+        "margin_used": "0",  # a cash account
         "realized_pnl": "137.25",
         "unrealized_pnl": "10101",
     }

@@ -272,7 +272,7 @@ def test_margin_account_may_sell_short_within_margin() -> None:
     )
 
 
-def test_reduce_only_may_only_shrink_the_position_counting_pending_reduce_only_orders() -> None:
+def test_reduce_only_may_only_shrink_the_position_counting_every_open_order_on_its_side() -> None:
     long3 = replace(RICH, net_position=D("3"), free_base=D("3"))
     assert isinstance(verdict(limit(Side.SELL, qty="3", reduce_only=True), exposure=long3), Acceptance)
     assert reason(verdict(limit(Side.SELL, qty="3.0001", reduce_only=True), exposure=long3)) is (
@@ -281,14 +281,27 @@ def test_reduce_only_may_only_shrink_the_position_counting_pending_reduce_only_o
     assert reason(verdict(limit(Side.BUY, qty="1", reduce_only=True), exposure=long3)) is (
         RiskReason.REDUCE_ONLY_WOULD_INCREASE
     )
-    pending = replace(long3, reduce_only_sell_leaves=D("2"))
+    pending = replace(long3, open_sell_leaves=D("2"))  # reduce-only or not: either may fill first
     assert reason(verdict(limit(Side.SELL, qty="1.0001", reduce_only=True), exposure=pending)) is (
         RiskReason.REDUCE_ONLY_WOULD_INCREASE
     )
+    assert isinstance(verdict(limit(Side.SELL, qty="1", reduce_only=True), exposure=pending), Acceptance)
     flat = replace(RICH, net_position=D("0"))
     assert check_reduce_only(Side.SELL, D("1"), flat) is not None
     short2 = Exposure(account_kind="margin", net_position=D("-2"), free_quote=D("1000000"))
     assert isinstance(verdict(limit(Side.BUY, qty="2", reduce_only=True), exposure=short2), Acceptance)
+
+
+def test_a_margin_reduce_only_order_needs_the_fee_but_no_margin() -> None:
+    """Closing a leveraged long: the free funds (equity - margin in use) no longer cover fresh initial margin."""
+    long1 = Exposure(account_kind="margin", net_position=D("1"), free_quote=D("100"))
+    plain = verdict(limit(Side.SELL, qty="1"), exposure=long1)  # 65000 * (0.10 + 0.0005) = 6532.50
+    assert reason(plain) is RiskReason.INSUFFICIENT_FUNDS
+    closing = verdict(limit(Side.SELL, qty="1", reduce_only=True), exposure=long1)
+    assert isinstance(closing, Acceptance) and closing.reservation.amount == D("32.50")  # 65000 * 0.0005
+    assert reason(
+        verdict(limit(Side.SELL, qty="1", reduce_only=True), exposure=replace(long1, free_quote=D("32.49")))
+    ) is (RiskReason.INSUFFICIENT_FUNDS)
 
 
 def test_the_first_failing_rule_decides_the_reason() -> None:

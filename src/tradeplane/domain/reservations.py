@@ -41,17 +41,21 @@ def reservation(
     base_asset: str,
     quote_asset: str,
     quote_scale: int,
+    reduce_only: bool = False,
 ) -> Reservation:
     """Funds an order with `leaves_qty` still open must keep aside.
 
     - cash account, buy: notional at the hold price plus the worst fee, in the quote currency (a buy never
       fills above its hold price, so the cash debited on a fill never exceeds what the hold released);
     - cash account, sell: the quantity itself, in the base asset (a cash account cannot sell what it lacks);
-    - margin account, either side: initial margin plus the worst fee, in the quote currency.
+    - margin account, either side: initial margin plus the worst fee, in the quote currency; a reduce-only
+      order only the worst fee (it shrinks a position whose margin is already counted, so closing a
+      leveraged position never needs fresh margin).
     """
     fee = max(maker_fee_rate, taker_fee_rate, Decimal(0))
     if account_kind == "margin":
-        return Reservation(quote_asset, ceil_to_scale(leaves_qty * hold_price * (margin_rate + fee), quote_scale))
+        rate = fee if reduce_only else margin_rate + fee
+        return Reservation(quote_asset, ceil_to_scale(leaves_qty * hold_price * rate, quote_scale))
     if side is Side.BUY:
         return Reservation(quote_asset, ceil_to_scale(leaves_qty * hold_price * (1 + fee), quote_scale))
     return Reservation(base_asset, leaves_qty)

@@ -137,8 +137,11 @@ class RiskLimits:
 class Exposure:
     """An account's state in one instrument, read after the account row is locked.
 
-    ``free_quote`` = balance in the quote asset - active holds in it; ``free_base`` = position net quantity -
-    active holds in the base asset (what a cash account may still sell). The leaves sums cover open orders.
+    ``free_quote`` = balance in the quote asset - active holds in it, and for a margin account plus what its
+    positions in instruments quoted in that asset are worth at the mark less the initial margin they need
+    (equity - margin in use - holds: a margin buy debits the whole notional from the balance, the position
+    gives it back); ``free_base`` = position net quantity - active holds in the base asset (what a cash
+    account may still sell). The leaves sums cover open orders.
     """
 
     account_kind: str
@@ -146,8 +149,6 @@ class Exposure:
     open_orders: int = 0
     open_buy_leaves: Decimal = Decimal(0)
     open_sell_leaves: Decimal = Decimal(0)
-    reduce_only_buy_leaves: Decimal = Decimal(0)
-    reduce_only_sell_leaves: Decimal = Decimal(0)
     free_quote: Decimal = Decimal(0)
     free_base: Decimal = Decimal(0)
 
@@ -326,12 +327,15 @@ def check_limits(
 
 
 def check_reduce_only(side: Side, quantity: Decimal, exposure: Exposure) -> RiskRejection | None:
-    """A reduce-only order, with the reduce-only orders already open on its side, may not exceed |position|."""
+    """A reduce-only order, with every order already open on its side, may not exceed |position|: whichever
+    of them fills first, the position cannot cross zero through it. (An ordinary order placed later on the
+    same side is not held back by a reduce-only one; if it fills first, the reduce-only one can still cross.)
+    """
     net = exposure.net_position
     if side is Side.SELL:
-        room, pending = net, exposure.reduce_only_sell_leaves
+        room, pending = net, exposure.open_sell_leaves
     else:
-        room, pending = -net, exposure.reduce_only_buy_leaves
+        room, pending = -net, exposure.open_buy_leaves
     if room <= 0 or pending + quantity > room:
         return RiskRejection(
             RiskReason.REDUCE_ONLY_WOULD_INCREASE,
@@ -342,7 +346,13 @@ def check_reduce_only(side: Side, quantity: Decimal, exposure: Exposure) -> Risk
 
 
 def reserve(
-    side: Side, quantity: Decimal, hold_price: Decimal, rules: InstrumentRules, account_kind: str
+    side: Side,
+    quantity: Decimal,
+    hold_price: Decimal,
+    rules: InstrumentRules,
+    account_kind: str,
+    *,
+    reduce_only: bool = False,
 ) -> Reservation:
     return reservation(
         side=side,
@@ -355,6 +365,7 @@ def reserve(
         base_asset=rules.base_asset,
         quote_asset=rules.quote_asset,
         quote_scale=rules.quote_scale,
+        reduce_only=reduce_only,
     )
 
 
@@ -412,7 +423,9 @@ def assess(
         rejection = check_reduce_only(terms.side, terms.quantity, exposure)
     if rejection is not None:
         return rejection
-    needed = reserve(terms.side, terms.quantity, hold_price, rules, exposure.account_kind)
+    needed = reserve(
+        terms.side, terms.quantity, hold_price, rules, exposure.account_kind, reduce_only=terms.reduce_only
+    )
     rejection = check_funds(needed, rules, exposure)
     if rejection is not None:
         return rejection

@@ -190,11 +190,17 @@ _EXPOSURE_BODY = f"""
 SELECT i.status, i.last_price, i.reference_price,
        rl.max_order_qty, rl.max_order_notional, rl.max_position, rl.max_open_orders, rl.max_orders_per_second,
        coalesce(p.net_quantity, 0) AS net_position,
-       oo.open_orders, oo.buy_leaves, oo.sell_leaves, oo.ro_buy_leaves, oo.ro_sell_leaves,
+       oo.open_orders, oo.buy_leaves, oo.sell_leaves,
        coalesce((SELECT b.amount FROM balances b WHERE b.account_id = q.account_id AND b.asset = q.quote_asset), 0)
          - coalesce((SELECT sum(h.amount) FROM holds h
                      WHERE h.account_id = q.account_id AND h.asset = q.quote_asset AND h.released_at IS NULL), 0)
          AS free_quote,
+       -- what a margin account's positions add to its free funds: value at the mark less initial margin
+       coalesce((SELECT sum(pm.net_quantity * m.mark - abs(pm.net_quantity) * m.mark * im.margin_rate)
+                 FROM positions pm JOIN instruments im ON im.id = pm.instrument_id
+                 CROSS JOIN LATERAL (SELECT coalesce(im.last_price, im.reference_price, pm.average_price) AS mark) m
+                 WHERE pm.account_id = q.account_id AND im.quote_asset = q.quote_asset
+                   AND pm.net_quantity <> 0), 0) AS margin_credit,
        coalesce(p.net_quantity, 0)
          - coalesce((SELECT sum(h.amount) FROM holds h
                      WHERE h.account_id = q.account_id AND h.asset = q.base_asset AND h.released_at IS NULL), 0)
@@ -211,11 +217,7 @@ LEFT JOIN positions p ON p.account_id = q.account_id AND p.instrument_id = i.id
 CROSS JOIN LATERAL (
     SELECT count(*) AS open_orders,
            coalesce(sum(o.quantity - o.filled_quantity) FILTER (WHERE o.side = 'buy'), 0) AS buy_leaves,
-           coalesce(sum(o.quantity - o.filled_quantity) FILTER (WHERE o.side = 'sell'), 0) AS sell_leaves,
-           coalesce(sum(o.quantity - o.filled_quantity) FILTER (WHERE o.side = 'buy' AND o.reduce_only), 0)
-             AS ro_buy_leaves,
-           coalesce(sum(o.quantity - o.filled_quantity) FILTER (WHERE o.side = 'sell' AND o.reduce_only), 0)
-             AS ro_sell_leaves
+           coalesce(sum(o.quantity - o.filled_quantity) FILTER (WHERE o.side = 'sell'), 0) AS sell_leaves
     FROM orders o
     WHERE o.account_id = q.account_id AND o.instrument_id = i.id AND o.status IN {_OPEN_SQL}
       AND o.id IS DISTINCT FROM $6::bigint
@@ -775,7 +777,9 @@ class OrderEntry:
             )
         if rejection is None and order.reduce_only:
             rejection = check_reduce_only(side, new_qty - order.filled_quantity, exposure)
-        needed = reserve(side, new_qty - order.filled_quantity, hold_price, rules, row["account_kind"])
+        needed = reserve(
+            side, new_qty - order.filled_quantity, hold_price, rules, row["account_kind"], reduce_only=order.reduce_only
+        )
         increase = needed.amount - current_hold
         if rejection is None and increase > 0:
             # free funds already exclude this order's current hold: only the increase must fit
@@ -989,14 +993,12 @@ class _BatchExposure:
         pair = (account_id, rules.instrument_id)
         e = self._exposures[pair]
         buy = terms.side is Side.BUY
-        qty, ro_qty = terms.quantity, (terms.quantity if terms.reduce_only else Decimal(0))
+        qty = terms.quantity
         self._exposures[pair] = replace(
             e,
             open_orders=e.open_orders + 1,
             open_buy_leaves=e.open_buy_leaves + qty if buy else e.open_buy_leaves,
             open_sell_leaves=e.open_sell_leaves if buy else e.open_sell_leaves + qty,
-            reduce_only_buy_leaves=e.reduce_only_buy_leaves + ro_qty if buy else e.reduce_only_buy_leaves,
-            reduce_only_sell_leaves=e.reduce_only_sell_leaves if buy else e.reduce_only_sell_leaves + ro_qty,
         )
         held = acceptance.reservation
         if held.amount > 0:
@@ -1021,9 +1023,7 @@ def exposure_of(row: asyncpg.Record, account_kind: str) -> Exposure:
         open_orders=row["open_orders"],
         open_buy_leaves=row["buy_leaves"],
         open_sell_leaves=row["sell_leaves"],
-        reduce_only_buy_leaves=row["ro_buy_leaves"],
-        reduce_only_sell_leaves=row["ro_sell_leaves"],
-        free_quote=row["free_quote"],
+        free_quote=row["free_quote"] + (row["margin_credit"] if account_kind == "margin" else 0),
         free_base=row["free_base"],
     )
 

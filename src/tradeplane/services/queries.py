@@ -218,7 +218,9 @@ class PositionRecord:
 
 @dataclass(frozen=True, slots=True)
 class AccountSummary:
-    """Money of one account in its currency. free = cash - holds; equity = cash + Σ net quantity * mark."""
+    """Money of one account in its currency. equity = cash + Σ net quantity * mark; margin_used = Σ |net
+    quantity| * mark * margin rate (margin accounts; 0 for cash accounts); free = cash - holds for a cash
+    account, equity - margin_used - holds for a margin account (what pre-trade risk lets it commit)."""
 
     account_id: int
     user_id: int | None
@@ -231,6 +233,7 @@ class AccountSummary:
     free: Decimal
     positions_value: Decimal
     equity: Decimal
+    margin_used: Decimal
     realized_pnl: Decimal
     unrealized_pnl: Decimal
 
@@ -650,13 +653,14 @@ async def account_summary(conn: asyncpg.Connection, principal: Principal, accoun
         " coalesce((SELECT sum(h.amount) FROM holds h WHERE h.account_id = a.id AND h.asset = a.currency"
         "           AND h.released_at IS NULL), 0) AS holds,"
         " coalesce(pv.realized, 0) AS realized, coalesce(pv.market_value, 0) AS market_value,"
-        " coalesce(pv.unrealized, 0) AS unrealized"
+        " coalesce(pv.unrealized, 0) AS unrealized, coalesce(pv.margin, 0) AS margin"
         " FROM accounts a LEFT JOIN LATERAL ("
-        "   SELECT sum(p.realized_pnl) AS realized,"
-        "          sum(p.net_quantity * coalesce(i.last_price, i.reference_price, p.average_price)) AS market_value,"
-        "          sum(p.net_quantity * (coalesce(i.last_price, i.reference_price, p.average_price)"
-        "              - p.average_price)) AS unrealized"
-        "   FROM positions p JOIN instruments i ON i.id = p.instrument_id WHERE p.account_id = a.id) pv ON TRUE"
+        "   SELECT sum(p.realized_pnl) AS realized, sum(p.net_quantity * m.mark) AS market_value,"
+        "          sum(p.net_quantity * (m.mark - p.average_price)) AS unrealized,"
+        "          sum(abs(p.net_quantity) * m.mark * i.margin_rate) AS margin"
+        "   FROM positions p JOIN instruments i ON i.id = p.instrument_id"
+        "   CROSS JOIN LATERAL (SELECT coalesce(i.last_price, i.reference_price, p.average_price) AS mark) m"
+        "   WHERE p.account_id = a.id) pv ON TRUE"
         " WHERE a.id = $1 AND a.kind <> 'house'",
         account_id,
     )
@@ -664,6 +668,8 @@ async def account_summary(conn: asyncpg.Connection, principal: Principal, accoun
         raise NotFound(f"no account {account_id}", code="account_not_found")
     cash: Decimal = row["cash"]
     holds: Decimal = row["holds"]
+    equity: Decimal = cash + row["market_value"]
+    margin_used: Decimal = row["margin"] if row["kind"] == "margin" else Decimal(0)
     return AccountSummary(
         account_id=row["id"],
         user_id=row["user_id"],
@@ -673,9 +679,10 @@ async def account_summary(conn: asyncpg.Connection, principal: Principal, accoun
         status=row["status"],
         cash=cash,
         holds=holds,
-        free=cash - holds,
+        free=equity - margin_used - holds if row["kind"] == "margin" else cash - holds,
         positions_value=row["market_value"],
-        equity=cash + row["market_value"],
+        equity=equity,
+        margin_used=margin_used,
         realized_pnl=row["realized"],
         unrealized_pnl=row["unrealized"],
     )

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal
+from decimal import ROUND_DOWN, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import asyncpg
@@ -368,8 +368,13 @@ class SettledBatch:
 
 
 def fee_for(notional: Decimal, rate: Decimal, scale: int) -> Decimal:
-    """round_half_up(notional * rate) to the quote asset's scale (negative for a maker rebate)."""
-    return (notional * rate).quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+    """notional * rate to the quote asset's scale, rounded toward zero (negative for a maker rebate).
+
+    Toward zero, because an order can fill in any number of pieces and each fill's fee is rounded on its own:
+    rounding up, or half up, could make the pieces' fees add up to more than the order's hold reserved (ten
+    fills of 0.005 rounded half up cost 0.10 where the hold kept 0.05) and take a cash account below zero.
+    """
+    return (notional * rate).quantize(Decimal(1).scaleb(-scale), rounding=ROUND_DOWN)
 
 
 def hold_amount(row: OrderRow, info: InstrumentInfo) -> Decimal:
@@ -388,6 +393,7 @@ def hold_amount(row: OrderRow, info: InstrumentInfo) -> Decimal:
         base_asset=info.base_asset,
         quote_asset=info.quote_asset,
         quote_scale=info.quote_scale,
+        reduce_only=row.reduce_only,
     ).amount
 
 
@@ -485,12 +491,22 @@ class _Settler:
                 row.price = info.spec.ticks_to_price(m.price)
                 row.hold_price = row.price
             row.sequence = m.priority
+            row.reject_reason = None  # an earlier refused modify no longer describes the order
             row.dirty = True
         elif kind is StopTriggered:
             row.sequence = ev.priority  # type: ignore[union-attr]
             row.dirty = True
-        elif kind in (ModifyRejected, CancelRejected):
-            row.dirty = True  # the hold is recomputed: a refused modify must not keep an api-raised hold
+        elif kind is ModifyRejected:
+            # The api raised the hold price (and hold) for the new terms before the engine saw them; the order
+            # kept its old terms, so its hold goes back to what they need: a limit price is its own hold price,
+            # a market or stop order's protection price was never changed by a modify.
+            if row.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT) and row.price is not None:
+                row.hold_price = row.price
+            if row.status in OPEN_STATUSES:  # a finished order keeps the outcome it already reported
+                row.reject_reason = ev.reason  # type: ignore[union-attr]
+            row.dirty = True
+        elif kind is CancelRejected:
+            row.dirty = True  # the hold is recomputed from the row
 
     def _fill(self, ev: Fill) -> None:
         maker = self._row(ev.maker_order_id)

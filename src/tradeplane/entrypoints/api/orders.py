@@ -246,7 +246,8 @@ async def list_positions(
 
 @router.get("/accounts/{account_id}", response_model=AccountPublic)
 async def get_account(account_id: int, principal: PrincipalDep, platform: PlatformDep) -> AccountPublic:
-    """Cash, holds, free cash, equity, realized and unrealized P&L (positions marked at the last trade)."""
+    """Cash, holds, free funds, equity, margin in use, realized and unrealized P&L (positions marked at the last
+    trade). Free is cash - holds for a cash account, equity - margin_used - holds for a margin account."""
     async with platform.db.connection("accounts.summary") as conn:
         summary = await queries.account_summary(conn, principal, account_id)
     return AccountPublic.model_validate(summary, from_attributes=True)

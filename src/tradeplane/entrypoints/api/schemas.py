@@ -167,6 +167,7 @@ class AccountPublic(BaseModel):
     free: DecimalText
     positions_value: DecimalText
     equity: DecimalText
+    margin_used: DecimalText
     realized_pnl: DecimalText
     unrealized_pnl: DecimalText
 

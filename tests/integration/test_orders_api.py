@@ -303,15 +303,20 @@ async def test_the_order_rate_is_limited_per_account_per_second(
     assert counter == b"3"
 
 
-async def test_reduce_only_counts_every_open_order_on_its_side(
-    client: httpx.AsyncClient, platform: Platform, alice: Actor
-) -> None:
+async def long_one_btc(platform: Platform, actor: Actor) -> None:
+    """A position of 1 BTC bought before the test."""
     await sql(
         platform,
         "INSERT INTO positions (account_id, instrument_id, net_quantity, average_price)"
         " SELECT $1, id, 1, 60000 FROM instruments WHERE symbol = 'BTC-USD'",
-        alice.account_id,
+        actor.account_id,
     )
+
+
+async def test_reduce_only_counts_every_open_order_on_its_side(
+    client: httpx.AsyncClient, platform: Platform, alice: Actor
+) -> None:
+    await long_one_btc(platform, alice)
     first = await post(client, alice, side="sell", quantity="0.6", reduce_only=True)
     assert first.status_code == 201, first.text
     second = await post(client, alice, side="sell", quantity="0.5", reduce_only=True)
@@ -326,12 +331,7 @@ async def test_reduce_only_counts_ordinary_orders_on_its_side_too(
     client: httpx.AsyncClient, platform: Platform, alice: Actor
 ) -> None:
     """If the ordinary sell filled first, a reduce-only sell beside it for the whole position would cross zero."""
-    await sql(
-        platform,
-        "INSERT INTO positions (account_id, instrument_id, net_quantity, average_price)"
-        " SELECT $1, id, 1, 60000 FROM instruments WHERE symbol = 'BTC-USD'",
-        alice.account_id,
-    )
+    await long_one_btc(platform, alice)
     plain = await post(client, alice, side="sell", quantity="0.3")
     assert plain.status_code == 201, plain.text
     too_much = await post(client, alice, side="sell", quantity="0.8", reduce_only=True)

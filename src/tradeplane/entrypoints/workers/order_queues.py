@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tradeplane.adapters.bus.rabbitmq import RabbitMqBus
 from tradeplane.adapters.pubsub import PubSubFanout
 from tradeplane.bootstrap import Platform
+from tradeplane.domain.risk import RiskRejection
 from tradeplane.entrypoints.api.schemas import OrderAmend, OrderCreate
 from tradeplane.errors import AuthenticationFailed, ConfigError, InfrastructureUnavailable, TradeplaneError
 from tradeplane.services import queries
@@ -59,6 +60,7 @@ from tradeplane.services.orders import (
     PlacementQueue,
     order_entry,
 )
+from tradeplane.services.queries import OrderRecord
 
 log = logging.getLogger("tradeplane.order_queues")
 
@@ -100,15 +102,19 @@ def _fail(status: int, code: str, detail: object) -> Reply:
     return {"status": status, "error": code, "detail": detail}
 
 
+def _risk_rejected(rejection: RiskRejection, order: OrderRecord | None) -> Reply:
+    return {
+        "status": 422,
+        "error": "risk_rejected",
+        "reason": rejection.reason.value,
+        "detail": rejection.detail,
+        "order": None if order is None else order.to_json(),
+    }
+
+
 def _placement_reply(placement: Placement) -> Reply:
     if placement.rejection is not None:
-        return {
-            "status": 422,
-            "error": "risk_rejected",
-            "reason": placement.rejection.reason.value,
-            "detail": placement.rejection.detail,
-            "order": None if placement.order is None else placement.order.to_json(),
-        }
+        return _risk_rejected(placement.rejection, placement.order)
     assert placement.order is not None
     status = 201 if placement.outcome is PlacementOutcome.ACCEPTED else 200
     return {"status": status, "order": placement.order.to_json()}
@@ -294,13 +300,7 @@ class OrderQueueWorker:
         async with self.platform.db.transaction("orders.modify") as conn:
             amendment = await entry.modify_order(conn, principal, order_id, quantity=amend.quantity, price=amend.price)
         if amendment.rejection is not None:
-            return {
-                "status": 422,
-                "error": "risk_rejected",
-                "reason": amendment.rejection.reason.value,
-                "detail": amendment.rejection.detail,
-                "order": amendment.order.to_json(),
-            }
+            return _risk_rejected(amendment.rejection, amendment.order)
         await queries.after_order_commit(self.platform.cache, amendment.owner_user_id)
         return {"status": 200, "order": amendment.order.to_json()}
 

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,15 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.conftest import UNDER_CI
+from tests.integration.test_ingest import list_instrument
+from tradeplane.adapters.db.marketdata import ns_to_datetime
+from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
 from tradeplane.adapters.influxdb import InfluxSink, Point
-from tradeplane.bootstrap import build_platform
+from tradeplane.bootstrap import Platform, build_platform
 from tradeplane.config import Settings
 from tradeplane.domain.ticks import Tick
 from tradeplane.entrypoints.api.app import create_app
+from tradeplane.entrypoints.workers.marketdata import run_marketdata
 
 START_TIMEOUT_S = 60.0
 #: Waits for the sink bounded by this, so a broken sink fails the test instead of hanging it.
@@ -144,7 +149,7 @@ async def query(server: InfluxServer, q: str, database: str = "tp_test") -> list
     for result in response.json()["results"]:
         assert "error" not in result, result
         for series in result.get("series", []):
-            rows += [dict(zip(series["columns"], values, strict=True)) for values in series["values"]]
+            rows += [dict(zip(series["columns"], values, strict=True)) for values in series.get("values", [])]
     return rows
 
 
@@ -215,6 +220,16 @@ async def test_all_four_measurements_are_written_and_queryable_with_exact_values
     assert (performance["trades"], performance["strategy"]) == (42, "mm-1")
     (metric,) = await query(influxdb, "SELECT * FROM system_metrics")
     assert (metric["latency_ms"], metric["healthy"], metric["service"], metric["shard"]) == (0.25, True, "engine", "0")
+
+
+async def test_a_lone_point_is_written_within_the_flush_interval_not_held_for_a_full_batch(
+    influxdb: InfluxServer, sink: InfluxSink
+) -> None:
+    sink.write(Point("market_data", {"symbol": "ONE"}, {"seq": 1}, T0))
+    async with asyncio.timeout(SETTLE_TIMEOUT_S):
+        while sink.stats.written < 1:  # noqa: ASYNC110 - no flush asked for: the sink must send it by itself
+            await asyncio.sleep(0.02)
+    assert await query(influxdb, "SELECT seq FROM market_data WHERE symbol = 'ONE'") == [{"time": T0, "seq": 1}]
 
 
 async def test_names_tags_and_strings_round_trip_through_line_protocol_escaping(
@@ -321,3 +336,90 @@ async def test_health_influxdb_is_not_found_when_the_sink_is_not_configured(clie
     response = await client.get("/health/influxdb")
     assert response.status_code == 404
     assert response.json()["error"] == "not_found"
+
+
+# ------------------------------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture
+async def influx_platform(
+    influxdb: InfluxServer, database_url: str, redis_url: str, nats_url: str
+) -> AsyncIterator[Platform]:
+    """A platform whose InfluxDB sink writes to the test's own server (database ``tp_pipeline``)."""
+    settings = Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        bus_url=nats_url,
+        influxdb_url=influxdb.url,
+        influxdb_database="tp_pipeline",
+        secret_key="test-secret-key-not-for-production",
+        db_pool_min=1,
+    )
+    platform = build_platform(settings)
+    await platform.start()
+    yield platform
+    await platform.stop()
+
+
+async def test_the_market_data_worker_writes_ticks_trades_and_its_figures_to_influxdb(
+    influxdb: InfluxServer, influx_platform: Platform
+) -> None:
+    platform = influx_platform
+    sink = platform.influx
+    assert sink is not None
+    a = await list_instrument(platform)
+    now_ns = time.time_ns()
+    trade_us = now_ns // 1000 - 10_000_000  # 10 s ago, whole microseconds as PostgreSQL keeps them
+    async with platform.db.transaction("test.engine") as conn:
+        await ensure_daily_partitions_async(conn, "trades", datetime.now(UTC).date() - timedelta(days=1), 3)
+        for seq in (1, 2):  # one engine batch: both trades in the same microsecond
+            await conn.execute(
+                "INSERT INTO trades (trade_id, instrument_id, price, quantity, aggressor_side, ts)"
+                " VALUES ($1, $2, 100.05, 0.003, 'sell', to_timestamp($3::numeric / 1000000))",
+                f"{a.symbol}-{seq}-0",
+                a.instrument_id,
+                trade_us,
+            )
+    stop = asyncio.Event()
+    worker = asyncio.create_task(
+        run_marketdata(platform, stop, simulate_rate=200, bus_feed=False, engine_books=False, influx_interval_s=0.1)
+    )
+    try:
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            # The sink creates the database before its first write.
+            while "tp_pipeline" not in [row["name"] for row in await query(influxdb, "SHOW DATABASES")]:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            while True:
+                await asyncio.sleep(0.2)
+                ticks = await query(
+                    influxdb, f"SELECT * FROM market_data WHERE symbol = '{a.symbol}' AND bid > 0", "tp_pipeline"
+                )
+                trades = await query(influxdb, f"SELECT * FROM trades WHERE symbol = '{a.symbol}'", "tp_pipeline")
+                figures = await query(influxdb, "SELECT * FROM performance", "tp_pipeline")
+                system = await query(influxdb, "SELECT * FROM system_metrics", "tp_pipeline")
+                if len(ticks) >= 5 and len(trades) == 2 and len(figures) >= 2 and system:
+                    break
+    finally:
+        stop.set()
+        pipeline = await worker
+    # The ticks are the committed ones, prices in ticks of the instrument, sizes in lots.
+    first = ticks[0]
+    assert (first["tick_size"], first["lot_size"]) == ("0.01", "0.001")
+    async with platform.db.connection("test.ticks") as conn:
+        stored = await conn.fetch(
+            "SELECT bid, ask, bid_size FROM ticks WHERE instrument_id = $1 AND ts = $2",
+            a.instrument_id,
+            ns_to_datetime(first["time"]),  # PostgreSQL keeps microseconds
+        )
+    assert (a.price(first["bid"]), a.price(first["ask"]), a.quantity(first["bid_size"])) in [
+        (row["bid"], row["ask"], row["bid_size"]) for row in stored
+    ]
+    # Both trades of the batch are kept: stamped a nanosecond apart in match order.
+    assert [(row["time"], row["trade_id"], row["price"], row["quantity"], row["side"]) for row in trades] == [
+        (trade_us * 1000, f"{a.symbol}-1-0", 10_005, 3, "sell"),
+        (trade_us * 1000 + 1, f"{a.symbol}-2-0", 10_005, 3, "sell"),
+    ]
+    assert pipeline.stats.stored > 0
+    assert figures[-1]["service"] == "marketdata" and figures[-1]["ticks_stored"] > 0
+    assert any(row.get("ticks_stored_per_s") is not None for row in figures)
+    assert system[-1]["rss_bytes"] > 0 and system[-1]["cpu_seconds"] > 0

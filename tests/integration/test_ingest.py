@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -32,7 +33,7 @@ from prometheus_client import REGISTRY
 from tests.integration.conftest import Actor, make_actor
 from tradeplane.adapters.bus import MD_TICKS_ALL, create_bus, md_ticks_stream
 from tradeplane.adapters.db.marketdata import ListedInstrument
-from tradeplane.adapters.feeds.bus import BusTickFeed
+from tradeplane.adapters.feeds.bus import BusTickFeed, parse_tick_message
 from tradeplane.adapters.feeds.replay import ReplayFeed, write_csv
 from tradeplane.adapters.feeds.simulated import SimulatedFeed, SimulatedInstrument
 from tradeplane.bootstrap import Platform
@@ -249,6 +250,39 @@ async def test_bad_ticks_never_reach_storage_and_are_counted(platform: Platform,
     assert dropped("unknown_symbol") - before["unknown_symbol"] == 1
     assert dropped("non_positive_price") - before["non_positive_price"] == 2
     assert dropped("out_of_order") - before["out_of_order"] == 1
+
+
+async def test_drops_of_a_validated_batch_with_nothing_accepted_are_counted(
+    platform: Platform, pipeline_factory: Any
+) -> None:
+    """A bus, replay or engine-trades batch arrives already validated; all of it may have been refused."""
+    a = await list_instrument(platform)
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("market_data_ticks_dropped_total", {"reason": "unknown_symbol"}) or 0.0
+
+    before = dropped()
+    pipeline = await pipeline_factory([a])
+    out: list[Tick] = []
+    parse_tick_message(b'{"ts": 1, "symbol": "NOPE-USD", "bid": "1"}', pipeline.validator, {a.symbol: a.lot_size}, out)
+    assert out == []
+    await pipeline.submit(out, validated=True)
+    assert pipeline.stats.dropped == {"unknown_symbol": 1}
+    assert dropped() - before == 1
+
+
+async def test_a_tick_from_the_future_is_refused_and_the_symbol_keeps_ticking(
+    platform: Platform, pipeline_factory: Any
+) -> None:
+    a = await list_instrument(platform)
+    now = time.time_ns()
+    century = 100 * 365 * 86_400 * SECOND
+    pipeline = await pipeline_factory([a])
+    await pipeline.submit([Tick(now + century, a.symbol, 100, 101, 1, 1, None, 0)])
+    await pipeline.submit([Tick(now + i * SECOND // 10, a.symbol, 100 + i, 102 + i, 1, 1, None, 0) for i in range(3)])
+    await pipeline.flush()
+    assert pipeline.stats.dropped == {"timestamp_in_future": 1}
+    assert [r["bid"] for r in await stored_ticks(platform, a)] == [Decimal("1.00"), Decimal("1.01"), Decimal("1.02")]
 
 
 async def test_a_replay_of_history_creates_its_partitions_and_reports_what_it_did(

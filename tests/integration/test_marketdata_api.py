@@ -4,6 +4,7 @@ the readonly role may read."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -134,6 +135,28 @@ async def test_tick_pages_return_every_tick_once_even_with_equal_timestamps(
     assert [t["ts"] for t in seen] == sorted(t["ts"] for t in seen)
     bad = await client.get(f"/api/v1/marketdata/{listed.symbol}/ticks", params={"cursor": "!!"}, headers=reader.headers)
     assert bad.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"99999999999999999999:0",  # well-formed, but far beyond any datetime
+        b"-99999999999999999999:0",
+        f"{T0 // 1000}:{2**63}".encode(),  # a skip no bigint holds
+    ],
+)
+async def test_a_well_formed_cursor_out_of_range_is_refused_not_a_server_error(
+    client: httpx.AsyncClient,
+    reader: Actor,  # noqa: F811
+    listed: ListedInstrument,
+    raw: bytes,
+) -> None:
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    response = await client.get(
+        f"/api/v1/marketdata/{listed.symbol}/ticks", params=params(cursor=cursor), headers=reader.headers
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_cursor"
 
 
 async def test_candles_leave_gaps_unless_fill_previous(

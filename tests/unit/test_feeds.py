@@ -132,6 +132,29 @@ def test_csv_bad_rows_are_counted_by_reason_and_never_raise(tmp_path: Path) -> N
     assert set(validator.drain_samples()) == set(validator.drops)
 
 
+def test_csv_rows_with_bad_bytes_or_unsplittable_fields_are_malformed_and_the_replay_goes_on(
+    tmp_path: Path,
+) -> None:
+    def good(second: int) -> bytes:
+        return f"{T0 + second * SECOND},AAPL,189.90,189.92,1,1,,\n".encode()
+
+    path = tmp_path / "bytes.csv"
+    path.write_bytes(
+        HEADER.encode()
+        + good(0)
+        + f"{T0 + SECOND},AAPL\xe9,189.90,189.92,1,1,,\n".encode("latin-1")  # not UTF-8 (latin-1)
+        + good(2)
+        + f"{T0 + 3 * SECOND},AAPL,".encode() + b"1" * 200_000 + b",189.92,1,1,,\n"  # over csv's field limit
+        + good(4)
+        + f'{T0 + 5 * SECOND},"AAPL,189.90,189.92,1,1,,\n'.encode()  # a quote open to the end of the file
+    )  # fmt: skip
+    validator = gate()
+    ticks, batches = replay_all(ReplayFeed(path, validator, batch_size=2))
+    assert [t.ts_ns for t in ticks] == [T0, T0 + 2 * SECOND, T0 + 4 * SECOND]
+    assert validator.drops == {DropReason.MALFORMED_ROW: 3}
+    assert batches[-1].rows_read == 6
+
+
 def test_csv_columns_may_come_in_any_order_with_extra_columns(tmp_path: Path) -> None:
     path = tmp_path / "reordered.csv"
     path.write_text(

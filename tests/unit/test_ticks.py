@@ -176,6 +176,25 @@ def test_out_of_order_is_judged_against_the_newest_accepted_tick_minus_tolerance
     assert gate.drops == {DropReason.OUT_OF_ORDER: 1}
 
 
+def test_a_tick_from_the_future_is_dropped_and_does_not_silence_its_symbol() -> None:
+    now = [T0]
+    gate = TickValidator([AAPL], max_out_of_order_ns=TOLERANCE_NS, max_future_ns=TOLERANCE_NS, clock=lambda: now[0])
+    century = 100 * 365 * 86_400 * 1_000_000_000
+    assert gate.accept(Tick(T0, "AAPL", 100, 101)) is None
+    assert gate.accept(Tick(T0 + century, "AAPL", 100, 101)) is DropReason.TIMESTAMP_IN_FUTURE
+    assert gate.accept(Tick(T0 + TOLERANCE_NS + 1, "AAPL", 100, 101)) is DropReason.TIMESTAMP_IN_FUTURE
+    assert gate.watermark("AAPL") == T0
+    assert gate.accept(Tick(T0 + TOLERANCE_NS, "AAPL", 100, 101)) is None  # within the allowed skew
+    now[0] = T0 + 60 * TOLERANCE_NS  # the clock moves on: so does the bound
+    assert gate.accept(Tick(T0 + 61 * TOLERANCE_NS, "AAPL", 100, 101)) is None
+    assert gate.normalize(T0 + century, "AAPL", Decimal(1), None, 0, 0, None, 0) is DropReason.TIMESTAMP_IN_FUTURE
+    assert gate.drops == {DropReason.TIMESTAMP_IN_FUTURE: 3}
+
+
+def test_without_a_future_bound_any_representable_timestamp_is_accepted() -> None:
+    assert validator().accept(Tick(2**63 - 1, "AAPL", 100, 101)) is None
+
+
 def test_dropped_ticks_do_not_move_the_watermark() -> None:
     gate = validator()
     assert gate.accept(Tick(T0 + 10**12, "AAPL", 101, 100)) is DropReason.CROSSED_QUOTE
@@ -230,6 +249,7 @@ def test_drop_reason_values_are_the_fixed_label_set() -> None:
         "malformed_row",
         "out_of_order",
         "off_tick_grid",
+        "timestamp_in_future",
     }
 
 

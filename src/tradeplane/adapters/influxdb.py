@@ -4,7 +4,9 @@ Writes go to the InfluxDB 1.x HTTP API (``POST /write?db=<database>&precision=ns
 endpoint for compatibility) in batches from a bounded in-memory buffer, so the trading path never waits for
 InfluxDB:
 
-- ``write*`` only appends to the buffer: synchronous, O(1), never raises for a server problem, never blocks.
+- ``write*`` only appends to the buffer: synchronous, O(1) per point, never raises for a server problem, never
+  blocks. ``write_ticks`` (the ingest pipeline's committed ticks) buffers the ticks themselves and encodes them
+  only when a batch is sent, so a point that overflows is never encoded.
 - One background task sends batches of up to ``batch_size`` points, as soon as a batch is full or
   ``flush_interval_s`` after the oldest point arrived.
 - When InfluxDB is slow or down the batch is retried with exponential backoff (capped at ``max_backoff_s``)
@@ -36,10 +38,12 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter as Tally
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -64,6 +68,8 @@ WRITE_FAILURES = Counter("influxdb_write_failures_total", "InfluxDB write attemp
 BUFFERED_POINTS = Gauge("influxdb_buffered_points", "Points waiting in the InfluxDB sink's buffer")
 
 FieldValue = int | float | bool | str | Decimal
+#: Overflow drops are logged at most this often (they are counted every time).
+OVERFLOW_LOG_INTERVAL_S = 10.0
 
 
 # ------------------------------------------------------------------------------------------ line protocol
@@ -126,16 +132,66 @@ class Point:
     def to_line(self) -> str:
         if not self.fields:
             raise ValueError(f"point of {self.measurement!r} has no fields")
-        parts = [escape_measurement(self.measurement)]
-        for key in sorted(self.tags):  # sorted tags: InfluxDB's fastest path
-            value = self.tags[key]
-            if value:
-                parts.append(f"{escape_key(key)}={escape_key(value)}")
         fields = ",".join(f"{escape_key(key)}={_field_value(value)}" for key, value in self.fields.items())
-        return f"{','.join(parts)} {fields} {self.ts_ns}"
+        return f"{series_key(self.measurement, self.tags)} {fields} {self.ts_ns}"
 
 
-def encode(points: Iterable[Point]) -> bytes:
+def _plain(size: Decimal) -> str:
+    """A tick or lot size tag as plain text without trailing zeros (NUMERIC(.., 18) 0.010000... -> "0.01"), so
+    one instrument is one series whatever scale its size was read with."""
+    return format(size.normalize(), "f")
+
+
+def series_key(measurement: str, tags: Mapping[str, str]) -> str:
+    """``measurement,tag=value,...`` escaped, tags sorted (InfluxDB's fastest path), empty values left out."""
+    parts = [escape_measurement(measurement)]
+    for key in sorted(tags):
+        value = tags[key]
+        if value:
+            parts.append(f"{escape_key(key)}={escape_key(value)}")
+    return ",".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class TickSeries:
+    """The ``market_data`` series of one instrument; its tags are escaped once here, not once per tick."""
+
+    symbol: str
+    tick_size: Decimal
+    lot_size: Decimal
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tags = {"symbol": self.symbol, "tick_size": _plain(self.tick_size), "lot_size": _plain(self.lot_size)}
+        object.__setattr__(self, "key", series_key(MARKET_DATA, tags))
+
+
+@dataclass(frozen=True, slots=True)
+class TickPoint:
+    """A ``market_data`` point buffered as the tick itself and encoded only when sent, so buffering one costs
+    an object, not a line: points dropped on overflow are never encoded. The tick's integers must fit int64
+    (the pipeline's committed ticks do: they were COPYed as int64 columns)."""
+
+    measurement: ClassVar[str] = MARKET_DATA
+    series: TickSeries
+    tick: Tick
+
+    def to_line(self) -> str:
+        tick = self.tick
+        fields = f"bid_size={tick.bid_size}i,ask_size={tick.ask_size}i"
+        if tick.bid is not None:
+            fields += f",bid={tick.bid}i"
+        if tick.ask is not None:
+            fields += f",ask={tick.ask}i"
+        if tick.last is not None:
+            fields += f",last={tick.last}i,volume={tick.volume}i"
+        return f"{self.series.key} {fields} {tick.ts_ns}"
+
+
+Buffered = Point | TickPoint
+
+
+def encode(points: Iterable[Buffered]) -> bytes:
     return "\n".join(point.to_line() for point in points).encode()
 
 
@@ -194,8 +250,9 @@ class InfluxSink:
         self.stats = SinkStats()
         self._client = httpx.AsyncClient(base_url=self.url, auth=auth, timeout=timeout_s, transport=transport)
         # Oldest first: the batch being delivered, then the buffer. Together at most max_points.
-        self._batch: deque[Point] = deque()
-        self._buffer: deque[Point] = deque()
+        self._batch: deque[Buffered] = deque()
+        self._buffer: deque[Buffered] = deque()
+        self._overflow_logged = -math.inf
         self._posting = False
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -251,13 +308,35 @@ class InfluxSink:
         """Buffer one point; drops the oldest buffered point when full. O(1), never blocks, never raises
         for the server's state (an unencodable point raises ``ValueError`` at write time, see ``to_line``)."""
         point.to_line()  # refuse a bad point here, where the caller can see it, not in a batch later
+        first = not self._buffer
         self._buffer.append(point)
-        while len(self._batch) + len(self._buffer) > self.max_points:
-            # The batch waiting for a retry holds the oldest points; one being posted cannot be recalled.
-            oldest = self._batch if self._batch and not self._posting else self._buffer
-            self._drop([oldest.popleft()], "overflow")
+        self._trim(first)
+
+    def write_ticks(self, ticks: Sequence[Tick], series: Mapping[str, TickSeries]) -> None:
+        """``market_data`` points of many ticks (``series`` by symbol: every tick's symbol must be there),
+        encoded when sent; see ``TickPoint``. O(len(ticks)), never blocks: beyond the bound the oldest points
+        are dropped and counted, and ticks that would be dropped at once are not buffered at all."""
+        excess = len(ticks) - self.max_points
+        if excess > 0:
+            self._count_dropped(Tally({MARKET_DATA: excess}), "overflow")
+            ticks = ticks[excess:]
+        first = not self._buffer
+        self._buffer.extend([TickPoint(series[tick.symbol], tick) for tick in ticks])
+        self._trim(first and bool(ticks))
+
+    def _trim(self, first: bool) -> None:
+        """Drop the oldest points beyond ``max_points`` (counted), then wake the writer if a batch is full or
+        the buffer was empty (``first``: the writer idles until then, and starts the flush interval now)."""
+        excess = len(self._batch) + len(self._buffer) - self.max_points
+        if excess > 0:
+            dropped: Tally[str] = Tally()
+            for _ in range(excess):
+                # The batch waiting for a retry holds the oldest points; one being posted cannot be recalled.
+                oldest = self._batch if self._batch and not self._posting else self._buffer
+                dropped[oldest.popleft().measurement] += 1
+            self._count_dropped(dropped, "overflow")
         BUFFERED_POINTS.set(self.pending)
-        if len(self._buffer) >= self.batch_size:
+        if first or len(self._buffer) >= self.batch_size:
             self._wakeup.set()
 
     def write_tick(self, tick: Tick, *, tick_size: Decimal, lot_size: Decimal = Decimal(1)) -> None:
@@ -270,7 +349,7 @@ class InfluxSink:
         if tick.last is not None:
             fields["last"] = tick.last
             fields["volume"] = tick.volume
-        tags = {"symbol": tick.symbol, "tick_size": str(tick_size), "lot_size": str(lot_size)}
+        tags = {"symbol": tick.symbol, "tick_size": _plain(tick_size), "lot_size": _plain(lot_size)}
         self.write(Point(MARKET_DATA, tags, fields, tick.ts_ns))
 
     def write_trade(
@@ -287,7 +366,7 @@ class InfluxSink:
     ) -> None:
         """A ``trades`` point: ``price`` in ticks, ``quantity`` in lots; the trade id is a field, not a tag,
         so it does not create a series per trade."""
-        tags = {"symbol": symbol, "side": aggressor_side, "tick_size": str(tick_size), "lot_size": str(lot_size)}
+        tags = {"symbol": symbol, "side": aggressor_side, "tick_size": _plain(tick_size), "lot_size": _plain(lot_size)}
         fields: dict[str, FieldValue] = {"price": price, "quantity": quantity, "trade_id": trade_id}
         self.write(Point(TRADES, tags, fields, ts_ns))
 
@@ -301,12 +380,23 @@ class InfluxSink:
 
     # ---------------------------------------------------------------------------------- background
 
-    def _drop(self, points: list[Point], reason: str) -> None:
-        for point in points:
-            POINTS_DROPPED.labels(point.measurement, reason).inc()
-            self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
-        if points and reason != "shutdown":
-            log.warning("influxdb: dropped %d point(s) (%s)", len(points), reason)
+    def _drop(self, points: list[Buffered], reason: str) -> None:
+        self._count_dropped(Tally(point.measurement for point in points), reason)
+
+    def _count_dropped(self, by_measurement: Tally[str], reason: str) -> None:
+        total = by_measurement.total()
+        if not total:
+            return
+        for measurement, count in by_measurement.items():
+            POINTS_DROPPED.labels(measurement, reason).inc(count)
+        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + total
+        if reason == "overflow":  # at ingest rates this would be every commit: once per interval is enough
+            now = time.monotonic()
+            if now - self._overflow_logged < OVERFLOW_LOG_INTERVAL_S:
+                return
+            self._overflow_logged = now
+        if reason != "shutdown":
+            log.warning("influxdb: dropped %d point(s) (%s), %d so far", total, reason, self.stats.dropped[reason])
 
     async def _run(self) -> None:
         while True:

@@ -11,14 +11,22 @@ metric) and one sample per reason is kept (for the log line).
 Invariants of an accepted ``Tick``: the symbol is a known instrument; at least one price is present and
 every price present is > 0; ``bid <= ask`` when both are present (a locked quote is allowed, a crossed one is
 not); sizes and volume are >= 0; ``0 <= ts_ns < 2**63``; ``ts_ns`` is not older than the symbol's watermark
-(the newest accepted ``ts_ns``) minus the out-of-order tolerance.
+(the newest accepted ``ts_ns``) minus the out-of-order tolerance; with a future bound, ``ts_ns`` is not later
+than the wall clock plus that bound.
+
+Why the future bound: a tick becomes its symbol's watermark, so one tick stamped far in the future (a bad
+clock, a unit slip such as microseconds read as nanoseconds) would make every real tick after it out of order
+and silence the symbol until the wall clock caught up. Nothing is recorded before it happens, so ticks from
+the future are refused whatever the feed: live feeds and replayed history alike (a history file cannot hold
+ticks from after its own replay). There is no lower bound: replayed history may be any age.
 """
 
 from __future__ import annotations
 
 import decimal
+import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
@@ -50,6 +58,7 @@ class DropReason(StrEnum):
     MALFORMED_ROW = "malformed_row"
     OUT_OF_ORDER = "out_of_order"
     OFF_TICK_GRID = "off_tick_grid"
+    TIMESTAMP_IN_FUTURE = "timestamp_in_future"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,15 +159,42 @@ class TickValidator:
 
     The out-of-order rule is against a per-symbol watermark, the newest ``ts_ns`` accepted so far (not the
     most recent arrival), so one late tick never moves the watermark backwards.
+
+    ``max_future_ns``: refuse (``timestamp_in_future``) a tick stamped later than ``clock()`` (UTC epoch ns)
+    plus this much, the allowed clock skew of the sources; ``None`` means no bound. The bound is cached and
+    the clock read again only when a tick passes the cached one, so the per-tick cost is one comparison.
     """
 
-    __slots__ = ("_samples", "_scales", "_tolerance_ns", "_watermarks", "accepted", "drops")
+    __slots__ = (
+        "_clock",
+        "_future_bound",
+        "_max_future_ns",
+        "_samples",
+        "_scales",
+        "_tolerance_ns",
+        "_watermarks",
+        "accepted",
+        "drops",
+    )
 
-    def __init__(self, instruments: Iterable[PricedInstrument], *, max_out_of_order_ns: int) -> None:
+    def __init__(
+        self,
+        instruments: Iterable[PricedInstrument],
+        *,
+        max_out_of_order_ns: int,
+        max_future_ns: int | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         if max_out_of_order_ns < 0:
             raise ValueError("max_out_of_order_ns must be >= 0")
+        if max_future_ns is not None and max_future_ns < 0:
+            raise ValueError("max_future_ns must be >= 0")
         self._scales: dict[str, PriceScale] = {i.symbol: PriceScale(i.tick_size) for i in instruments}
         self._tolerance_ns = max_out_of_order_ns
+        self._max_future_ns = max_future_ns
+        self._clock = clock
+        # Ticks at or below this are not in the future (clock() + max_future_ns when last read).
+        self._future_bound = TS_NS_MAX if max_future_ns is None else -1
         self._watermarks: dict[str, int] = {}
         self._samples: dict[DropReason, str] = {}
         self.drops: Counter[DropReason] = Counter()
@@ -172,6 +208,10 @@ class TickValidator:
     @property
     def max_out_of_order_ns(self) -> int:
         return self._tolerance_ns
+
+    @property
+    def max_future_ns(self) -> int | None:
+        return self._max_future_ns
 
     def watermark(self, symbol: str) -> int | None:
         """The newest accepted ``ts_ns`` for ``symbol``, or ``None`` before its first accepted tick."""
@@ -208,6 +248,8 @@ class TickValidator:
             return self.reject(DropReason.MALFORMED_ROW, tick)
         if bid is not None and ask is not None and bid > ask:
             return self.reject(DropReason.CROSSED_QUOTE, tick)
+        if ts > self._future_bound and self._in_future(ts):
+            return self.reject(DropReason.TIMESTAMP_IN_FUTURE, tick)
         watermark = self._watermarks.get(symbol)
         if watermark is None or ts > watermark:
             self._watermarks[symbol] = ts
@@ -215,6 +257,12 @@ class TickValidator:
             return self.reject(DropReason.OUT_OF_ORDER, tick)
         self.accepted += 1
         return None
+
+    def _in_future(self, ts: int) -> bool:
+        """Whether ``ts`` is beyond the wall clock plus the allowed skew (re-reads the clock, moves the bound)."""
+        assert self._max_future_ns is not None  # the bound is TS_NS_MAX otherwise
+        self._future_bound = self._clock() + self._max_future_ns
+        return ts > self._future_bound
 
     def accept_batch(self, ticks: Iterable[Tick]) -> list[Tick]:
         """The accepted ticks of ``ticks``, in order; the others are counted as drops."""

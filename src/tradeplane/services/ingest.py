@@ -5,7 +5,8 @@ Data flow and who owns what::
     submit(ticks) ── TickValidator ── numpy columns ── CandleAggregator ── COPY rows ──▶ bounded queue
       (producer: the feed's task, CPU)                                                       │
     writer task: one transaction per commit interval: streaming COPY of queued chunks into ticks,
-      candle upsert (merged with stored candles), sampled spreads; commit; then acks, stats, candle events
+      candle upsert (merged with stored candles), sampled spreads; commit; then acks, stats, candle events,
+      and (when configured) the committed ticks into the InfluxDB sink's bounded buffer (never waited for)
     publisher task: latest quote per symbol -> Redis market_data:{symbol} (TTL 5 s), price:{symbol},
       PUBLISH tp:quotes:<symbol>; committed candles -> PUBLISH tp:candles:<tf>:<symbol> (conflated)
 
@@ -59,6 +60,7 @@ from tradeplane.adapters.db.timeseries import (
     storage_kind_async,
 )
 from tradeplane.adapters.feeds import ConsumerOffset, FeedBatch, TickFeed
+from tradeplane.adapters.influxdb import InfluxSink, TickSeries
 from tradeplane.adapters.postgres import CONNECTION_ERRORS, Database
 from tradeplane.domain.candles import Candle, CandleAggregator, Timeframe
 from tradeplane.domain.ticks import NS_PER_SECOND, DropReason, Tick, TickValidator
@@ -70,6 +72,9 @@ TICKS_DROPPED = MetricCounter(
     "market_data_ticks_dropped", "Ticks refused by the validator, by reason", ["reason"]
 )  # exported as market_data_ticks_dropped_total
 TICKS_STORED = MetricCounter("market_data_ticks_stored", "Ticks committed to the ticks table")
+
+#: Allowed clock skew of tick sources: a tick stamped later than the wall clock plus this is refused.
+MAX_FUTURE_NS = 5 * NS_PER_SECOND
 
 #: ``price:{symbol}`` holds the last trade price; seed 002 caches prices for a minute.
 TTL_PRICE = 60
@@ -159,6 +164,7 @@ class _Chunk:
     spreads: list[tuple[datetime, int, Decimal]]
     days: frozenset[date]
     newest: dict[int, int] = field(default_factory=dict)  # instrument index -> newest tick ts in the chunk
+    ticks: list[Tick] = field(default_factory=list)  # the encoded ticks, for the InfluxDB sink after commit
     on_stored: OnStored | None = None
     offset: ConsumerOffset | None = None
 
@@ -181,6 +187,8 @@ class MarketDataPipeline:
         *,
         cache: Cache | None = None,
         max_out_of_order_ns: int = 5 * NS_PER_SECOND,
+        max_future_ns: int | None = MAX_FUTURE_NS,
+        influx: InfluxSink | None = None,
         chunk_rows: int = 5_000,
         commit_interval_s: float = 0.25,
         max_rows_per_commit: int = 250_000,
@@ -192,7 +200,9 @@ class MarketDataPipeline:
         external_quote_s: float = TTL_MARKET_DATA,
     ) -> None:
         """``external_quote_s``: how long after its last external bid/ask a symbol stays quoted by that feed
-        rather than by the engine's book."""
+        rather than by the engine's book. ``max_future_ns``: ticks stamped later than the wall clock plus this
+        are dropped as ``timestamp_in_future`` (see ``TickValidator``). ``influx``: committed ticks are also
+        written to its ``market_data`` measurement (buffered there: the pipeline never waits for InfluxDB)."""
         if not instruments:
             raise ValueError("the market data pipeline needs at least one instrument")
         self.db = db
@@ -200,8 +210,12 @@ class MarketDataPipeline:
         self.instruments = list(instruments)
         self.encoder = TickCopyEncoder(self.instruments)
         self.validator = TickValidator(
-            [_Grid(i.symbol, i.tick_size) for i in self.instruments], max_out_of_order_ns=max_out_of_order_ns
+            [_Grid(i.symbol, i.tick_size) for i in self.instruments],
+            max_out_of_order_ns=max_out_of_order_ns,
+            max_future_ns=max_future_ns,
         )
+        self.influx = influx
+        self._influx_series = {i.symbol: TickSeries(i.symbol, i.tick_size, i.lot_size) for i in self.instruments}
         self.aggregator = CandleAggregator(max_out_of_order_ns=max_out_of_order_ns)
         self.stats = IngestStats()
         self.chunk_rows = chunk_rows
@@ -340,6 +354,8 @@ class MarketDataPipeline:
         # Feeds submit concurrently: chunks must reach the queue in the order they were aggregated, because
         # each carries the aggregator's cumulative candles as of that chunk.
         async with self._submit_lock:
+            # A validated feed's drops happened before this call, maybe in a batch with nothing accepted.
+            self._report_drops()
             for start in range(0, len(ticks), self.chunk_rows):
                 part = list(ticks[start : start + self.chunk_rows])
                 accepted = part if validated else self.validator.accept_batch(part)
@@ -431,7 +447,8 @@ class MarketDataPipeline:
         newest = np.full(len(self.instruments), -1, dtype=np.int64)
         np.maximum.at(newest, cols.instrument, cols.ts_ns)
         newest_by_index = {i: ts for i, ts in enumerate(newest.tolist()) if ts >= 0}
-        return _Chunk(data, len(cols), candles, spans, spreads, days, newest_by_index), cols
+        kept = ticks if self.influx is not None else []  # held until commit only when the sink wants them
+        return _Chunk(data, len(cols), candles, spans, spreads, days, newest_by_index, kept), cols
 
     async def ensure_days(self, days: Sequence[date]) -> None:
         """Create the daily partitions of ``ticks`` and ``spreads`` for ``days`` (and the day after each)."""
@@ -661,12 +678,23 @@ class MarketDataPipeline:
         TICKS_STORED.inc(rows)
         self._note_candles(returned)
         self._prune()
+        if self.influx is not None:
+            self._write_influx(chunks)
         for chunk in chunks:
             if chunk.on_stored is not None:
                 try:
                     await chunk.on_stored()
                 except Exception as exc:  # an ack failing must not lose the committed ticks' bookkeeping
                     log.warning("after-commit callback failed: %s", exc)
+
+    def _write_influx(self, chunks: Sequence[_Chunk]) -> None:
+        """Committed ticks to the sink's ``market_data`` measurement: appended to its bounded buffer (the
+        oldest points beyond it dropped and counted there), never waited for."""
+        assert self.influx is not None
+        for chunk in chunks:
+            if chunk.ticks:
+                self.influx.write_ticks(chunk.ticks, self._influx_series)
+            chunk.ticks = []
 
     def _candle_writes(self, chunks: Sequence[_Chunk]) -> list[sql.CandleWrite]:
         """The candle upserts of one commit: the newest state of each changed candle, with the volume and

@@ -440,7 +440,7 @@ class EngineTradePage:
 
 
 _ENGINE_TRADES = (
-    "SELECT t.xact_id, t.trade_id, t.instrument_id, t.price, t.quantity, t.ts FROM trades t"
+    "SELECT t.xact_id, t.trade_id, t.instrument_id, t.price, t.quantity, t.aggressor_side, t.ts FROM trades t"
     " WHERE t.xact_id >= $1 AND t.xact_id < $2 ORDER BY t.xact_id, t.ts, t.trade_id"
 )
 
@@ -471,6 +471,10 @@ async def engine_trades_after(conn: asyncpg.Connection, cursor: int, *, limit: i
 # ---------------------------------------------------------------------------------------- read side
 
 
+#: A cursor skips at most this many equal-timestamp rows: ``limit + skip + 1`` must stay a bigint.
+MAX_CURSOR_SKIP = 2**62
+
+
 @dataclass(frozen=True, slots=True)
 class TickCursor:
     """Where a page of ticks ended: the last timestamp returned and how many rows at exactly that
@@ -490,9 +494,13 @@ class TickCursor:
             micros, skip = (int(part) for part in raw.split(":"))
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise InvalidRequest("malformed cursor", code="invalid_cursor") from None
-        if skip < 0:
+        if not 0 <= skip <= MAX_CURSOR_SKIP:
             raise InvalidRequest("malformed cursor", code="invalid_cursor")
-        return cls(ns_to_datetime(micros * 1000), skip)
+        try:  # well-formed but beyond what a datetime (and a timestamptz) can hold
+            ts = ns_to_datetime(micros * 1000)
+        except (OverflowError, ValueError, OSError):
+            raise InvalidRequest("malformed cursor", code="invalid_cursor") from None
+        return cls(ts, skip)
 
 
 async def fetch_ticks(

@@ -27,6 +27,12 @@ with the last match. Candles merge with stored ones (the upsert adds volume and 
 after a restart land in candles that already hold earlier ticks. Caught-up trades are still subject to the
 validator's out-of-order tolerance against other feeds of the same symbol: the worker lets this feed catch up
 before it starts the others.
+
+InfluxDB (optional ``influx``): after a page's ticks are committed, each of its trades is written to the
+``trades`` measurement (price in ticks, quantity in lots), refused-as-tick or not: the trade happened. InfluxDB
+keeps one point per series and timestamp, and the trades of one engine batch share a microsecond, so each is
+stamped ``ts + its ordinal among the page's trades of that symbol and microsecond`` in nanoseconds (match order);
+a page read again after a crash writes the same points, which InfluxDB overwrites in place.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -49,8 +55,9 @@ from tradeplane.adapters.db.marketdata import ListedInstrument
 from tradeplane.adapters.feeds import ConsumerOffset
 from tradeplane.adapters.feeds.bus import SettledBatch, _price, to_lots
 from tradeplane.adapters.feeds.replay import MalformedValue, parse_ts_ns
+from tradeplane.adapters.influxdb import InfluxSink
 from tradeplane.adapters.postgres import Database
-from tradeplane.domain.ticks import DropReason, Tick, TickValidator
+from tradeplane.domain.ticks import DropReason, OffTickGrid, Tick, TickValidator
 
 log = logging.getLogger("tradeplane.marketdata")
 
@@ -100,6 +107,30 @@ def match_order(trade_id: str) -> tuple[int, int]:
     return 0, 0
 
 
+@dataclass(frozen=True, slots=True)
+class TradePrint:
+    """One engine trade for the InfluxDB ``trades`` measurement: price in ticks, quantity in lots."""
+
+    instrument: ListedInstrument
+    trade_id: str
+    price: int
+    quantity: int
+    aggressor_side: str
+    ts_ns: int
+
+    def write_to(self, influx: InfluxSink) -> None:
+        influx.write_trade(
+            symbol=self.instrument.symbol,
+            trade_id=self.trade_id,
+            price=self.price,
+            quantity=self.quantity,
+            aggressor_side=self.aggressor_side,
+            ts_ns=self.ts_ns,
+            tick_size=self.instrument.tick_size,
+            lot_size=self.instrument.lot_size,
+        )
+
+
 @dataclass(slots=True)
 class TradeCursor:
     """The ``xact_id`` cursor handed to the pipeline so far (``None``: not loaded from ``engine_offsets`` yet);
@@ -124,9 +155,12 @@ class EngineTradesFeed:
         poll_interval_s: float = 1.0,
         retry_s: float = 0.02,
         caught_up: asyncio.Event | None = None,
+        influx: InfluxSink | None = None,
     ) -> None:
         """``cursor``: shared across restarts of the feed (see ``TradeCursor``); ``caught_up`` is set once the
-        table has been read to its end (a given event lets a caller outlive this feed)."""
+        table has been read to its end (a given event lets a caller outlive this feed); ``influx``: where the
+        trades go once committed (module docstring)."""
+        self.influx = influx
         self.db = db
         self.client = client
         self.validator = validator
@@ -155,9 +189,15 @@ class EngineTradesFeed:
                     page = await sql.engine_trades_after(conn, self.cursor.through, limit=self.page)
                 self.reads += 1
                 if page.rows:
-                    ticks = self._ticks(page.rows)
+                    prints: list[TradePrint] = []
+                    ticks = self._ticks(page.rows, prints if self.influx is not None else None)
                     self.rows_read += len(page.rows)
-                    yield SettledBatch(ticks, self.rows_read, offset=ConsumerOffset(CONSUMER, page.next_cursor))
+                    yield SettledBatch(
+                        ticks,
+                        self.rows_read,
+                        on_stored=self._writer(prints) if prints else None,
+                        offset=ConsumerOffset(CONSUMER, page.next_cursor),
+                    )
                 # Advanced only once the pipeline has queued the batch: now it counts as handed over.
                 self.cursor.through = max(self.cursor.through, page.next_cursor)
                 if len(page.rows) >= self.page:
@@ -169,8 +209,20 @@ class EngineTradesFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
 
-    def _ticks(self, rows: Sequence[asyncpg.Record]) -> list[Tick]:
-        """Accepted trade ticks of ``rows`` in (ts, match) order; drops are counted by the validator."""
+    def _writer(self, prints: list[TradePrint]) -> Callable[[], Awaitable[None]]:
+        """The page's after-commit callback: its trades into the sink's buffer (never waits for InfluxDB)."""
+        influx = self.influx
+        assert influx is not None
+
+        async def write() -> None:
+            for trade in prints:
+                trade.write_to(influx)
+
+        return write
+
+    def _ticks(self, rows: Sequence[asyncpg.Record], prints: list[TradePrint] | None = None) -> list[Tick]:
+        """Accepted trade ticks of ``rows`` in (ts, match) order; drops are counted by the validator. With
+        ``prints``, every decodable trade is appended to it too (stamped apart, see the module docstring)."""
         decoded = []
         for row in rows:
             trade_id: str = row["trade_id"]
@@ -182,7 +234,8 @@ class EngineTradesFeed:
                 del self._recent[trade_id]
         decoded.sort(key=lambda d: (d[0], d[1], d[2]))
         ticks: list[Tick] = []
-        for ts_ns, _, _, row in decoded:
+        ordinals: dict[tuple[int, int], int] = {}
+        for ts_ns, _, trade_id, row in decoded:
             instrument = self.instruments.get(row["instrument_id"])
             if instrument is None:
                 self.validator.reject(DropReason.UNKNOWN_SYMBOL, dict(row))
@@ -192,6 +245,13 @@ class EngineTradesFeed:
             except MalformedValue:
                 self.validator.reject(DropReason.MALFORMED_ROW, dict(row))
                 continue
+            if prints is not None:
+                with contextlib.suppress(OffTickGrid, ValueError):
+                    price = instrument.price_scale.to_ticks(row["price"])
+                    ordinal = ordinals.get((instrument.instrument_id, ts_ns), 0)
+                    ordinals[(instrument.instrument_id, ts_ns)] = ordinal + 1
+                    side = row["aggressor_side"]
+                    prints.append(TradePrint(instrument, trade_id, price, lots, side, ts_ns + ordinal))
             result = self.validator.normalize(ts_ns, instrument.symbol, None, None, 0, 0, row["price"], lots)
             if isinstance(result, Tick):
                 ticks.append(result)

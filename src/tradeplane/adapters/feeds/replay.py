@@ -8,7 +8,9 @@
   each value's shortest repr, so it must still land on the tick grid) and converted to integer ticks by the
   instrument's ``PriceScale``. An empty price is an absent side; empty sizes and volume are 0.
 - Every row goes through the ``TickValidator``: bad rows are counted by ``DropReason`` and never raise. Only a
-  file that is not a tick file at all (missing columns) raises ``InvalidRequest``.
+  file that is not a tick file at all (missing columns) raises ``InvalidRequest``. In a CSV, a row with bytes
+  that are not UTF-8, or that ``csv`` cannot split (a field over its field size limit, a quote left open to
+  the end of the file), is one ``malformed_row`` and the replay goes on with the next line.
 
 Iterate with ``async for batch in ReplayFeed(...)`` (yields to the event loop between batches) or
 ``iter_batches()`` from synchronous code.
@@ -166,6 +168,8 @@ class ReplayFeed:
         try:
             if not isinstance(symbol, str) or not symbol:
                 raise MalformedValue(f"not a symbol: {symbol!r}")
+            if not symbol.isascii() and _has_undecodable(symbol):
+                raise MalformedValue(f"not UTF-8: {symbol!r}")  # prices and ts with them fail to parse anyway
             parsed = validator.normalize(
                 parse_ts_ns(ts, naive_is_utc=self.naive_is_utc),
                 symbol.strip(),
@@ -181,8 +185,10 @@ class ReplayFeed:
             return None
         return parsed if isinstance(parsed, Tick) else None
 
-    def _csv_rows(self) -> Iterator[list[str]]:
-        with self.path.open(newline="", encoding="utf-8") as handle:
+    def _csv_rows(self) -> Iterator[Sequence[str]]:
+        # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its field (so that row is
+        # malformed, see _to_tick) instead of a decode error that would end the replay.
+        with self.path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if header is None:
@@ -190,7 +196,14 @@ class ReplayFeed:
             order = _column_order([name.strip() for name in header], self.path)
             identity = order == list(range(len(COLUMNS))) and len(header) == len(COLUMNS)
             width = len(header)
-            for row in reader:
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:  # the reader starts afresh on the next line
+                    yield _Unreadable(f"line {reader.line_num}: {exc}")
+                    continue
                 if not row:
                     continue
                 if identity:
@@ -215,6 +228,18 @@ class ReplayFeed:
                 else:
                     columns.append(column.to_pylist())
             yield from (list(row) for row in zip(*columns, strict=True))
+
+
+class _Unreadable(tuple[str]):
+    """A CSV record ``csv`` could not split: one field (the error), so it is a malformed row."""
+
+    def __new__(cls, error: str) -> _Unreadable:
+        return super().__new__(cls, (error,))
+
+
+def _has_undecodable(text: str) -> bool:
+    """Whether ``text`` holds a byte that was not UTF-8 (a lone surrogate from ``surrogateescape``)."""
+    return any("\udc80" <= char <= "\udcff" for char in text)
 
 
 def _column_order(header: Sequence[str], path: Path) -> list[int]:

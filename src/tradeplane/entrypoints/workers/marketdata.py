@@ -14,7 +14,14 @@ Runs until ``stop`` is set:
 - L2 depth snapshots: every ``depth_interval_s`` the engine's ``tp:book:<symbol>:snapshot`` of each symbol
   whose book changed (its ``seq`` moved) is stored in ``depth_snapshots``;
 - partitions ahead (today and tomorrow) and retention (``md_retention_days``, archive to
-  ``md_archive_dir``) at start and then hourly.
+  ``md_archive_dir``) at start and then hourly;
+- with the InfluxDB sink configured: committed ticks go to ``market_data`` and the engine's trades to
+  ``trades`` (both after their commit), and every ``influx_interval_s`` this process writes ``performance``
+  (ingest rates, order placement latency) and ``system_metrics`` (CPU, RSS, the sink's own buffer) points.
+  This process rather than the api: there is one market data worker per deployment (api replicas would each
+  write the same figures), it owns the ingest figures and the sink's market data, and under ``tradeplane up``
+  it shares the process, so the order path's Prometheus figures, with the api and engines. Run alone, the
+  order placement fields are absent (that histogram lives in the api's process).
 
 Memory is bounded: the pipeline's queue is bounded, feeds fetch bounded batches, candle and quote state is
 per instrument and pruned past the out-of-order tolerance. A feed that fails (its server down) is restarted
@@ -27,6 +34,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import resource
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -34,6 +44,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from prometheus_client import REGISTRY
 
 from tradeplane.adapters.cache import REDIS_ERRORS
 from tradeplane.adapters.db import marketdata as sql
@@ -42,6 +53,7 @@ from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
 from tradeplane.adapters.feeds.bus import BusTickFeed, FeedPosition
 from tradeplane.adapters.feeds.engine_trades import EngineTradesFeed, TradeCursor
 from tradeplane.adapters.feeds.simulated import SimulatedFeed, SimulatedInstrument
+from tradeplane.adapters.influxdb import FieldValue, InfluxSink
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.ticks import InstrumentGrid
 from tradeplane.errors import TradeplaneError
@@ -55,6 +67,8 @@ HOUSEKEEPING_INTERVAL_S = 3600.0
 #: How long the other feeds wait for the engine trades to catch up before starting anyway.
 CATCH_UP_WAIT_S = 30.0
 BOOK_CHANNEL_PREFIX = "tp:book:"
+#: How often performance and system_metrics points go to InfluxDB.
+INFLUX_REPORT_INTERVAL_S = 10.0
 
 
 def book_snapshot_key(symbol: str) -> str:
@@ -213,6 +227,7 @@ async def run_marketdata(
     engine_books: bool = True,
     depth_interval_s: float = 5.0,
     book_refresh_s: float = 1.0,
+    influx_interval_s: float = INFLUX_REPORT_INTERVAL_S,
 ) -> MarketDataPipeline:
     """Run the market data process on a started ``platform`` until ``stop`` is set; returns the pipeline
     (closed, its ``stats`` final)."""
@@ -222,7 +237,7 @@ async def run_marketdata(
     if not instruments:
         raise TradeplaneError("no instruments are listed: load reference data first (tradeplane up loads a demo)")
     lot_sizes = {i.symbol: i.lot_size for i in instruments}
-    pipeline = MarketDataPipeline(platform.db, instruments, cache=platform.cache)
+    pipeline = MarketDataPipeline(platform.db, instruments, cache=platform.cache, influx=platform.influx)
     await pipeline.start()
     tasks: list[asyncio.Task[None]] = []
 
@@ -254,6 +269,7 @@ async def run_marketdata(
                     instruments,
                     cursor=cursor,
                     caught_up=caught_up,
+                    influx=platform.influx,
                 ),
                 validated=True,
             ),
@@ -332,6 +348,9 @@ async def run_marketdata(
             await pause(stop, HOUSEKEEPING_INTERVAL_S)
 
     supervise("housekeeping", housekeeping)
+    influx = platform.influx
+    if influx is not None:
+        supervise("influxdb figures", lambda: report_figures(influx, pipeline, stop, interval_s=influx_interval_s))
     try:
         await stop.wait()
     finally:
@@ -342,6 +361,70 @@ async def run_marketdata(
                 await task
         await pipeline.close()
     return pipeline
+
+
+class ProcessFigures:
+    """Samples this process's figures for InfluxDB: totals, and rates over the time since the last sample."""
+
+    def __init__(self, pipeline: MarketDataPipeline, influx: InfluxSink, *, service: str = "marketdata") -> None:
+        self.pipeline = pipeline
+        self.influx = influx
+        self.tags = {"service": service, "host": socket.gethostname()}
+        self._last: tuple[float, int, float, float, float] | None = None
+
+    def write(self, ts_ns: int | None = None) -> None:
+        """One ``performance`` and one ``system_metrics`` point (rates only from the second call on)."""
+        ts_ns = time.time_ns() if ts_ns is None else ts_ns
+        now = time.monotonic()
+        stats = self.pipeline.stats
+        cpu = _sample("process_cpu_seconds_total")
+        if cpu is None:  # no /proc: the process collector exports nothing
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = usage.ru_utime + usage.ru_stime
+        orders = _sample("order_placement_duration_seconds_count") or 0.0
+        order_seconds = _sample("order_placement_duration_seconds_sum") or 0.0
+        performance: dict[str, FieldValue] = {
+            "ticks_read": stats.rows_read,
+            "ticks_stored": stats.stored,
+            "ticks_dropped": stats.dropped_total,
+            "commits": stats.commits,
+            "orders_placed": int(orders),
+        }
+        system: dict[str, FieldValue] = {
+            "cpu_seconds": cpu,
+            "influxdb_buffered_points": self.influx.pending,
+            "influxdb_points_dropped": self.influx.stats.dropped_total,
+        }
+        rss = _sample("process_resident_memory_bytes")
+        if rss is not None:
+            system["rss_bytes"] = int(rss)
+        if self._last is not None:
+            then, stored, cpu_then, orders_then, order_seconds_then = self._last
+            elapsed = max(now - then, 1e-9)
+            performance["ticks_stored_per_s"] = (stats.stored - stored) / elapsed
+            system["cpu_percent"] = 100.0 * (cpu - cpu_then) / elapsed
+            if orders > orders_then:
+                mean_s = (order_seconds - order_seconds_then) / (orders - orders_then)
+                performance["order_placement_mean_ms"] = 1000.0 * mean_s
+        self._last = (now, stats.stored, cpu, orders, order_seconds)
+        self.influx.write_performance(self.tags, performance, ts_ns)
+        self.influx.write_system_metric(self.tags, system, ts_ns)
+
+
+def _sample(name: str) -> float | None:
+    value: float | None = REGISTRY.get_sample_value(name)
+    return value
+
+
+async def report_figures(
+    influx: InfluxSink, pipeline: MarketDataPipeline, stop: asyncio.Event, *, interval_s: float
+) -> None:
+    """Write this process's figures to InfluxDB every ``interval_s`` until ``stop`` (into the sink's buffer:
+    never waits for InfluxDB)."""
+    figures = ProcessFigures(pipeline, influx)
+    while not stop.is_set():
+        figures.write()
+        await pause(stop, interval_s)
 
 
 async def _first_of(*events: asyncio.Event, within_s: float) -> bool:

@@ -18,6 +18,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -78,10 +79,19 @@ class Process:
         self.process.wait(timeout=30)
 
     def stop(self) -> int:
+        """SIGTERM once the process is up (it has logged since its last start: its handler is installed then;
+        a process stopped while still importing dies of the signal, which says nothing about a clean stop)."""
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
+        deadline = time.monotonic() + 60
+        while not self.started_logging() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
+
+    def started_logging(self) -> bool:
+        last_start = self.log.read_text(errors="replace").rsplit(f"--- start {self.starts}\n", 1)[-1]
+        return bool(last_start.strip())
 
     def tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
 from tests.integration.conftest import Actor
@@ -83,3 +85,21 @@ async def test_demo_seed_is_idempotent(platform: Platform) -> None:
     assert first.trader_account_id == second.trader_account_id
     assert instruments == len(demo.INSTRUMENTS)
     assert balance == demo.DEMO_DEPOSIT
+
+
+async def test_two_transactions_creating_the_same_house_account_both_get_it(platform: Platform) -> None:
+    """Engine shards rebuilding together create the fee account at once: the second waits, then reads it."""
+    async with platform.db.transaction("test.reference") as conn:
+        await demo.load_reference_data(conn)
+    async with platform.db.connection("test.first") as first, platform.db.connection("test.second") as second:
+        async with first.transaction():
+            created = await accounts.house_account(first, "race", "USD")
+            racing = asyncio.create_task(_house_account_in_transaction(second))
+            await asyncio.sleep(0.2)
+            assert not racing.done()  # blocked on the first transaction's uncommitted row
+        assert await racing == created
+
+
+async def _house_account_in_transaction(conn: asyncpg.Connection) -> int:
+    async with conn.transaction():
+        return await accounts.house_account(conn, "race", "USD")

@@ -60,15 +60,22 @@ async def create_account(
 
 
 async def house_account(conn: asyncpg.Connection, purpose: str, asset: str) -> int:
-    """The house account for `purpose` (deposits, fees...) in `asset`, created on first use."""
+    """The house account for `purpose` (deposits, fees...) in `asset`, created on first use.
+
+    Two transactions creating it at once (engine shards rebuilding together) both succeed: the second waits
+    for the first's insert and, once it commits, reads its row instead of failing on the unique name.
+    """
     name = f"house:{purpose}:{asset}"
     account_id: int | None = await conn.fetchval("SELECT id FROM accounts WHERE user_id IS NULL AND name = $1", name)
     if account_id is None:
         account_id = await conn.fetchval(
-            "INSERT INTO accounts (user_id, name, kind, currency) VALUES (NULL, $1, 'house', $2) RETURNING id",
+            "INSERT INTO accounts (user_id, name, kind, currency) VALUES (NULL, $1, 'house', $2)"
+            " ON CONFLICT (user_id, name) DO NOTHING RETURNING id",
             name,
             asset,
         )
+    if account_id is None:  # a concurrent transaction created it and has committed
+        account_id = await conn.fetchval("SELECT id FROM accounts WHERE user_id IS NULL AND name = $1", name)
     assert account_id is not None
     return account_id
 

@@ -124,6 +124,29 @@ async def publish(platform: Platform, channel: str, envelope: dict[str, Any]) ->
     await platform.cache.client.publish(channel, orjson.dumps(envelope))
 
 
+def small_buffer_socket(port: int) -> socket.socket:
+    """A non-blocking socket connected to the server with a 4 KiB receive buffer: a WebSocket client on it that
+    stops reading backs up quickly (the tests also give it a one-message client queue)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+def server_port(server: Server) -> int:
+    return int(server.url.split(":")[2].split("/")[0])
+
+
+async def assert_dropped_as_slow(ws: ClientConnection) -> None:
+    """Reading again, a dropped client gets what was already on its way and then the slow-consumer close."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await receive(ws)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4008, "slow consumer")
+
+
 def hub_side(hub: WebSocketHub, local_port: int) -> hub_module.ClientConnection:
     """The hub's record of the client connected from `local_port`."""
     (found,) = [c for c in hub.clients if c.websocket.client and c.websocket.client.port == local_port]
@@ -499,10 +522,7 @@ async def test_a_slow_consumer_is_dropped_and_the_others_keep_receiving(server: 
     channel = f"tp:trades:{symbol}"
     fast = await authenticated(server, alice, compression=None)
     # The slow client reads nothing: a tiny socket buffer and a one-message client queue make it back up quickly.
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", int(server.url.split(":")[2].split("/")[0])))
-    sock.setblocking(False)
+    sock = small_buffer_socket(server_port(server))
     slow = await authenticated(server, alice, sock=sock, compression=None, max_queue=1, ping_interval=None)
     try:
         for ws in (fast, slow):
@@ -524,12 +544,7 @@ async def test_a_slow_consumer_is_dropped_and_the_others_keep_receiving(server: 
         assert received == list(range(total))
         assert server.hub.slow_consumers_dropped == 1
 
-        # The slow client, reading again, gets what was already on its way and then the close.
-        with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                await receive(slow)
-        assert closed.value.rcvd is not None
-        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4008, "slow consumer")
+        await assert_dropped_as_slow(slow)
         assert await request(fast, op="ping") == {"event": "pong"}
     finally:
         await fast.close()
@@ -544,10 +559,7 @@ async def test_a_client_that_stops_reading_for_a_while_gets_every_message_in_ord
     symbol = await make_symbol(server.platform)
     channel = f"tp:trades:{symbol}"
     fast = await authenticated(server, alice, compression=None)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", int(server.url.split(":")[2].split("/")[0])))
-    sock.setblocking(False)
+    sock = small_buffer_socket(server_port(server))
     paused = await authenticated(server, alice, sock=sock, compression=None, max_queue=1, ping_interval=None)
     try:
         for ws in (fast, paused):
@@ -601,10 +613,7 @@ async def test_order_holds_for_a_client_whose_socket_keeps_filling_and_draining(
     channel = f"tp:trades:{symbol}"
     total = 3000
     async with serving(platform, app, ws=FanoutWebSocketProtocol, ws_per_message_deflate=False) as base_url:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", int(base_url.rsplit(":", 1)[1])))
-        sock.setblocking(False)
+        sock = small_buffer_socket(int(base_url.rsplit(":", 1)[1]))
         url = base_url.replace("http://", "ws://") + "/ws"
         ws = await connect(url, sock=sock, compression=None, max_queue=1, ping_interval=None)
         try:

@@ -304,7 +304,7 @@ class InfluxSink:
 
     # -------------------------------------------------------------------------------------- writing
 
-    def write(self, point: Point) -> None:
+    def write(self, point: Buffered) -> None:
         """Buffer one point; drops the oldest buffered point when full. O(1), never blocks, never raises
         for the server's state (an unencodable point raises ``ValueError`` at write time, see ``to_line``)."""
         point.to_line()  # refuse a bad point here, where the caller can see it, not in a batch later
@@ -340,17 +340,12 @@ class InfluxSink:
             self._wakeup.set()
 
     def write_tick(self, tick: Tick, *, tick_size: Decimal, lot_size: Decimal = Decimal(1)) -> None:
-        """A ``market_data`` point: prices in ticks of ``tick_size``, sizes and volume in lots."""
-        fields: dict[str, FieldValue] = {"bid_size": tick.bid_size, "ask_size": tick.ask_size}
-        if tick.bid is not None:
-            fields["bid"] = tick.bid
-        if tick.ask is not None:
-            fields["ask"] = tick.ask
-        if tick.last is not None:
-            fields["last"] = tick.last
-            fields["volume"] = tick.volume
-        tags = {"symbol": tick.symbol, "tick_size": _plain(tick_size), "lot_size": _plain(lot_size)}
-        self.write(Point(MARKET_DATA, tags, fields, tick.ts_ns))
+        """A ``market_data`` point: prices in ticks of ``tick_size``, sizes and volume in lots. Unlike the
+        pipeline's committed ticks (``write_ticks``), a tick from anywhere has its integers checked here."""
+        for value in (tick.bid, tick.ask, tick.last, tick.bid_size, tick.ask_size, tick.volume):
+            if value is not None:
+                _field_value(value)  # raises ValueError for what InfluxDB's int64 cannot hold
+        self.write(TickPoint(TickSeries(tick.symbol, tick_size, lot_size), tick))
 
     def write_trade(
         self,

@@ -83,6 +83,7 @@ from tradeplane.services.queries import (
     after_order_commit,
     decimal_text,
     order_from_row,
+    position_mark,
     sees_all_accounts,
 )
 
@@ -198,7 +199,7 @@ SELECT i.status, i.last_price, i.reference_price,
        -- what a margin account's positions add to its free funds: value at the mark less initial margin
        coalesce((SELECT sum(pm.net_quantity * m.mark - abs(pm.net_quantity) * m.mark * im.margin_rate)
                  FROM positions pm JOIN instruments im ON im.id = pm.instrument_id
-                 CROSS JOIN LATERAL (SELECT coalesce(im.last_price, im.reference_price, pm.average_price) AS mark) m
+                 CROSS JOIN LATERAL (SELECT {position_mark("im", "pm")} AS mark) m
                  WHERE pm.account_id = q.account_id AND im.quote_asset = q.quote_asset
                    AND pm.net_quantity <> 0), 0) AS margin_credit,
        coalesce(p.net_quantity, 0)

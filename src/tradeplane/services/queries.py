@@ -641,12 +641,16 @@ async def _user_position_rows(conn: asyncpg.Connection, cache: Cache, user_id: i
 # ------------------------------------------------------------------------------------------ accounts
 
 
-async def account_summary(conn: asyncpg.Connection, principal: Principal, account_id: int) -> AccountSummary:
-    """Cash, holds, free cash, equity and P&L of one account, in one statement.
+def position_mark(instrument: str, position: str) -> str:
+    """SQL for the price a position is marked at, given the aliases of its instrument and position rows: the
+    last trade price, else the reference price, else the position's own average price (no P&L without a
+    market price). Account summaries and pre-trade margin use the same mark."""
+    return f"coalesce({instrument}.last_price, {instrument}.reference_price, {position}.average_price)"
 
-    Positions are marked at the last trade price, else the reference price, else their own average price
-    (no unrealized P&L without any market price).
-    """
+
+async def account_summary(conn: asyncpg.Connection, principal: Principal, account_id: int) -> AccountSummary:
+    """Cash, holds, free funds, equity, margin in use and P&L of one account (see AccountSummary), in one
+    statement; positions are marked at ``position_mark``."""
     row = await conn.fetchrow(
         "SELECT a.id, a.user_id, a.name, a.kind, a.currency, a.status,"
         " coalesce((SELECT b.amount FROM balances b WHERE b.account_id = a.id AND b.asset = a.currency), 0) AS cash,"
@@ -659,7 +663,7 @@ async def account_summary(conn: asyncpg.Connection, principal: Principal, accoun
         "          sum(p.net_quantity * (m.mark - p.average_price)) AS unrealized,"
         "          sum(abs(p.net_quantity) * m.mark * i.margin_rate) AS margin"
         "   FROM positions p JOIN instruments i ON i.id = p.instrument_id"
-        "   CROSS JOIN LATERAL (SELECT coalesce(i.last_price, i.reference_price, p.average_price) AS mark) m"
+        f"   CROSS JOIN LATERAL (SELECT {position_mark('i', 'p')} AS mark) m"
         "   WHERE p.account_id = a.id) pv ON TRUE"
         " WHERE a.id = $1 AND a.kind <> 'house'",
         account_id,

@@ -18,46 +18,27 @@ import json
 import os
 import time
 import uuid
-from decimal import Decimal
 from typing import Any
 
 import aio_pika
 import asyncpg
 import orjson
 import uvloop
+from bench_orders_e2e import SECRET, create_participants  # type: ignore[import-not-found]
 
 from tradeplane.adapters.bus import create_bus
 from tradeplane.adapters.db.migrate import upgrade
 from tradeplane.bootstrap import build_platform
 from tradeplane.config import Settings
 from tradeplane.entrypoints.workers.order_queues import OrderQueueWorker
-from tradeplane.services import accounts, demo, identity
-from tradeplane.services.identity import Role
-
-SECRET = "bench-secret-not-for-production"
 
 
 async def traders(database_url: str, count: int) -> list[tuple[str, int]]:
-    """`count` funded trading accounts without a practical order-rate limit: (API key, account id)."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        async with conn.transaction():
-            await demo.load_reference_data(conn)
-            out = []
-            for index in range(count):
-                user_id = await identity.create_user(conn, f"queue-bench-{index}", Role.TRADER)
-                key = (await identity.issue_api_key(conn, SECRET, user_id, "bench")).key
-                account_id = await accounts.create_account(conn, user_id, "bench", "margin", "USD")
-                await accounts.deposit(conn, account_id, Decimal("1000000000.00"))
-                await conn.execute(
-                    "INSERT INTO risk_limits (account_id, instrument_id, max_open_orders, max_orders_per_second)"
-                    " VALUES ($1, NULL, 1000000, 1000000)",
-                    account_id,
-                )
-                out.append((key, account_id))
-            return out
-    finally:
-        await conn.close()
+    """`count` funded trading accounts without a practical order-rate limit: (API key, account id); the end to
+    end benchmark's maker/taker pairs."""
+    pairs = await create_participants(database_url, (count + 1) // 2)
+    people = [pair[role] for pair in pairs for role in ("bench-maker", "bench-taker")][:count]
+    return [(who["key"], who["account_id"]) for who in people]
 
 
 async def run(args: argparse.Namespace, server_url: str, redis_url: str, amqp_url: str) -> dict[str, Any]:

@@ -278,9 +278,10 @@ async def test_the_batch_endpoint_answers_each_order_with_its_own_status(
         (422, "risk_rejected", "unknown_instrument"),
     ]
     assert results[0]["order"]["id"] == results[1]["order"]["id"]
-    assert results[3]["order"]["status"] == "rejected" and results[6]["order"] is None
+    assert results[3]["order"]["status"] == "rejected" and results[6]["order"]["status"] == "rejected"
+    assert results[6]["order"]["reject_reason"] == "unknown_instrument"
     async with platform.db.connection("test.batch") as conn:
-        assert await conn.fetchval("SELECT count(*) FROM orders WHERE account_id = $1", account) == 2
+        assert await conn.fetchval("SELECT count(*) FROM orders WHERE account_id = $1", account) == 3
         assert await conn.fetchval("SELECT count(*) FROM outbox WHERE (payload->>'account_id')::bigint = $1", account)
 
 

@@ -361,14 +361,32 @@ async def test_malformed_orders_are_validation_errors_and_store_nothing(
     assert await counts(platform) == (0, 0, 0)
 
 
-async def test_an_unknown_symbol_is_rejected_without_an_order_row(
+async def test_an_unknown_symbol_is_stored_as_a_rejected_order(
     client: httpx.AsyncClient, platform: Platform, alice: Actor
 ) -> None:
-    response = await post(client, alice, symbol="NOPE-USD")
+    response = await post(client, alice, symbol="NOPE-USD", client_order_id="nope-1")
     assert response.status_code == 422
-    assert (response.json()["reason"], response.json()["order"]) == ("unknown_instrument", None)
-    assert await counts(platform) == (0, 0, 0)
-    assert await one(platform, "SELECT count(*) FROM audit_log WHERE action = 'order.reject'") == 1
+    assert response.json()["reason"] == "unknown_instrument"
+    order = response.json()["order"]
+    assert (order["status"], order["symbol"], order["reject_reason"]) == ("rejected", "NOPE-USD", "unknown_instrument")
+    assert await counts(platform) == (1, 0, 0)  # the order; no hold, nothing for the engine
+    audited = await sql(
+        platform, "SELECT entity_id, details->>'reason' AS reason FROM audit_log WHERE action = 'order.reject'"
+    )
+    assert [(r["entity_id"], r["reason"]) for r in audited] == [(str(order["id"]), "unknown_instrument")]
+
+    # it reads back like any order, and its client_order_id is taken
+    fetched = await client.get(f"/api/v1/orders/{order['id']}", headers=alice.headers)
+    assert fetched.status_code == 200 and fetched.json() == order
+    listed = await client.get("/api/v1/orders", headers=alice.headers)
+    assert [o["id"] for o in listed.json()["items"]] == [order["id"]]
+    retry = await post(client, alice, symbol="NOPE-USD", client_order_id="nope-1")
+    assert (retry.status_code, retry.json()["order"]) == (422, order)
+    other = await post(client, alice, client_order_id="nope-1")
+    assert other.status_code == 409 and other.json()["error"] == "duplicate_client_order_id"
+    canceled = await client.delete(f"/api/v1/orders/{order['id']}", headers=alice.headers)
+    assert canceled.status_code == 409 and canceled.json()["error"] == "order_not_open"
+    assert await counts(platform) == (1, 0, 0)
 
 
 # ------------------------------------------------------------------------------------------ idempotency

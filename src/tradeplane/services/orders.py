@@ -129,7 +129,7 @@ class PlacementOutcome(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Placement:
     outcome: PlacementOutcome
-    order: OrderRecord | None  # None only for an unknown instrument: there is no row to store
+    order: OrderRecord
     rejection: RiskRejection | None
     owner_user_id: int | None
 
@@ -244,6 +244,11 @@ _EXPOSURE_MANY = (
     )
     + "ORDER BY q.n"
 )
+# existing_ids alone, for a placement with no known instrument to read an exposure for
+_EXISTING_IDS = (
+    "SELECT ARRAY(SELECT (SELECT o.id FROM orders o WHERE o.account_id = c.account_id AND o.client_order_id = c.coid)"
+    " FROM unnest($1::bigint[], $2::text[]) WITH ORDINALITY AS c(account_id, coid, n) ORDER BY c.n)"
+)
 
 # One statement writes every order of a placement and everything that must commit with it, from one array per
 # column (element k is the k-th order). Order ids are drawn first and handed out in ascending order, so ids,
@@ -251,20 +256,19 @@ _EXPOSURE_MANY = (
 # one engine shard become ONE outbox row, hence one bus message: a lone order's "new" command, or a "batch"
 # of them in request order, which the engine applies as consecutive commands. A rejected order has
 # NULL hold and outbox columns, and those inserts select nothing for it. $24 is the time, $25 each order's actor
-# (orders of several principals can share a placement); $26 each order's place in the request, $27/$28/$29 the
-# places, audit details and actors of orders refused for an unknown instrument (no order row): audit rows
-# follow the request's order.
+# (orders of several principals can share a placement); $26 the symbol of an order for an unknown instrument
+# (its instrument_id is NULL), else NULL.
 _INSERT_ORDERS = """
 WITH t AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::numeric[], $8::numeric[], $9::numeric[], $10::timestamptz[], $11::boolean[],
                          $12::boolean[], $13::text[], $14::text[], $15::text[], $16::numeric[], $17::text[],
                          $18::numeric[], $19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
-                         $26::int[], $25::bigint[])
+                         $25::bigint[], $26::text[])
          WITH ORDINALITY AS t(account_id, instrument_id, client_order_id, side, type, time_in_force, quantity,
                               price, stop_price, expire_at, post_only, reduce_only, stp_mode, status, reject_reason,
-                              hold_price, hold_asset, hold_amount, stream, symbol, payload, action, audit, k, actor,
-                              n)
+                              hold_price, hold_asset, hold_amount, stream, symbol, payload, action, audit, actor,
+                              unlisted_symbol, n)
 ), ids AS MATERIALIZED (
     -- ascending ids, the k-th for the k-th order: an array index, not a join, so the plan suits any batch size;
     -- the sequence is looked up once (an InitPlan), not per order: 4.5 us a row otherwise
@@ -275,9 +279,9 @@ WITH t AS MATERIALIZED (
 ), o AS (
     INSERT INTO orders (id, account_id, instrument_id, client_order_id, side, type, time_in_force, quantity, price,
                         stop_price, expire_at, post_only, reduce_only, stp_mode, status, reject_reason, hold_price,
-                        created_at, updated_at)
+                        unlisted_symbol, created_at, updated_at)
     SELECT id, account_id, instrument_id, client_order_id, side, type, time_in_force, quantity, price, stop_price,
-           expire_at, post_only, reduce_only, stp_mode, status, reject_reason, hold_price, $24, $24
+           expire_at, post_only, reduce_only, stp_mode, status, reject_reason, hold_price, unlisted_symbol, $24, $24
     FROM i ORDER BY n
     RETURNING *
 ), h AS (
@@ -294,14 +298,7 @@ WITH t AS MATERIALIZED (
     GROUP BY stream ORDER BY min(n)
 ), a AS (
     INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details)
-    SELECT actor, action, 'order', entity_id, details FROM (
-        SELECT k, actor, action, id::text AS entity_id, audit::jsonb || jsonb_build_object('status', status)
-               AS details
-        FROM i
-        UNION ALL
-        SELECT k, actor, 'order.reject', NULL, details::jsonb
-        FROM unnest($27::int[], $28::text[], $29::bigint[]) AS u(k, details, actor)
-    ) AS entries ORDER BY k
+    SELECT actor, action, 'order', id::text, audit::jsonb || jsonb_build_object('status', status) FROM i ORDER BY n
 )
 SELECT o.* FROM o ORDER BY o.id  -- the ids ascend in request order
 """
@@ -312,8 +309,8 @@ _INSERT_ONE = """
 WITH o AS (
     INSERT INTO orders (account_id, instrument_id, client_order_id, side, type, time_in_force, quantity, price,
                         stop_price, expire_at, post_only, reduce_only, stp_mode, status, reject_reason, hold_price,
-                        created_at, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $24, $24)
+                        unlisted_symbol, created_at, updated_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $26, $24, $24)
     RETURNING *
 ), h AS (
     INSERT INTO holds (account_id, asset, amount, order_id, created_at)
@@ -331,7 +328,7 @@ SELECT * FROM o
 
 _LOCK_ORDER = f"""
 SELECT {ORDER_COLUMNS}, o.instrument_id, o.hold_price, a.user_id, a.kind AS account_kind
-FROM orders o JOIN accounts a ON a.id = o.account_id JOIN instruments i ON i.id = o.instrument_id
+FROM orders o JOIN accounts a ON a.id = o.account_id LEFT JOIN instruments i ON i.id = o.instrument_id
 WHERE o.id = $1
 FOR NO KEY UPDATE OF a, o
 """
@@ -419,8 +416,8 @@ class OrderEntry:
             else:
                 rows = await conn.fetch(_LOCK_ACCOUNTS, sorted(wanted))
             accounts = {r["id"]: r for r in rows if r["kind"] != "house"}
-        checked: list[tuple[int, InstrumentRules]] = []
-        unknown: dict[int, str] = {}  # request index -> audit details of an unknown instrument's rejection
+        # request index and its instrument's rules; None for a symbol no instrument has (stored as rejected)
+        checked: list[tuple[int, InstrumentRules | None]] = []
         for index, request in enumerate(requests):
             if outcomes[index] is not None:
                 continue
@@ -429,16 +426,9 @@ class OrderEntry:
             if account is None or not (sees_all_accounts(principal) or account["user_id"] == principal.user_id):
                 outcomes[index] = NotFound(f"no account {request.account_id}", code="account_not_found")
                 continue
-            rules = await self.catalog.get(conn, request.symbol)
-            if rules is not None:
-                checked.append((index, rules))
-                continue
-            rejection = RiskRejection(RiskReason.UNKNOWN_INSTRUMENT, f"no instrument {request.symbol!r}")
-            outcomes[index] = Placement(PlacementOutcome.REJECTED, None, rejection, account["user_id"])
-            details = {"account_id": request.account_id, "symbol": request.symbol, "reason": rejection.reason.value}
-            unknown[index] = json.dumps(details)
-        if checked or unknown:
-            await self._assess_and_store(conn, principals, requests, accounts, checked, unknown, outcomes, now)
+            checked.append((index, await self.catalog.get(conn, request.symbol)))
+        if checked:
+            await self._assess_and_store(conn, principals, requests, accounts, checked, outcomes, now)
         assert all(outcome is not None for outcome in outcomes)
         return outcomes  # type: ignore[return-value]
 
@@ -448,18 +438,20 @@ class OrderEntry:
         principals: Sequence[Principal],
         requests: Sequence[OrderRequest],
         accounts: Mapping[int, asyncpg.Record],
-        checked: list[tuple[int, InstrumentRules]],
-        unknown: Mapping[int, str],
+        checked: list[tuple[int, InstrumentRules | None]],
         outcomes: list[Placement | TradeplaneError | None],
         now: datetime,
     ) -> None:
         """Risk for every order that reached it, in order, over exposures that earlier orders of the same batch
-        have already changed; then one insert of every accepted and rejected order."""
+        have already changed; then one insert of every accepted and rejected order. An order whose symbol
+        names no instrument is rejected (``unknown_instrument``) and stored like any other rejection."""
         pairs: dict[tuple[int, int], int] = {}  # (account, instrument) -> row of the exposure read
         scan: list[bool] = []
         pair_rules: list[InstrumentRules] = []
         counted: dict[int, int] = {}  # account -> orders of this batch in its rate window
         for index, rules in checked:
+            if rules is None:
+                continue
             request = requests[index]
             pair = (request.account_id, rules.instrument_id)
             if pair not in pairs:
@@ -472,24 +464,33 @@ class OrderEntry:
         state_rows: list[asyncpg.Record] = []
         window_counts: dict[int, int] = {}
         existing: dict[int, int | None] = {}  # request index -> the order already using its client_order_id
-        if checked:  # else the batch only has orders for unknown instruments to audit
+        if pairs:
             (state_rows, existing), window_counts = await asyncio.gather(
                 self._read_exposures(conn, requests, list(pairs), pair_rules, scan, with_ids),
                 self._count_orders(counted, now),
             )
+        elif with_ids:  # only orders for unknown instruments, some with a client_order_id
+            ids = await conn.fetchval(
+                _EXISTING_IDS,
+                [requests[index].account_id for index in with_ids],
+                [requests[index].client_order_id for index in with_ids],
+            )
+            existing = dict(zip(with_ids, ids, strict=True))
         # the rate window count of each account's first order of this batch, then one more per order
         next_count = {account: total - counted[account] + 1 for account, total in window_counts.items()}
 
         book = _BatchExposure(state_rows, pairs, accounts)
-        stored: list[tuple[int, InstrumentRules, Acceptance | RiskRejection]] = []
+        stored: list[tuple[int, InstrumentRules | None, Acceptance | RiskRejection]] = []
         first_of_id: dict[tuple[int, str], int] = {}  # (account, client_order_id) -> the batch's first order
         twins: list[tuple[int, int]] = []  # (order, earlier order of this batch with its client_order_id)
         replays: list[tuple[int, int]] = []  # (order, stored order with its client_order_id)
         for index, rules in checked:
             request = requests[index]
             account_id = request.account_id
-            orders_this_second = next_count[account_id]
-            next_count[account_id] += 1
+            orders_this_second = 0  # an unknown instrument's order is refused before the rate limit
+            if rules is not None:
+                orders_this_second = next_count[account_id]
+                next_count[account_id] += 1
             if request.client_order_id is not None:
                 key = (account_id, request.client_order_id)
                 taken_by = existing.get(index)
@@ -500,6 +501,10 @@ class OrderEntry:
                     twins.append((index, first_of_id[key]))
                     continue
                 first_of_id[key] = index
+            if rules is None:
+                unknown = RiskRejection(RiskReason.UNKNOWN_INSTRUMENT, f"no instrument {request.symbol!r}")
+                stored.append((index, None, unknown))
+                continue
             row, exposure = book.exposure(account_id, rules)
             verdict = assess(
                 request.terms,
@@ -514,8 +519,8 @@ class OrderEntry:
                 book.take(account_id, rules, request.terms, verdict)
             stored.append((index, rules, verdict))
 
-        if stored or unknown:
-            orders = await self._insert(conn, principals, requests, stored, unknown, now)
+        if stored:
+            orders = await self._insert(conn, principals, requests, stored, now)
             for (index, _, verdict), order in zip(stored, orders, strict=True):
                 owner = accounts[requests[index].account_id]["user_id"]
                 if isinstance(verdict, RiskRejection):
@@ -524,12 +529,12 @@ class OrderEntry:
                     outcomes[index] = Placement(PlacementOutcome.ACCEPTED, order, None, owner)
         for index, first in twins:
             original = outcomes[first]
-            assert isinstance(original, Placement) and original.order is not None
+            assert isinstance(original, Placement)
             outcomes[index] = self._replayed(requests[index], original.order, requests[first].terms, accounts)
         if replays:
             rows = await conn.fetch(
-                f"SELECT {ORDER_COLUMNS}, o.instrument_id FROM orders o JOIN instruments i ON i.id = o.instrument_id"
-                " WHERE o.id = ANY($1::bigint[])",
+                f"SELECT {ORDER_COLUMNS}, o.instrument_id"
+                " FROM orders o LEFT JOIN instruments i ON i.id = o.instrument_id WHERE o.id = ANY($1::bigint[])",
                 [order_id for _, order_id in replays],
             )
             by_id = {r["id"]: r for r in rows}
@@ -608,18 +613,21 @@ class OrderEntry:
         conn: asyncpg.Connection,
         principals: Sequence[Principal],
         requests: Sequence[OrderRequest],
-        stored: list[tuple[int, InstrumentRules, Acceptance | RiskRejection]],
-        unknown: Mapping[int, str],
+        stored: list[tuple[int, InstrumentRules | None, Acceptance | RiskRejection]],
         now: datetime,
     ) -> list[OrderRecord]:
         columns: list[list[Any]] = [[] for _ in range(23)]
+        unlisted: list[str | None] = []  # the symbol of an order for an unknown instrument
+        symbols: list[str] = []
         for index, rules, verdict in stored:
             request = requests[index]
             t = request.terms
-            expire_at = expiry_for(t, rules, now)
+            expire_at = t.expire_at if rules is None else expiry_for(t, rules, now)
+            unlisted.append(request.symbol if rules is None else None)
+            symbols.append(request.symbol if rules is None else rules.symbol)
             audit: dict[str, Any] = {
                 "account_id": request.account_id,
-                "symbol": rules.symbol,
+                "symbol": request.symbol,
                 "side": t.side.value,
                 "type": t.order_type.value,
                 "quantity": decimal_text(t.quantity),
@@ -633,6 +641,7 @@ class OrderEntry:
                 hold_price = hold_asset = hold_amount = stream = payload = None
                 action = "order.reject"
             else:
+                assert rules is not None  # an unknown instrument's order is always rejected
                 status = OrderStatus.PENDING_NEW
                 reason = None
                 hold_price = verdict.hold_price
@@ -657,7 +666,7 @@ class OrderEntry:
                 action = "order.place"
             values = (
                 request.account_id,
-                rules.instrument_id,
+                None if rules is None else rules.instrument_id,
                 request.client_order_id,
                 t.side.value,
                 t.order_type.value,
@@ -675,29 +684,24 @@ class OrderEntry:
                 hold_asset,
                 hold_amount,
                 stream,
-                rules.symbol,
+                request.symbol,
                 payload,
                 action,
                 orjson.dumps(audit).decode(),
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
-        if len(stored) == 1 and not unknown:
-            index, rules, _ = stored[0]
-            row = await conn.fetchrow(_INSERT_ONE, *(column[0] for column in columns), now, principals[index].user_id)
+        if len(stored) == 1:
+            index = stored[0][0]
+            row = await conn.fetchrow(
+                _INSERT_ONE, *(column[0] for column in columns), now, principals[index].user_id, unlisted[0]
+            )
             assert row is not None
-            return [order_from_row(row, rules.symbol)]
+            return [order_from_row(row, symbols[0])]
         rows = await conn.fetch(
-            _INSERT_ORDERS,
-            *columns,
-            now,
-            [principals[index].user_id for index, _, _ in stored],
-            [index for index, _, _ in stored],
-            list(unknown),
-            list(unknown.values()),
-            [principals[index].user_id for index in unknown],
+            _INSERT_ORDERS, *columns, now, [principals[index].user_id for index, _, _ in stored], unlisted
         )
-        return [order_from_row(row, rules.symbol) for row, (_, rules, _) in zip(rows, stored, strict=True)]
+        return [order_from_row(row, symbol) for row, symbol in zip(rows, symbols, strict=True)]
 
     # ------------------------------------------------------------------------------------------ modify
 

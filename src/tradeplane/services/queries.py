@@ -154,9 +154,11 @@ class OrderRecord:
         )
 
 
-#: Columns for ``order_from_row``; alias ``o`` for orders and ``i`` for instruments.
+#: Columns for ``order_from_row``; alias ``o`` for orders and ``i`` for instruments, LEFT JOINed where a
+#: rejected order for an unlisted symbol (no instrument) may be among the rows.
 ORDER_COLUMNS = (
-    "o.id, o.account_id, i.symbol, o.client_order_id, o.side, o.type, o.time_in_force, o.quantity, o.price,"
+    "o.id, o.account_id, COALESCE(i.symbol, o.unlisted_symbol) AS symbol, o.client_order_id, o.side, o.type,"
+    " o.time_in_force, o.quantity, o.price,"
     " o.stop_price, o.expire_at, o.post_only, o.reduce_only, o.stp_mode, o.status, o.filled_quantity,"
     " o.average_fill_price, o.reject_reason, o.created_at, o.updated_at"
 )
@@ -432,7 +434,7 @@ async def after_order_commit(cache: Cache, *user_ids: int | None) -> None:
 
 async def get_order(conn: asyncpg.Connection, principal: Principal, order_id: int) -> OrderRecord:
     row = await conn.fetchrow(
-        f"SELECT {ORDER_COLUMNS}, a.user_id FROM orders o JOIN instruments i ON i.id = o.instrument_id"
+        f"SELECT {ORDER_COLUMNS}, a.user_id FROM orders o LEFT JOIN instruments i ON i.id = o.instrument_id"
         " JOIN accounts a ON a.id = o.account_id WHERE o.id = $1",
         order_id,
     )
@@ -480,7 +482,7 @@ async def list_orders(
         where.add("(o.created_at, o.id) < ({}, {})", *decode_cursor(cursor))
     where.args.append(limit + 1)
     rows = await conn.fetch(
-        f"SELECT {ORDER_COLUMNS} FROM orders o JOIN instruments i ON i.id = o.instrument_id"
+        f"SELECT {ORDER_COLUMNS} FROM orders o LEFT JOIN instruments i ON i.id = o.instrument_id"
         f" WHERE {where.sql()} ORDER BY o.created_at DESC, o.id DESC LIMIT ${len(where.args)}",
         *where.args,
     )

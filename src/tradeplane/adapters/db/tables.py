@@ -355,7 +355,8 @@ orders = Table(
     metadata,
     identity_pk(),
     Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
-    Column("instrument_id", BigInteger, ForeignKey("instruments.id"), nullable=False),
+    # NULL only for a rejected order whose symbol names no instrument (migration 0011)
+    Column("instrument_id", BigInteger, ForeignKey("instruments.id"), nullable=True),
     Column("client_order_id", String(64), nullable=True),
     Column("side", String(4), nullable=False),
     Column("type", String(16), nullable=False),
@@ -378,6 +379,12 @@ orders = Table(
     # set by the engine when a stop leaves the stop book, so a rebuild puts a triggered stop-limit back in the
     # live book even when the price has moved back since (migration 0006)
     Column("triggered_at", DateTime(timezone=True), nullable=True, comment="when the stop left the stop book (engine)"),
+    Column(
+        "unlisted_symbol",
+        String(32),
+        nullable=True,
+        comment="the symbol asked for when no instrument has it (rejected orders only)",
+    ),
     UniqueConstraint("account_id", "client_order_id"),
     one_of("side", SIDES, "side"),
     one_of("type", ORDER_TYPES, "type"),
@@ -394,6 +401,8 @@ orders = Table(
     CheckConstraint("time_in_force <> 'gtd' OR expire_at IS NOT NULL", name="gtd_has_expiry"),
     CheckConstraint("hold_price IS NULL OR hold_price > 0", name="hold_price_positive"),
     CheckConstraint("triggered_at IS NULL OR type IN ('stop', 'stop_limit')", name="triggered_only_stops"),
+    CheckConstraint("(instrument_id IS NULL) = (unlisted_symbol IS NOT NULL)", name="instrument_or_unlisted_symbol"),
+    CheckConstraint("instrument_id IS NOT NULL OR status = 'rejected'", name="unlisted_only_rejected"),
     Index("ix_orders_account_id_created_at", "account_id", text("created_at DESC")),
     Index(
         "ix_orders_open_instrument_id_status",

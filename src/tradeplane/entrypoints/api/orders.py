@@ -53,12 +53,12 @@ def _order_response(order: OrderRecord, status_code: int) -> JSONResponse:
     return JSONResponse(order.to_json(), status_code=status_code)
 
 
-def _risk_rejected(order: OrderRecord | None, reason: str, detail: str) -> JSONResponse:
+def _risk_rejected(order: OrderRecord, reason: str, detail: str) -> JSONResponse:
     body: dict[str, Any] = {
         "error": "risk_rejected",
         "detail": detail,
         "reason": reason,
-        "order": None if order is None else order.to_json(),
+        "order": order.to_json(),
     }
     return JSONResponse(body, status_code=422)
 
@@ -76,7 +76,6 @@ async def place_order(body: OrderCreate, principal: PrincipalDep, platform: Plat
     placement = await placement_queue(platform).place(principal, request)
     if placement.rejection is not None:
         return _risk_rejected(placement.order, placement.rejection.reason.value, placement.rejection.detail)
-    assert placement.order is not None  # the queue has dropped the owner's caches and woken the relay
     return _order_response(placement.order, 201 if placement.outcome is PlacementOutcome.ACCEPTED else 200)
 
 
@@ -102,7 +101,7 @@ async def place_orders(batch: OrderBatchCreate, principal: PrincipalDep, platfor
 def _batch_item(outcome: Placement | TradeplaneError) -> dict[str, Any]:
     if isinstance(outcome, TradeplaneError):
         return {"status": outcome.status_code, "error": outcome.code, "detail": outcome.detail}
-    order = None if outcome.order is None else outcome.order.to_json()
+    order = outcome.order.to_json()
     if outcome.rejection is not None:
         rejection = outcome.rejection
         return {

@@ -102,20 +102,19 @@ def _fail(status: int, code: str, detail: object) -> Reply:
     return {"status": status, "error": code, "detail": detail}
 
 
-def _risk_rejected(rejection: RiskRejection, order: OrderRecord | None) -> Reply:
+def _risk_rejected(rejection: RiskRejection, order: OrderRecord) -> Reply:
     return {
         "status": 422,
         "error": "risk_rejected",
         "reason": rejection.reason.value,
         "detail": rejection.detail,
-        "order": None if order is None else order.to_json(),
+        "order": order.to_json(),
     }
 
 
 def _placement_reply(placement: Placement) -> Reply:
     if placement.rejection is not None:
         return _risk_rejected(placement.rejection, placement.order)
-    assert placement.order is not None
     status = 201 if placement.outcome is PlacementOutcome.ACCEPTED else 200
     return {"status": status, "order": placement.order.to_json()}
 

@@ -51,6 +51,7 @@ def test_help_everywhere() -> None:
         ["keys", "create"],
         ["accounts", "create"],
         ["accounts", "deposit"],
+        ["accounts", "stp"],
     ):
         result = run(*command, "--help")
         assert result.returncode == 0, (command, result.stderr)
@@ -107,6 +108,14 @@ def test_users_keys_accounts_and_deposit(server_env: dict[str, str], database_ur
     assert "balance now 2500.10" in deposited.stdout
     negative = run("accounts", "deposit", "--", account_id, "-1", env=server_env)
     assert negative.returncode == 1 and "positive" in negative.stderr
+    margin = run("accounts", "create", "--user", "carol", "--name", "m", "--stp", "cancel_oldest", env=server_env)
+    assert margin.returncode == 0 and "self-trade prevention cancel_oldest" in margin.stdout, margin.stderr
+    changed = run("accounts", "stp", account_id, "cancel_both", env=server_env)
+    assert changed.returncode == 0 and "cancel_both" in changed.stdout, changed.stderr
+    bad_mode = run("accounts", "stp", account_id, "cancel_all", env=server_env)
+    assert bad_mode.returncode == 1 and "cancel_newest, cancel_oldest, cancel_both" in bad_mode.stderr
+    missing = run("accounts", "stp", "999999999", "cancel_both", env=server_env)
+    assert missing.returncode == 1 and "no account" in missing.stderr
 
     import asyncio
 
@@ -124,6 +133,16 @@ def test_users_keys_accounts_and_deposit(server_env: dict[str, str], database_ur
         return bool(found == 1 and plain == 0)
 
     assert asyncio.run(stored_hash_matches())
+
+    async def stp_modes() -> list[str]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetch("SELECT stp_mode FROM accounts WHERE user_id IS NOT NULL ORDER BY id")
+        finally:
+            await conn.close()
+        return [r["stp_mode"] for r in rows]
+
+    assert asyncio.run(stp_modes())[-2:] == ["cancel_both", "cancel_oldest"]
 
 
 async def test_db_commands_round_trip(empty_database_url: str) -> None:

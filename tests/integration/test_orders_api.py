@@ -456,6 +456,47 @@ async def outbox_payloads(platform: Platform) -> list[dict[str, Any]]:
     return [json.loads(r["p"]) for r in await sql(platform, "SELECT payload::text AS p FROM outbox ORDER BY id")]
 
 
+async def test_orders_that_name_no_self_trade_prevention_get_the_accounts_default(
+    client: httpx.AsyncClient, platform: Platform, alice: Actor
+) -> None:
+    account = f"/api/v1/accounts/{alice.account_id}"
+    assert (await client.get(account, headers=alice.headers)).json()["stp"] == "cancel_newest"
+    changed = await client.patch(account, json={"stp": "cancel_oldest"}, headers=alice.headers)
+    assert changed.status_code == 200 and changed.json()["stp"] == "cancel_oldest"
+
+    defaulted = (await post(client, alice, client_order_id="s1")).json()
+    explicit = (await post(client, alice, client_order_id="s2", stp="cancel_both")).json()
+    assert (defaulted["stp"], explicit["stp"]) == ("cancel_oldest", "cancel_both")
+    assert [p["stp"] for p in await outbox_payloads(platform)] == ["cancel_oldest", "cancel_both"]  # to the engine
+
+    # a later change of the default leaves placed orders alone, and a retry that names no mode still matches
+    await client.patch(account, json={"stp": "cancel_both"}, headers=alice.headers)
+    retry = await post(client, alice, client_order_id="s1")
+    assert (retry.status_code, retry.json()) == (200, defaulted)
+    other = await post(client, alice, client_order_id="s1", stp="cancel_newest")
+    assert other.status_code == 409 and other.json()["error"] == "duplicate_client_order_id"
+    audited = await sql(
+        platform, "SELECT details->>'stp' AS stp FROM audit_log WHERE action = 'account.stp' ORDER BY id"
+    )
+    assert [r["stp"] for r in audited] == ["cancel_oldest", "cancel_both"]
+
+
+async def test_only_the_owner_or_admin_sets_an_accounts_self_trade_prevention(
+    client: httpx.AsyncClient, platform: Platform, alice: Actor
+) -> None:
+    account = f"/api/v1/accounts/{alice.account_id}"
+    bob = await new_actor(platform)
+    viewer = await new_actor(platform, Role.READONLY)
+    admin = await new_actor(platform, Role.ADMIN)
+    assert (await client.patch(account, json={"stp": "cancel_both"}, headers=bob.headers)).status_code == 404
+    assert (await client.patch(account, json={"stp": "cancel_both"}, headers=viewer.headers)).status_code == 403
+    bad = await client.patch(account, json={"stp": "cancel_all"}, headers=alice.headers)
+    assert bad.status_code == 422 and bad.json()["error"] == "validation_error"
+    assert (await client.get(account, headers=alice.headers)).json()["stp"] == "cancel_newest"
+    by_admin = await client.patch(account, json={"stp": "cancel_both"}, headers=admin.headers)
+    assert by_admin.status_code == 200 and by_admin.json()["stp"] == "cancel_both"
+
+
 async def test_cancel_marks_pending_cancel_and_queues_a_cancel(
     client: httpx.AsyncClient, platform: Platform, alice: Actor
 ) -> None:
@@ -705,6 +746,7 @@ async def test_account_summary_and_positions_match_a_hand_computation(
         "kind": "cash",
         "currency": "USD",
         "status": "active",
+        "stp": "cancel_newest",
         "cash": "100000",
         "holds": "1900.57",
         "free": "98099.43",

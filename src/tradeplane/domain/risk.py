@@ -81,7 +81,7 @@ class OrderTerms:
     expire_at: datetime | None = None
     post_only: bool = False
     reduce_only: bool = False
-    stp: SelfTradePrevention = SelfTradePrevention.CANCEL_NEWEST
+    stp: SelfTradePrevention | None = None  # None: the account's default (accounts.stp_mode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -610,20 +610,41 @@ def accounts_create(
     name: Annotated[str, typer.Option(help="Account name, unique per user.")] = "main",
     kind: Annotated[str, typer.Option(help="cash or margin.")] = "cash",
     currency: Annotated[str, typer.Option(help="Asset code of the account's cash.")] = "USD",
+    stp: Annotated[
+        str,
+        typer.Option(
+            help="Self-trade prevention for orders that name none: cancel_newest, cancel_oldest or cancel_both."
+        ),
+    ] = "cancel_newest",
 ) -> None:
     """Create a trading account."""
-    from tradeplane.services.accounts import create_account
+    from tradeplane.services.accounts import create_account, parse_stp
     from tradeplane.services.demo import load_reference_data
     from tradeplane.services.identity import user_id_by_name
 
+    mode = parse_stp(stp)
     with servers("database_url") as settings:
 
         async def work(conn: Any) -> int:
             await load_reference_data(conn)
-            return await create_account(conn, await user_id_by_name(conn, user), name, kind, currency)
+            return await create_account(conn, await user_id_by_name(conn, user), name, kind, currency, mode)
 
         account_id = run_async(lambda: _with_db(settings, work, "accounts.create"))
-    out.print(f"account {account_id} created for {user} ({kind}, {currency})")
+    out.print(f"account {account_id} created for {user} ({kind}, {currency}, self-trade prevention {mode.value})")
+
+
+@accounts_app.command("stp")
+def accounts_stp(account_id: int, mode: str) -> None:
+    """Set ACCOUNT_ID's self-trade prevention MODE (cancel_newest, cancel_oldest, cancel_both) for orders that
+    name none; open orders keep the mode they were placed with."""
+    from tradeplane.services.accounts import parse_stp, set_self_trade_prevention
+
+    stp = parse_stp(mode)
+    with servers("database_url") as settings:
+        run_async(
+            lambda: _with_db(settings, lambda c: set_self_trade_prevention(c, account_id, stp, None), "accounts.stp")
+        )
+    out.print(f"account {account_id}: self-trade prevention {stp.value}")
 
 
 @accounts_app.command("deposit")

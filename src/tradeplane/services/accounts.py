@@ -8,8 +8,11 @@ from decimal import Decimal, InvalidOperation
 import asyncpg
 
 from tradeplane.domain.ledger import LedgerEntry, LedgerTransaction
+from tradeplane.domain.orders import SelfTradePrevention
 from tradeplane.errors import Conflict, InvalidRequest, NotFound
 from tradeplane.services import ledger
+from tradeplane.services.identity import Principal, Role
+from tradeplane.services.queries import sees_all_accounts
 
 ACCOUNT_KINDS = ("cash", "margin")
 
@@ -31,8 +34,23 @@ def parse_amount(text: str | Decimal) -> Decimal:
     return amount
 
 
+def parse_stp(text: str) -> SelfTradePrevention:
+    try:
+        return SelfTradePrevention(text)
+    except ValueError:
+        modes = ", ".join(mode.value for mode in SelfTradePrevention)
+        raise InvalidRequest(
+            f"self-trade prevention must be one of {modes} (got {text!r})", code="invalid_stp"
+        ) from None
+
+
 async def create_account(
-    conn: asyncpg.Connection, user_id: int, name: str, kind: str = "cash", currency: str = "USD"
+    conn: asyncpg.Connection,
+    user_id: int,
+    name: str,
+    kind: str = "cash",
+    currency: str = "USD",
+    stp: SelfTradePrevention = SelfTradePrevention.CANCEL_NEWEST,
 ) -> int:
     if kind not in ACCOUNT_KINDS:
         raise InvalidRequest(f"account kind must be one of {', '.join(ACCOUNT_KINDS)}", code="invalid_kind")
@@ -40,23 +58,54 @@ async def create_account(
         raise NotFound(f"unknown currency {currency!r}", code="unknown_asset")
     try:
         account_id: int = await conn.fetchval(
-            "INSERT INTO accounts (user_id, name, kind, currency) VALUES ($1, $2, $3, $4) RETURNING id",
+            "INSERT INTO accounts (user_id, name, kind, currency, stp_mode) VALUES ($1, $2, $3, $4, $5) RETURNING id",
             user_id,
             name,
             kind,
             currency,
+            stp.value,
         )
     except asyncpg.UniqueViolationError:
         raise Conflict(f"this user already has an account named {name!r}", code="account_exists") from None
     await conn.execute(
         "INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details)"
-        " VALUES ($1, 'account.create', 'account', $2, jsonb_build_object('kind', $3::text, 'currency', $4::text))",
+        " VALUES ($1, 'account.create', 'account', $2,"
+        " jsonb_build_object('kind', $3::text, 'currency', $4::text, 'stp', $5::text))",
         user_id,
         str(account_id),
         kind,
         currency,
+        stp.value,
     )
     return account_id
+
+
+async def set_self_trade_prevention(
+    conn: asyncpg.Connection, account_id: int, stp: SelfTradePrevention, principal: Principal | None
+) -> None:
+    """Set the mode that the account's orders get when they name none; orders already placed keep theirs.
+    ``principal`` None is the operator at the CLI, who holds the database credentials anyway.
+
+    Raises PermissionDenied for a readonly principal, NotFound for an account the principal may not see.
+    """
+    if principal is not None:
+        principal.require(Role.ADMIN, Role.TRADER, Role.SYSTEM)
+    owner = await conn.fetchrow(
+        "SELECT user_id FROM accounts WHERE id = $1 AND kind <> 'house' FOR NO KEY UPDATE", account_id
+    )
+    if owner is None or not (
+        principal is None or sees_all_accounts(principal) or owner["user_id"] == principal.user_id
+    ):
+        raise NotFound(f"no account {account_id}", code="account_not_found")
+    await conn.execute(
+        "WITH u AS (UPDATE accounts SET stp_mode = $2 WHERE id = $1)"
+        " INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details)"
+        " VALUES ($3, 'account.stp', 'account', $4, jsonb_build_object('stp', $2::text))",
+        account_id,
+        stp.value,
+        None if principal is None else principal.user_id,
+        str(account_id),
+    )
 
 
 async def house_account(conn: asyncpg.Connection, purpose: str, asset: str) -> int:

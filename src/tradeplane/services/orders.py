@@ -174,10 +174,11 @@ def _rejection_of(order: OrderRecord) -> RiskRejection | None:
         return None
 
 
-_LOCK_ACCOUNT = "SELECT id, user_id, kind, status FROM accounts WHERE id = $1 FOR NO KEY UPDATE"
+_LOCK_ACCOUNT = "SELECT id, user_id, kind, status, stp_mode FROM accounts WHERE id = $1 FOR NO KEY UPDATE"
 # Several accounts (a batch): locked in id order, so two batches naming the same accounts cannot deadlock.
 _LOCK_ACCOUNTS = (
-    "SELECT id, user_id, kind, status FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE"
+    "SELECT id, user_id, kind, status, stp_mode FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id"
+    " FOR NO KEY UPDATE"
 )
 
 # After the account locks, in a new statement (READ COMMITTED: a fresh snapshot that sees every placement that
@@ -520,7 +521,7 @@ class OrderEntry:
             stored.append((index, rules, verdict))
 
         if stored:
-            orders = await self._insert(conn, principals, requests, stored, now)
+            orders = await self._insert(conn, principals, requests, accounts, stored, now)
             for (index, _, verdict), order in zip(stored, orders, strict=True):
                 owner = accounts[requests[index].account_id]["user_id"]
                 if isinstance(verdict, RiskRejection):
@@ -549,8 +550,14 @@ class OrderEntry:
         original_terms: OrderTerms,
         accounts: Mapping[int, asyncpg.Record],
     ) -> Placement | TradeplaneError:
-        """The answer to a request whose client_order_id is taken: the original order if the terms agree."""
-        if original.symbol != request.symbol or original_terms != request.terms:
+        """The answer to a request whose client_order_id is taken: the original order if the terms agree.
+
+        A request that leaves self-trade prevention to the account's default agrees with the mode the original
+        got, even if the account's default has changed since."""
+        stored_stp = SelfTradePrevention(original.stp)
+        asked = request.terms if request.terms.stp is not None else replace(request.terms, stp=stored_stp)
+        original_terms = original_terms if original_terms.stp is not None else replace(original_terms, stp=stored_stp)
+        if original.symbol != request.symbol or original_terms != asked:
             return Conflict(
                 f"client_order_id {request.client_order_id!r} was already used for order {original.id}"
                 " with different parameters",
@@ -613,6 +620,7 @@ class OrderEntry:
         conn: asyncpg.Connection,
         principals: Sequence[Principal],
         requests: Sequence[OrderRequest],
+        accounts: Mapping[int, asyncpg.Record],
         stored: list[tuple[int, InstrumentRules | None, Acceptance | RiskRejection]],
         now: datetime,
     ) -> list[OrderRecord]:
@@ -623,6 +631,7 @@ class OrderEntry:
             request = requests[index]
             t = request.terms
             expire_at = t.expire_at if rules is None else expiry_for(t, rules, now)
+            stp = t.stp if t.stp is not None else SelfTradePrevention(accounts[request.account_id]["stp_mode"])
             unlisted.append(request.symbol if rules is None else None)
             symbols.append(request.symbol if rules is None else rules.symbol)
             audit: dict[str, Any] = {
@@ -660,7 +669,7 @@ class OrderEntry:
                         "time_in_force": t.time_in_force.value,
                         "expire_at": None if expire_at is None else expire_at.astimezone(UTC).isoformat(),
                         "post_only": t.post_only,
-                        "stp": t.stp.value,
+                        "stp": stp.value,
                     }
                 ).decode()
                 action = "order.place"
@@ -677,7 +686,7 @@ class OrderEntry:
                 expire_at,
                 t.post_only,
                 t.reduce_only,
-                t.stp.value,
+                stp.value,
                 status.value,
                 reason,
                 hold_price,

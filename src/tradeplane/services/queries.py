@@ -230,6 +230,7 @@ class AccountSummary:
     kind: str
     currency: str
     status: str
+    stp: str  # self-trade prevention for orders that name none
     cash: Decimal
     holds: Decimal
     free: Decimal
@@ -654,7 +655,7 @@ async def account_summary(conn: asyncpg.Connection, principal: Principal, accoun
     """Cash, holds, free funds, equity, margin in use and P&L of one account (see AccountSummary), in one
     statement; positions are marked at ``position_mark``."""
     row = await conn.fetchrow(
-        "SELECT a.id, a.user_id, a.name, a.kind, a.currency, a.status,"
+        "SELECT a.id, a.user_id, a.name, a.kind, a.currency, a.status, a.stp_mode,"
         " coalesce((SELECT b.amount FROM balances b WHERE b.account_id = a.id AND b.asset = a.currency), 0) AS cash,"
         " coalesce((SELECT sum(h.amount) FROM holds h WHERE h.account_id = a.id AND h.asset = a.currency"
         "           AND h.released_at IS NULL), 0) AS holds,"
@@ -683,6 +684,7 @@ async def account_summary(conn: asyncpg.Connection, principal: Principal, accoun
         kind=row["kind"],
         currency=row["currency"],
         status=row["status"],
+        stp=row["stp_mode"],
         cash=cash,
         holds=holds,
         free=equity - margin_used - holds if row["kind"] == "margin" else cash - holds,

@@ -185,11 +185,19 @@ accounts = Table(
     Column("currency", String(16), ForeignKey("assets.code"), nullable=False),
     Column("status", String(16), nullable=False, server_default="active"),
     created_at(),
+    Column(
+        "stp_mode",
+        String(16),
+        nullable=False,
+        server_default="cancel_newest",
+        comment="self-trade prevention for orders that name none",
+    ),
     # House accounts (fees, liquidity, suspense) have no owner; every other account has one. With
     # NULLS NOT DISTINCT two house accounts cannot share a name either.
     UniqueConstraint("user_id", "name", postgresql_nulls_not_distinct=True),
     one_of("kind", ACCOUNT_KINDS, "kind"),
     one_of("status", ACCOUNT_STATUSES, "status"),
+    one_of("stp_mode", STP_MODES, "stp_mode"),
     CheckConstraint("kind = 'house' OR user_id IS NOT NULL", name="owner_unless_house"),
 )
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
 from tradeplane.entrypoints.api.schemas import (
     AccountPublic,
+    AccountUpdate,
     BatchPublic,
     BookPublic,
     FillPage,
@@ -32,6 +33,7 @@ from tradeplane.entrypoints.api.schemas import (
 )
 from tradeplane.errors import TradeplaneError
 from tradeplane.services import queries
+from tradeplane.services.accounts import set_self_trade_prevention
 from tradeplane.services.orders import (
     OrderRequest,
     Placement,
@@ -248,6 +250,17 @@ async def get_account(account_id: int, principal: PrincipalDep, platform: Platfo
     """Cash, holds, free funds, equity, margin in use, realized and unrealized P&L (positions marked at the last
     trade). Free is cash - holds for a cash account, equity - margin_used - holds for a margin account."""
     async with platform.db.connection("accounts.summary") as conn:
+        summary = await queries.account_summary(conn, principal, account_id)
+    return AccountPublic.model_validate(summary, from_attributes=True)
+
+
+@router.patch("/accounts/{account_id}", response_model=AccountPublic)
+async def update_account(
+    account_id: int, body: AccountUpdate, principal: PrincipalDep, platform: PlatformDep
+) -> AccountPublic:
+    """Set the account's self-trade prevention for orders that name none (open orders keep theirs)."""
+    async with platform.db.transaction("accounts.update") as conn:
+        await set_self_trade_prevention(conn, account_id, body.stp, principal)
         summary = await queries.account_summary(conn, principal, account_id)
     return AccountPublic.model_validate(summary, from_attributes=True)
 

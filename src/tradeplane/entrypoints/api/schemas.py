@@ -32,7 +32,9 @@ class OrderCreate(BaseModel):
     expire_at: AwareDatetime | None = Field(default=None, description="GTD only; DAY orders expire at session close")
     post_only: bool = False
     reduce_only: bool = False
-    stp: SelfTradePrevention = SelfTradePrevention.CANCEL_NEWEST
+    stp: SelfTradePrevention | None = Field(
+        default=None, description="self-trade prevention; default: the account's (cancel_newest unless set)"
+    )
     client_order_id: str | None = Field(default=None, min_length=1, max_length=64)
 
     def terms(self) -> OrderTerms:
@@ -155,6 +157,14 @@ class PositionPublic(BaseModel):
     unrealized_pnl: DecimalText
 
 
+class AccountUpdate(BaseModel):
+    """PATCH /accounts/{id}: the self-trade prevention that the account's orders get when they name none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stp: SelfTradePrevention
+
+
 class AccountPublic(BaseModel):
     account_id: int
     user_id: int | None
@@ -162,6 +172,7 @@ class AccountPublic(BaseModel):
     kind: str
     currency: str
     status: str
+    stp: SelfTradePrevention
     cash: DecimalText
     holds: DecimalText
     free: DecimalText

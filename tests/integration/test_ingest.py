@@ -27,18 +27,22 @@ import asyncpg
 import httpx
 import orjson
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from prometheus_client import REGISTRY
 
 from tests.integration.conftest import Actor, make_actor
 from tradeplane.adapters.bus import MD_TICKS_ALL, create_bus, md_ticks_stream
 from tradeplane.adapters.db.marketdata import ListedInstrument
+from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
 from tradeplane.adapters.feeds.bus import BusTickFeed, parse_tick_message
+from tradeplane.adapters.feeds.engine_trades import EngineTradesFeed
 from tradeplane.adapters.feeds.replay import ReplayFeed, write_csv
 from tradeplane.adapters.feeds.simulated import SimulatedFeed, SimulatedInstrument
+from tradeplane.adapters.postgres import Database
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.candles import Timeframe
-from tradeplane.domain.ticks import NS_PER_SECOND, InstrumentGrid, Tick, TickValidator
+from tradeplane.domain.ticks import NS_PER_SECOND, InstrumentGrid, Tick
 from tradeplane.entrypoints.workers.marketdata import run_marketdata, store_depth_snapshots
 from tradeplane.services import demo
 from tradeplane.services.identity import Role
@@ -60,8 +64,11 @@ async def until(condition: Callable[[], Awaitable[Any] | bool]) -> None:
 
 
 async def list_instrument(platform: Platform, tick: str = "0.01", lot: str = "0.001") -> ListedInstrument:
-    symbol = f"T{uuid.uuid4().hex[:10].upper()}-USD"
-    async with platform.db.transaction("test.instrument") as conn:
+    return await list_instrument_in(platform.db, f"T{uuid.uuid4().hex[:10].upper()}-USD", tick, lot)
+
+
+async def list_instrument_in(db: Database, symbol: str, tick: str, lot: str) -> ListedInstrument:
+    async with db.transaction("test.instrument") as conn:
         await demo.load_reference_data(conn)
         instrument_id = await conn.fetchval(
             "INSERT INTO instruments (symbol, base_asset, quote_asset, tick_size, lot_size, min_qty, max_qty,"
@@ -292,13 +299,13 @@ async def test_a_replay_of_history_creates_its_partitions_and_reports_what_it_di
     old = 1_262_304_000_000_000_000  # 2010-01-01T00:00:00Z: no partition exists for these days
     ticks = [Tick(old + i * 3600 * SECOND, a.symbol, 100 + i, 102 + i, 1, 1, 101 + i, 2) for i in range(60)]
     path = tmp_path / "history.csv"
-    write_csv(path, ticks, [InstrumentGrid(a.symbol, a.tick_size)])
+    write_csv(path, ticks, [a])
     with path.open("a") as handle:
-        handle.write(f"2010-01-03T12:00:00Z,{a.symbol},1.005,1.02,1,1,,\n")  # off the tick grid
+        handle.write(f"2010-01-03T12:00:00Z,{a.symbol},1.005,1.02,0.001,0.001,,\n")  # off the tick grid
         handle.write("not,a,row\n")
-        handle.write(f"2010-01-03T12:00:00Z,{a.symbol},nan,1.02,1,1,,\n")
+        handle.write(f"2010-01-03T12:00:00Z,{a.symbol},nan,1.02,0.001,0.001,,\n")
     pipeline = await pipeline_factory([a])
-    await pipeline.run_feed(ReplayFeed(path, pipeline.validator, batch_size=16), validated=True)
+    await pipeline.run_feed(ReplayFeed(path, pipeline.validator, pipeline.lot_sizes, batch_size=16), validated=True)
     await pipeline.flush()
     assert pipeline.stats.rows_read == 63
     assert pipeline.stats.stored == 60
@@ -393,6 +400,138 @@ async def test_quotes_and_candles_go_to_redis(platform: Platform, pipeline_facto
             "tick_count": 1,
         },
     }
+
+
+async def test_published_candles_equal_what_the_candles_api_returns(
+    platform: Platform, pipeline_factory: Any, api: httpx.AsyncClient, reader: Actor
+) -> None:
+    """Every timeframe's envelope carries the stored candle as /candles writes it: 100.00 is "100", not "1E+2"."""
+    a = await list_instrument(platform, tick="0.01", lot="0.001")
+    channels = [f"tp:candles:{tf.value}:{a.symbol}" for tf in Timeframe]
+    pubsub = platform.cache.client.pubsub()
+    await pubsub.subscribe(*channels)
+    for _ in channels:
+        await pubsub.get_message(timeout=WAIT_S)  # the subscribe confirmations
+    pipeline = await pipeline_factory([a])
+    await pipeline.submit(
+        [
+            Tick(T0 + SECOND, a.symbol, None, None, 0, 0, 10_000, 1_000),  # 100.00 x 1.000
+            Tick(T0 + 2 * SECOND, a.symbol, None, None, 0, 0, 12_000, 2_500),  # 120.00 x 2.500
+            Tick(T0 + 3 * SECOND, a.symbol, None, None, 0, 0, 11_000, 500),
+        ]
+    )
+    await pipeline.flush()
+    published: dict[str, Any] = {}
+    async with asyncio.timeout(WAIT_S):
+        while len(published) < len(channels):
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None:
+                envelope = orjson.loads(message["data"])
+                published[envelope["data"]["timeframe"]] = envelope["data"]
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    for timeframe in Timeframe:
+        response = await api.get(
+            f"/api/v1/marketdata/{a.symbol}/candles",
+            params={"timeframe": timeframe.value, "start": "2024-03-05T00:00:00Z", "end": "2024-03-06T00:00:00Z"},
+            headers=reader.headers,
+        )
+        (served,) = response.json()["candles"]
+        assert published[timeframe.value] == {"timeframe": timeframe.value, **served}
+        assert (served["open"], served["high"], served["volume"]) == ("100", "120", "4")
+
+
+async def test_external_trade_prints_are_announced_once_and_history_and_engine_trades_are_not(
+    platform: Platform, pipeline_factory: Any, nats_url: str, tmp_path: Path
+) -> None:
+    """tp:trades:<symbol> carries the engine's trades (published by the engine) and, from the market data
+    worker, only the trades of live external feeds, in the engine's envelope, each once."""
+    a = await list_instrument(platform, tick="0.01", lot="0.001")
+    channel = f"tp:trades:{a.symbol}"
+    pubsub = platform.cache.client.pubsub()
+    await pubsub.subscribe(channel)
+    await pubsub.get_message(timeout=WAIT_S)
+    pipeline = await pipeline_factory([a])
+
+    # history: a replayed trade makes candles but is not announced
+    path = tmp_path / "history.csv"
+    path.write_text(f"ts,symbol,bid,ask,bid_size,ask_size,last,volume\n{T0},{a.symbol},,,,,100.00,0.004\n")
+    await pipeline.run_feed(ReplayFeed(path, pipeline.validator, pipeline.lot_sizes), validated=True)
+    await pipeline.flush()
+
+    # an engine trade: the engine announces it itself; the engine trades feed only stores it
+    engine_ts = datetime(2024, 3, 5, 22, 30, 10, tzinfo=UTC)
+    async with platform.db.transaction("test.engine") as conn:
+        await ensure_daily_partitions_async(conn, "trades", engine_ts.date(), 2)
+        await conn.execute(
+            "INSERT INTO trades (trade_id, instrument_id, price, quantity, aggressor_side, ts)"
+            " VALUES ($1, $2, 100.50, 0.002, 'buy', $3)",
+            f"{a.symbol}-1-0",
+            a.instrument_id,
+            engine_ts,
+        )
+    engine_envelope = {
+        "channel": "trades",
+        "symbol": a.symbol,
+        "data": {"trade_id": f"{a.symbol}-1-0", "price": "100.50", "qty": "0.002", "aggressor_side": "buy",
+                 "ts": engine_ts.isoformat()},
+    }  # fmt: skip
+    await platform.cache.client.publish(channel, orjson.dumps(engine_envelope))
+    engine_feed = EngineTradesFeed(platform.db, platform.cache.client, pipeline.validator, [a])
+    engine_task = asyncio.create_task(pipeline.run_feed(engine_feed, validated=True))
+    try:
+        await until(lambda: pipeline.stats.stored >= 2)
+    finally:
+        engine_task.cancel()
+        await asyncio.gather(engine_task, return_exceptions=True)
+
+    # an external venue on the bus: its trades are announced after they are stored, its quotes are not
+    bus = create_bus(nats_url, namespace=f"md{uuid.uuid4().hex[:8]}")
+    await bus.connect()
+    await bus.setup(1)
+    messages = [
+        {"ts": "2024-03-05T22:30:20.000001500Z", "symbol": a.symbol, "bid": "100.00", "ask": "100.02",
+         "bid_size": "1", "ask_size": "2", "last": "100.01", "volume": "0.003"},
+        {"ts": T0 + 21 * SECOND, "symbol": a.symbol, "bid": "100.00", "ask": "100.02"},  # a quote: no print
+        {"ts": T0 + 22 * SECOND, "symbol": a.symbol, "last": "100.02", "volume": "0"},  # no quantity: no print
+        {"ts": T0 + 23 * SECOND, "symbol": a.symbol, "last": "100.00", "volume": "1.25"},
+    ]  # fmt: skip
+    try:
+        for number, message in enumerate(messages):
+            await bus.publish(md_ticks_stream(a.symbol), orjson.dumps(message), msg_id=f"{a.symbol}-{number}")
+        bus_task = asyncio.create_task(
+            pipeline.run_feed(BusTickFeed(bus, pipeline.validator, pipeline.lot_sizes), validated=True)
+        )
+        try:
+            await until(lambda: pipeline.stats.stored >= 6)
+            await pipeline.flush()
+        finally:
+            bus_task.cancel()
+            await asyncio.gather(bus_task, return_exceptions=True)
+    finally:
+        await bus.destroy(1)
+        await bus.close()
+
+    await platform.cache.client.publish(channel, b'"end"')  # everything published before it has arrived
+    announced: list[Any] = []
+    async with asyncio.timeout(WAIT_S):
+        while not announced or announced[-1] != "end":
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None:
+                decoded = orjson.loads(message["data"])
+                announced += decoded if isinstance(decoded, list) else [decoded]
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def external(ts: str, price: str, qty: str) -> dict[str, Any]:
+        data = {"trade_id": None, "price": price, "qty": qty, "aggressor_side": None, "ts": ts, "source": "external"}
+        return {"channel": "trades", "symbol": a.symbol, "data": data}
+
+    assert announced == [
+        engine_envelope,
+        external("2024-03-05T22:30:20.000001+00:00", "100.01", "0.003"),
+        external("2024-03-05T22:30:23+00:00", "100.00", "1.250"),
+        "end",
+    ]
+    assert len(await stored_ticks(platform, a)) == 6
 
 
 async def test_spreads_are_sampled_once_per_second(platform: Platform, pipeline_factory: Any) -> None:
@@ -571,15 +710,23 @@ async def test_depth_snapshots_are_stored_when_the_book_changed(platform: Platfo
     )
 
 
-async def test_retention_archives_then_drops_old_partitions(
-    platform: Platform, pipeline_factory: Any, tmp_path: Path
+async def test_retention_archives_then_drops_old_partitions_and_the_archive_replays_back(
+    platform: Platform, pipeline_factory: Any, tmp_path: Path, api: httpx.AsyncClient, reader: Actor
 ) -> None:
-    a = await list_instrument(platform)
+    a = await list_instrument(platform, lot="0.001")
     old = 1_104_537_600_000_000_000  # 2005-01-01T00:00:00Z
-    ticks = [Tick(old + i * 60 * SECOND, a.symbol, 100, 101, 3, 4, 100 + i % 2, 5) for i in range(30)]
+    ticks = [Tick(old + i * 60 * SECOND, a.symbol, 100, 101, 3 + i, 1_500, 100 + i % 2, 5) for i in range(30)]
+    ticks += [Tick(old + 31 * 60 * SECOND, a.symbol, None, 102, 0, 4, None, 0)]  # one side only, no trade
     pipeline = await pipeline_factory([a])
     await pipeline.submit(ticks)
     await pipeline.flush()
+    before = await stored_ticks(platform, a)
+    response = await api.get(
+        f"/api/v1/marketdata/{a.symbol}/ticks",
+        params={"start": "2005-01-01T00:00:00Z", "end": "2005-01-02T00:00:00Z"},
+        headers=reader.headers,
+    )
+    exported = response.json()["ticks"]
     result = await apply_retention(
         platform.db, retention_days=30, instruments=[a], archive_dir=tmp_path, today=date(2005, 3, 1)
     )
@@ -587,12 +734,22 @@ async def test_retention_archives_then_drops_old_partitions(
     assert await stored_ticks(platform, a) == []
     archive = tmp_path / "ticks_p20050101.parquet"
     assert archive in result.archived
-    # the archive is a replay file: the same ticks come back out of it
-    validator = TickValidator([InstrumentGrid(a.symbol, a.tick_size)], max_out_of_order_ns=0)
-    back = [t for batch in ReplayFeed(archive, validator).iter_batches() for t in batch.ticks]
-    assert sorted((t.ts_ns, t.bid, t.ask, t.bid_size, t.ask_size, t.last, t.volume) for t in back) == sorted(
-        (t.ts_ns, t.bid, t.ask, t.bid_size, t.ask_size, t.last, t.volume) for t in ticks
-    )
+
+    # The archive holds what /ticks returned: prices and quantities in instrument units (0.003, 1.5 here).
+    def numbers(row: dict[str, Any]) -> tuple[Any, ...]:
+        prices = tuple(None if row[k] is None else Decimal(row[k]) for k in ("bid", "ask", "last"))
+        sizes = tuple(Decimal(row[k] or 0) for k in ("bid_size", "ask_size", "volume"))
+        return prices + sizes
+
+    archived = pq.read_table(archive).to_pylist()
+    assert [numbers(row) for row in archived] == [numbers(row) for row in exported]
+    assert (archived[0]["bid_size"], archived[0]["ask_size"]) == (Decimal("0.003"), Decimal("1.5"))
+    # ... and replays into the rows it was archived from
+    fresh = await pipeline_factory([a])
+    await fresh.run_feed(ReplayFeed(archive, fresh.validator, fresh.lot_sizes), validated=True)
+    await fresh.flush()
+    assert fresh.stats.dropped == {}
+    assert await stored_ticks(platform, a) == before
 
 
 # ------------------------------------------------------------------------------------------- worker

@@ -1,21 +1,34 @@
 """Market data REST over real PostgreSQL and Redis: quote (cache, then stored ticks), ticks with cursor
 pagination, candles with fill=previous, spreads; 404 for an unknown symbol, 422 for a bad timeframe, and
-the readonly role may read."""
+the readonly role may read; ticks exported from ``/ticks`` replay (CSV and Parquet) into the same rows."""
 
 from __future__ import annotations
 
 import base64
+import csv
 from collections.abc import AsyncIterator
+from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from prometheus_client import REGISTRY
 
+from tests.conftest import create_database, drop_database, with_database
 from tests.integration.conftest import Actor
-from tests.integration.test_ingest import T0, list_instrument, reader  # noqa: F401 - the reader fixture
+from tests.integration.test_ingest import (  # noqa: F401 - the reader fixture
+    T0,
+    list_instrument,
+    list_instrument_in,
+    reader,
+)
 from tradeplane.adapters.db.marketdata import ListedInstrument
+from tradeplane.adapters.feeds.replay import COLUMNS, ReplayFeed
+from tradeplane.adapters.postgres import Database
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.ticks import NS_PER_SECOND, Tick
 from tradeplane.entrypoints.api.marketdata import CandleSeries
@@ -222,3 +235,101 @@ async def test_spreads_are_listed(
         ("2024-03-05T22:34:00Z", "0.02"),
         ("2024-03-05T22:35:00Z", "0.02"),
     ]
+
+
+# ------------------------------------------------------------------------------- export and replay
+
+
+async def export_ticks(client: httpx.AsyncClient, actor: Actor, symbol: str) -> list[dict[str, Any]]:
+    """Every tick of ``symbol`` in 2024-03-05/06 through ``/ticks``, page by page."""
+    out: list[dict[str, Any]] = []
+    query = {"start": "2024-03-05T00:00:00Z", "end": "2024-03-07T00:00:00Z", "limit": "7"}
+    while True:
+        response = await client.get(f"/api/v1/marketdata/{symbol}/ticks", params=query, headers=actor.headers)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        out += body["ticks"]
+        if body["next_cursor"] is None:
+            return out
+        query["cursor"] = body["next_cursor"]
+
+
+def write_export(path: Path, symbol: str, exported: list[dict[str, Any]]) -> None:
+    """The ``/ticks`` rows as a replay file, values as the API gave them (CSV: the strings; Parquet: decimals)."""
+    if path.suffix == ".csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(COLUMNS)
+            for tick in exported:
+                writer.writerow([tick["ts"], symbol, *("" if tick[k] is None else tick[k] for k in COLUMNS[2:])])
+        return
+
+    def decimals(name: str) -> pa.Array:
+        return pa.array([None if t[name] is None else Decimal(t[name]) for t in exported], type=pa.decimal128(38, 18))
+
+    times = [datetime.fromisoformat(t["ts"]) for t in exported]
+    table = pa.table(
+        {
+            "ts": pa.array(times, type=pa.timestamp("us", tz="UTC")),
+            "symbol": [symbol] * len(exported),
+            **{name: decimals(name) for name in COLUMNS[2:]},
+        }
+    )
+    pq.write_table(table, path)
+
+
+@pytest.fixture
+async def fresh_db(pg_server_url: str, migrated_template: str) -> AsyncIterator[Database]:
+    """A second database built by the migrations, beside the platform's: where an export is replayed."""
+    name = await create_database(pg_server_url, template=migrated_template)
+    db = Database(with_database(pg_server_url, name), min_size=1, max_size=4)
+    await db.connect()
+    yield db
+    await db.close()
+    await drop_database(pg_server_url, name)
+
+
+async def tick_rows(db: Database, symbol: str) -> list[tuple[Any, ...]]:
+    async with db.connection("test.ticks") as conn:
+        rows = await conn.fetch(
+            "SELECT t.ts, t.bid, t.ask, t.bid_size, t.ask_size, t.last, t.volume FROM ticks t"
+            " JOIN instruments i ON i.id = t.instrument_id WHERE i.symbol = $1 ORDER BY t.ts",
+            symbol,
+        )
+    return [tuple(row) for row in rows]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+async def test_ticks_exported_from_the_api_replay_into_the_same_rows(
+    platform: Platform,
+    client: httpx.AsyncClient,
+    reader: Actor,  # noqa: F811
+    fresh_db: Database,
+    tmp_path: Path,
+    suffix: str,
+) -> None:
+    """Quantities are instrument units everywhere: what ``/ticks`` returns replays as it was (lot size 0.001)."""
+    listed = await list_instrument(platform, tick="0.01", lot="0.001")
+    ticks = [
+        Tick(T0 + 1_001, listed.symbol, 10_000, 10_002, 1, 1_500, 10_001, 3),  # 0.001, 1.5, 0.003 units
+        Tick(T0 + SECOND + 7_000, listed.symbol, 10_001, None, 250, 0, None, 0),  # no ask, no trade
+        Tick(T0 + 2 * SECOND, listed.symbol, None, None, 0, 0, 9_990, 1_000_000),  # a trade of 1,000 units
+        Tick(T0 + MINUTE + 5, listed.symbol, None, 10_004, 0, 7, None, 0),  # no bid
+        *(
+            Tick(T0 + 2 * MINUTE + i * SECOND, listed.symbol, 10_000 + i, 10_030, i, 2 * i, 10_005, i)
+            for i in range(20)
+        ),
+    ]
+    await ingest(platform, listed, ticks)
+    exported = await export_ticks(client, reader, listed.symbol)
+    assert len(exported) == len(ticks)
+    assert (exported[0]["bid_size"], exported[0]["ask_size"], exported[0]["volume"]) == ("0.001", "1.5", "0.003")
+    path = tmp_path / f"export{suffix}"
+    write_export(path, listed.symbol, exported)
+
+    replica = await list_instrument_in(fresh_db, listed.symbol, "0.01", "0.001")
+    async with MarketDataPipeline(fresh_db, [replica], commit_interval_s=0.02) as pipeline:
+        await pipeline.run_feed(ReplayFeed(path, pipeline.validator, pipeline.lot_sizes), validated=True)
+        await pipeline.flush()
+    assert pipeline.stats.dropped == {}
+    assert await tick_rows(fresh_db, listed.symbol) == await tick_rows(platform.db, listed.symbol)

@@ -19,10 +19,12 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from tradeplane.adapters.db import marketdata as sql
 from tradeplane.adapters.db.migrate import current, downgrade, heads, upgrade
 from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async, storage_kind_async
 from tradeplane.domain.candles import Candle, CandleAggregator, Timeframe
 from tradeplane.domain.ticks import NS_PER_SECOND, PriceScale, Tick
+from tradeplane.services.ingest import candle_buckets
 
 pytestmark = pytest.mark.timescale
 
@@ -421,6 +423,72 @@ async def test_unknown_timeframe_is_refused(timescale_url: str) -> None:
     async with connect(timescale_url) as conn:
         with pytest.raises(asyncpg.InvalidParameterValueError, match="unknown candle timeframe W1"):
             await conn.fetch("SELECT * FROM tp_candles(1, 'W1', '-infinity', 'infinity')")
+
+
+async def test_the_candles_a_batch_touched_read_back_in_its_transaction_as_candles_serves_them(
+    fresh_timescale_url: str,
+) -> None:
+    """What the ingester publishes on ``candles:<tf>`` on this path: right after a batch's ticks are written, in
+    the same transaction, ``touched_candles`` gives for every timeframe the bucket of the batch's newest trade
+    as ``tp_candles`` (``/candles``) serves it, real-time aggregation already counting the uncommitted ticks on
+    top of refreshed M1 buckets, and equal to the aggregator's candle over every tick."""
+    instrument_id, symbol = 131, "TSP"
+    earlier = random_ticks(symbol, midnight_utc(1) + timedelta(hours=3), 200, seed=31)
+    newest = max(t.ts_ns for t in earlier)
+    batch = [
+        Tick(newest + 10 * NS_PER_SECOND, symbol, 9_990, 9_994, 5, 5, 9_992, 4),
+        Tick(newest + 11 * NS_PER_SECOND, symbol, 9_991, 9_995, 5, 5, None, 0),  # a quote: not a candle's
+        Tick(newest + 12 * NS_PER_SECOND, symbol, 9_991, 9_995, 5, 5, 10_500, 6),  # the newest trade
+    ]
+    expected = expected_candles([*earlier, *batch])
+    last_trade = batch[2].ts_ns
+    async with connect(fresh_timescale_url) as conn:
+        await insert_ticks(conn, instrument_id, SCALE, earlier)
+        # M1 materialized up to the batch's minute; the higher timeframes aggregate it in real time
+        await conn.execute(
+            f"CALL refresh_continuous_aggregate('{CANDLE_VIEWS[Timeframe.M1]}', $1::timestamptz, $2::timestamptz)",
+            midnight_utc(1),
+            to_dt(Timeframe.M1.bucket_start(newest)),
+        )
+        assert await materialized_rows(conn, Timeframe.M1, instrument_id) > 0
+        buckets = candle_buckets({instrument_id: last_trade})
+        async with conn.transaction():
+            await insert_ticks(conn, instrument_id, SCALE, batch)
+            rows = await sql.touched_candles(conn, buckets)
+            served = {
+                timeframe: await sql.fetch_candles(
+                    conn,
+                    instrument_id,
+                    timeframe,
+                    to_dt(timeframe.bucket_start(last_trade)),
+                    to_dt(timeframe.bucket_start(last_trade) + timeframe.width_ns),
+                    1,
+                )
+                for timeframe in Timeframe
+            }
+    assert [(row["instrument_id"], row["timeframe"]) for row in rows] == [(instrument_id, tf.value) for tf in Timeframe]
+    for row in rows:
+        timeframe = Timeframe(row["timeframe"])
+        (candle,) = [c for c in expected[timeframe] if c.bucket_start_ns == timeframe.bucket_start(last_trade)]
+        assert (row["bucket"], row["open"], row["high"], row["low"], row["close"], row["volume"]) == (
+            to_dt(candle.bucket_start_ns),
+            SCALE.to_price(candle.open),
+            SCALE.to_price(candle.high),
+            SCALE.to_price(candle.low),
+            SCALE.to_price(candle.close),
+            Decimal(candle.volume),
+        ), timeframe
+        assert row["tick_count"] == candle.tick_count
+        (api_row,) = served[timeframe]  # /candles: the same query, decimals as trimmed text
+        assert (api_row["bucket"], api_row["close"], api_row["tick_count"]) == (
+            row["bucket"],
+            str(row["close"].normalize()),
+            row["tick_count"],
+        )
+        assert [Decimal(api_row[k]) for k in ("open", "high", "low", "volume")] == [
+            row[k] for k in ("open", "high", "low", "volume")
+        ]
+    assert (rows[0]["close"], rows[0]["tick_count"]) == (Decimal("105.00"), 2)  # the batch's M1: two trades
 
 
 # -------------------------------------------------------------------------------------- both storage paths

@@ -1,7 +1,9 @@
 """`tradeplane md ...`: run market data into storage from the command line, with a progress bar and a summary.
 
     tradeplane md simulate --rate 5000 --duration 60   a simulated market over the listed instruments
-    tradeplane md replay ticks.csv                      a CSV or Parquet tick file (see adapters/feeds/replay)
+    tradeplane md replay ticks.csv                      a CSV or Parquet tick file (see adapters/feeds/replay):
+                                                        quantities in instrument units, as /ticks returns them
+                                                        and the retention archive writes them
 
 Both apply the migrations first (idempotent), use the configured servers or start the embedded ones (the
 `servers(...)` helper of the main CLI), and end with rows read, stored and dropped by reason. Bad rows are a
@@ -148,7 +150,11 @@ def replay(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="CSV or Parquet tick file.")],
     naive_is_utc: Annotated[bool, typer.Option(help="Read timestamps without an offset as UTC.")] = False,
 ) -> None:
-    """Replay a tick file (columns ts,symbol,bid,ask,bid_size,ask_size,last,volume) into storage."""
+    """Replay a tick file (columns ts,symbol,bid,ask,bid_size,ask_size,last,volume) into storage.
+
+    Prices and quantities are decimals; bid_size, ask_size and volume are in instrument units (whole
+    multiples of the lot size, as /ticks returns them and retention archives them). Replayed trades are
+    history: they make candles but are not announced on the live trades channel."""
     from tradeplane.adapters.db.marketdata import load_instruments
     from tradeplane.adapters.feeds.replay import ReplayFeed
 
@@ -161,7 +167,9 @@ def replay(
         if not instruments:
             raise TradeplaneError("no instruments are listed: run `tradeplane up` once to load the demo ones")
         async with MarketDataPipeline(db, instruments, cache=cache) as pipeline:
-            feed = ReplayFeed(file, pipeline.validator, batch_size=20_000, naive_is_utc=naive_is_utc)
+            feed = ReplayFeed(
+                file, pipeline.validator, pipeline.lot_sizes, batch_size=20_000, naive_is_utc=naive_is_utc
+            )
             elapsed = await _run_with_progress(
                 pipeline, pipeline.run_feed(feed, validated=True), total, f"replaying {file.name}"
             )

@@ -8,7 +8,24 @@ Data flow and who owns what::
       candle upsert (merged with stored candles), sampled spreads; commit; then acks, stats, candle events,
       and (when configured) the committed ticks into the InfluxDB sink's bounded buffer (never waited for)
     publisher task: latest quote per symbol -> Redis market_data:{symbol} (TTL 5 s), price:{symbol},
-      PUBLISH tp:quotes:<symbol>; committed candles -> PUBLISH tp:candles:<tf>:<symbol> (conflated)
+      PUBLISH tp:quotes:<symbol>; committed candles -> PUBLISH tp:candles:<tf>:<symbol> (conflated);
+      committed external trade prints -> PUBLISH tp:trades:<symbol>
+
+Candles published. Each commit publishes, per symbol and timeframe, the newest candle its ticks touched, as
+stored by that commit: what ``/candles`` returns for the bucket at that moment. Natively that is the row the
+candle upsert returns. On TimescaleDB the continuous aggregates own candles (the ingester keeps none), so
+the commit reads those buckets back through ``tp_candles`` (``sql.touched_candles``) in its own transaction,
+after its ticks are written: real-time aggregation already counts them, and the candle is the aggregate's own,
+ties at one microsecond included. A bucket below an aggregate's refresh watermark reads as materialized (as
+``/candles`` serves it) until the next refresh.
+
+External trade prints. A batch marked ``external_prints`` (the bus feed: a venue's trades as they happen)
+has each committed trade (``last`` and ``volume`` > 0) announced on ``tp:trades:<symbol>`` in the engine's
+trade envelope, ``{"channel": "trades", "symbol": s, "data": {"trade_id": null, "price", "qty",
+"aggressor_side": null, "ts", "source": "external"}}`` (no venue id or aggressor side travels with a tick),
+one message per symbol and publish, the envelope alone or a JSON array of them in arrival order, like the
+engine. Other feeds are not announced: replays are history, the simulated market's trades are not real, and
+the engine's trades reach ``tp:trades`` from the engine itself (the engine trades feed only stores them).
 
 Quote sides come from external feeds' bid/ask. A symbol that has had none for ``external_quote_s`` (the quote
 TTL, 5 s: it trades only on our engine, or its feed stopped) is quoted from the engine's book instead
@@ -38,7 +55,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -59,11 +76,12 @@ from tradeplane.adapters.db.timeseries import (
     ensure_daily_partitions_async,
     storage_kind_async,
 )
-from tradeplane.adapters.feeds import ConsumerOffset, FeedBatch, TickFeed
+from tradeplane.adapters.feeds import EXTERNAL_SOURCE, ConsumerOffset, FeedBatch, TickFeed
+from tradeplane.adapters.feeds.replay import to_units
 from tradeplane.adapters.influxdb import InfluxSink, TickSeries
 from tradeplane.adapters.postgres import CONNECTION_ERRORS, Database
 from tradeplane.domain.candles import Candle, CandleAggregator, Timeframe
-from tradeplane.domain.ticks import NS_PER_SECOND, DropReason, Tick, TickValidator
+from tradeplane.domain.ticks import NS_PER_SECOND, DropReason, PriceScale, Tick, TickValidator
 from tradeplane.errors import InfrastructureUnavailable
 
 log = logging.getLogger("tradeplane.marketdata")
@@ -80,6 +98,9 @@ MAX_FUTURE_NS = 5 * NS_PER_SECOND
 TTL_PRICE = 60
 #: How long ``close`` lets the publisher send the last quotes and candles when Redis is slow.
 CLOSE_PUBLISH_TIMEOUT_S = 5.0
+#: External trade prints waiting for the publisher, per symbol: past this (Redis slower than the venue) the
+#: oldest are dropped, as pub/sub would drop them for a slow subscriber.
+MAX_PENDING_PRINTS = 10_000
 #: Chunks at least this large are encoded in a worker thread (smaller ones are not worth the hand-off).
 THREAD_MIN_ROWS = 2_000
 NS_PER_DAY = 86_400 * NS_PER_SECOND
@@ -91,6 +112,10 @@ OnStored = Callable[[], Awaitable[None]]
 
 def quotes_channel(symbol: str) -> str:
     return f"tp:quotes:{symbol}"
+
+
+def trades_channel(symbol: str) -> str:
+    return f"tp:trades:{symbol}"
 
 
 def candles_channel(timeframe: Timeframe | str, symbol: str) -> str:
@@ -167,6 +192,10 @@ class _Chunk:
     ticks: list[Tick] = field(default_factory=list)  # the encoded ticks, for the InfluxDB sink after commit
     on_stored: OnStored | None = None
     offset: ConsumerOffset | None = None
+    # TimescaleDB path: instrument index -> newest trade ts in the chunk (the candles to read back and publish)
+    newest_trade: dict[int, int] = field(default_factory=dict)
+    # external trade prints to announce after commit: (instrument index, ts ns, price ticks, volume lots)
+    prints: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 _CLOSE = object()
@@ -249,6 +278,11 @@ class MarketDataPipeline:
         self._refresh_quotes: set[int] = set()
         self._book_quoted: set[int] = set()  # published with the book's sides
         self._pending_candles: dict[tuple[str, str], dict[str, Any]] = {}
+        self._pending_prints: dict[int, deque[tuple[int, int, int]]] = {}
+        # Print text as the engine writes trades: the grids' own exponents (tick 0.01 -> "100.50").
+        self._print_grids = [(PriceScale(i.tick_size.normalize()), i.lot_size.normalize()) for i in self.instruments]
+        # TimescaleDB path: candles are read back from the continuous aggregates after each commit (start()).
+        self.candles_from_aggregates = False
         self._publish_wanted = asyncio.Event()
         # One publish at a time: flush() waits behind a background publish already writing to Redis, so
         # "flushed" really means the quotes and candles are in Redis.
@@ -271,6 +305,7 @@ class MarketDataPipeline:
         if self._candles_wanted is None:
             # With TimescaleDB, continuous aggregates maintain candles; natively the ingester does.
             self.candles_enabled = not self._hypertable
+        self.candles_from_aggregates = self._hypertable and not self.candles_enabled
         today = datetime.now(UTC).date()
         await self.ensure_days([today - timedelta(days=1), today, today + timedelta(days=1)])
         self._writer = asyncio.create_task(self._write_loop(), name="marketdata-writer")
@@ -312,6 +347,11 @@ class MarketDataPipeline:
             # simple protocol, no transaction block: the procedure commits between timeframes
             await conn.execute(f"CALL tp_refresh_candles('{start.isoformat()}', '{end.isoformat()}')")
 
+    @property
+    def lot_sizes(self) -> dict[str, Decimal]:
+        """symbol -> lot size of the listed instruments: what feeds need to read quantities in units."""
+        return {i.symbol: i.lot_size for i in self.instruments}
+
     async def __aenter__(self) -> MarketDataPipeline:
         await self.start()
         return self
@@ -330,7 +370,11 @@ class MarketDataPipeline:
             read = batch.rows_read
             offset = getattr(batch, "offset", None)
             submit = self.submit(
-                batch.ticks, validated=validated, on_stored=getattr(batch, "on_stored", None), offset=offset
+                batch.ticks,
+                validated=validated,
+                on_stored=getattr(batch, "on_stored", None),
+                offset=offset,
+                external_prints=batch.external_prints,
             )
             if offset is None:
                 await submit
@@ -347,9 +391,11 @@ class MarketDataPipeline:
         validated: bool = False,
         on_stored: OnStored | None = None,
         offset: ConsumerOffset | None = None,
+        external_prints: bool = False,
     ) -> None:
         """Queue ``ticks`` for storage (waits while the queue is full). ``on_stored`` runs after their commit;
-        ``offset`` is recorded in the same transaction as their last chunk."""
+        ``offset`` is recorded in the same transaction as their last chunk; ``external_prints``: announce their
+        trades on ``tp:trades:<symbol>`` once committed (see the module docstring)."""
         self._raise_if_failed()
         # Feeds submit concurrently: chunks must reach the queue in the order they were aggregated, because
         # each carries the aggregator's cumulative candles as of that chunk.
@@ -362,7 +408,7 @@ class MarketDataPipeline:
                 self._report_drops()
                 if not accepted:
                     continue
-                chunk = await self._prepare(accepted)
+                chunk = await self._prepare(accepted, external_prints)
                 if start + self.chunk_rows >= len(ticks):
                     chunk.on_stored, on_stored = on_stored, None
                     chunk.offset, offset = offset, None
@@ -400,9 +446,10 @@ class MarketDataPipeline:
         if self._failure is not None:
             raise PipelineFailed(f"market data writer stopped: {self._failure}") from self._failure
 
-    async def _prepare(self, ticks: list[Tick]) -> _Chunk:
+    async def _prepare(self, ticks: list[Tick], external_prints: bool = False) -> _Chunk:
         """Encode a chunk, off the event loop when it is large (so the writer keeps the server fed meanwhile),
-        then make sure its days have partitions and fold it into the latest quotes."""
+        then make sure its days have partitions and fold it into the latest quotes (and, for external prints,
+        keep its trades to announce after commit)."""
         if len(ticks) >= THREAD_MIN_ROWS:
             chunk, cols = await asyncio.to_thread(self._encode_chunk, ticks)
         else:
@@ -412,6 +459,8 @@ class MarketDataPipeline:
             await self.ensure_days(sorted(chunk.days))
         if len(cols):
             self._note_quotes(cols)
+            if external_prints and self.cache is not None:
+                chunk.prints = _trade_prints(cols)
         return chunk
 
     def _encode_chunk(self, ticks: list[Tick]) -> tuple[_Chunk, TickColumns]:
@@ -448,7 +497,10 @@ class MarketDataPipeline:
         np.maximum.at(newest, cols.instrument, cols.ts_ns)
         newest_by_index = {i: ts for i, ts in enumerate(newest.tolist()) if ts >= 0}
         kept = ticks if self.influx is not None else []  # held until commit only when the sink wants them
-        return _Chunk(data, len(cols), candles, spans, spreads, days, newest_by_index, kept), cols
+        chunk = _Chunk(data, len(cols), candles, spans, spreads, days, newest_by_index, kept)
+        if self.candles_from_aggregates:
+            chunk.newest_trade = _newest_trades(cols, len(self.instruments))
+        return chunk, cols
 
     async def ensure_days(self, days: Sequence[date]) -> None:
         """Create the daily partitions of ``ticks`` and ``spreads`` for ``days`` (and the day after each)."""
@@ -643,6 +695,9 @@ class MarketDataPipeline:
                         rows = await sql.copy_tick_rows(conn, sql.COPY_HEADER + body + sql.COPY_TRAILER)
                     writes = self._candle_writes(chunks)
                     returned = await sql.upsert_candles(conn, writes)
+                    if self.candles_from_aggregates and self.cache is not None:
+                        # after the COPY, in its transaction: real-time aggregation counts these ticks
+                        returned = await sql.touched_candles(conn, self._touched_buckets(chunks))
                     spreads = [row for chunk in chunks for row in chunk.spreads]
                     await sql.insert_spreads(conn, spreads)
                     await sql.record_consumer_offsets(conn, _highest_offsets(chunks))
@@ -677,6 +732,7 @@ class MarketDataPipeline:
         self.stats.candles_written += len(writes)
         TICKS_STORED.inc(rows)
         self._note_candles(returned)
+        self._note_prints(chunks)
         self._prune()
         if self.influx is not None:
             self._write_influx(chunks)
@@ -762,14 +818,56 @@ class MarketDataPipeline:
             self._pending_candles[key] = {
                 "timeframe": row["timeframe"],
                 "bucket": bucket,
-                "open": str(row["open"].normalize()),
-                "high": str(row["high"].normalize()),
-                "low": str(row["low"].normalize()),
-                "close": str(row["close"].normalize()),
+                # as /candles writes them (trim_scale): 100.00 is "100", never "1E+2"
+                "open": _plain(row["open"]),
+                "high": _plain(row["high"]),
+                "low": _plain(row["low"]),
+                "close": _plain(row["close"]),
                 "volume": _plain(row["volume"]),
                 "tick_count": row["tick_count"],
             }
         self._publish_wanted.set()
+
+    def _touched_buckets(self, chunks: Sequence[_Chunk]) -> list[sql.CandleBucket]:
+        """TimescaleDB path: per instrument with trades in ``chunks`` and per timeframe, the bucket of its
+        newest trade: the candle the native path would publish for this commit (newest bucket per key)."""
+        newest: dict[int, int] = {}
+        for chunk in chunks:
+            for index, ts in chunk.newest_trade.items():
+                if ts > newest.get(index, -1):
+                    newest[index] = ts
+        return candle_buckets({self.instruments[index].instrument_id: ts for index, ts in newest.items()})
+
+    def _note_prints(self, chunks: Sequence[_Chunk]) -> None:
+        """Queue the committed external trade prints of ``chunks`` for the publisher (bounded per symbol)."""
+        noted = False
+        for chunk in chunks:
+            for index, ts_ns, price, lots in chunk.prints:
+                pending = self._pending_prints.get(index)
+                if pending is None:
+                    pending = self._pending_prints[index] = deque(maxlen=MAX_PENDING_PRINTS)
+                pending.append((ts_ns, price, lots))
+                noted = True
+            chunk.prints = []
+        if noted:
+            self._publish_wanted.set()
+
+    def print_envelope(self, index: int, ts_ns: int, price: int, lots: int) -> dict[str, Any]:
+        """The public ``trades`` envelope of one external print: the engine's trade envelope (decimals with
+        the grids' exponents, ts as ``isoformat``) without a trade id or aggressor side, marked external."""
+        scale, lot_size = self._print_grids[index]
+        return {
+            "channel": "trades",
+            "symbol": self.instruments[index].symbol,
+            "data": {
+                "trade_id": None,
+                "price": format(scale.to_price(price), "f"),
+                "qty": format(to_units(lots, lot_size), "f"),
+                "aggressor_side": None,
+                "ts": sql.ns_to_datetime(ts_ns).isoformat(),
+                "source": EXTERNAL_SOURCE,
+            },
+        }
 
     # ------------------------------------------------------------------------------------ publisher
 
@@ -882,11 +980,13 @@ class MarketDataPipeline:
             self._dirty_quotes.clear()
             self._refresh_quotes.clear()
             self._pending_candles.clear()
+            self._pending_prints.clear()
             return
         dirty, self._dirty_quotes = self._dirty_quotes, set()
         refresh, self._refresh_quotes = self._refresh_quotes - dirty, set()
         candles, self._pending_candles = self._pending_candles, {}
-        if not dirty and not candles and not refresh:
+        prints, self._pending_prints = self._pending_prints, {}
+        if not dirty and not candles and not refresh and not prints:
             return
         pipe = self.cache.client.pipeline(transaction=False)
         for index in sorted(refresh):
@@ -905,6 +1005,11 @@ class MarketDataPipeline:
                 pipe.set(price_key(symbol), data["last"], ex=TTL_PRICE)
             envelope = {"channel": "quotes", "symbol": symbol, "data": data}
             pipe.publish(quotes_channel(symbol), orjson.dumps(envelope))
+        for index in sorted(prints):
+            envelopes = [self.print_envelope(index, *trade) for trade in prints[index]]
+            # One message per symbol, like the engine's trades: the envelope alone, or a JSON array in order.
+            payload = orjson.dumps(envelopes[0] if len(envelopes) == 1 else envelopes)
+            pipe.publish(trades_channel(self.instruments[index].symbol), payload)
         for (timeframe, symbol), data in candles.items():
             envelope = {"channel": f"candles:{timeframe}", "symbol": symbol, "data": data}
             pipe.publish(candles_channel(timeframe, symbol), orjson.dumps(envelope))
@@ -932,6 +1037,43 @@ def _plain(value: Decimal) -> str:
     """A decimal as a plain string without trailing zeros or exponent: 100.500000 -> "100.5", 1E+3 -> "1000"."""
     text = format(value.normalize(), "f")
     return text
+
+
+def _trade_prints(cols: TickColumns) -> list[tuple[int, int, int, int]]:
+    """(instrument index, ts ns, price ticks, volume lots) of each trade in ``cols`` (last and volume > 0),
+    in arrival order."""
+    rows = np.flatnonzero((cols.last > 0) & (cols.volume > 0))
+    if not len(rows):
+        return []
+    return list(
+        zip(
+            cols.instrument[rows].tolist(),
+            cols.ts_ns[rows].tolist(),
+            cols.last[rows].tolist(),
+            cols.volume[rows].tolist(),
+            strict=True,
+        )
+    )
+
+
+def _newest_trades(cols: TickColumns, instruments: int) -> dict[int, int]:
+    """instrument index -> newest ts among the ticks of ``cols`` that carry a trade (``last``)."""
+    trade = cols.last > 0
+    if not bool(trade.any()):
+        return {}
+    newest = np.full(instruments, -1, dtype=np.int64)
+    np.maximum.at(newest, cols.instrument[trade], cols.ts_ns[trade])
+    return {index: ts for index, ts in enumerate(newest.tolist()) if ts >= 0}
+
+
+def candle_buckets(newest_trade: dict[int, int]) -> list[sql.CandleBucket]:
+    """For each instrument id -> newest trade ts: the bucket holding that trade in every timeframe."""
+    out = []
+    for instrument_id, ts in sorted(newest_trade.items()):
+        for tf in Timeframe:
+            start = tf.bucket_start(ts)
+            out.append(sql.CandleBucket(instrument_id, tf, start, start + tf.width_ns))
+    return out
 
 
 def _first_rows(keys: np.ndarray[Any, Any], mask: np.ndarray[Any, Any]) -> dict[int, int]:
@@ -1023,8 +1165,10 @@ __all__ = [
     "PipelineFailed",
     "RetentionResult",
     "apply_retention",
+    "candle_buckets",
     "candles_channel",
     "market_data_key",
     "price_key",
     "quotes_channel",
+    "trades_channel",
 ]

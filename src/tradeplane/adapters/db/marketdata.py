@@ -28,7 +28,7 @@ import io
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +371,40 @@ async def upsert_candles(conn: asyncpg.Connection, writes: Sequence[CandleWrite]
     return rows
 
 
+@dataclass(frozen=True, slots=True)
+class CandleBucket:
+    """One candle bucket of one instrument: ``[start_ns, end_ns)`` of ``timeframe``."""
+
+    instrument_id: int
+    timeframe: Timeframe
+    start_ns: int
+    end_ns: int
+
+
+_TOUCHED_CANDLES = """
+SELECT k.instrument_id, k.timeframe, c.bucket, c.open, c.high, c.low, c.close, c.volume, c.tick_count
+  FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS k(instrument_id, timeframe, lo, hi)
+ CROSS JOIN LATERAL tp_candles(k.instrument_id, k.timeframe, k.lo, k.hi, 1) AS c
+"""
+
+
+async def touched_candles(conn: asyncpg.Connection, buckets: Sequence[CandleBucket]) -> list[asyncpg.Record]:
+    """The candles of ``buckets`` as ``tp_candles`` (so ``/candles``) serves them, in the columns the candle
+    upsert returns (``instrument_id, timeframe, bucket, open, high, low, close, volume, tick_count``); a bucket
+    without a trade has no row. One statement for all of them: on TimescaleDB, what a commit's ticks made of
+    the continuous aggregates, read in that commit's transaction."""
+    if not buckets:
+        return []
+    rows: list[asyncpg.Record] = await conn.fetch(
+        _TOUCHED_CANDLES,
+        [b.instrument_id for b in buckets],
+        [b.timeframe.value for b in buckets],
+        [ns_to_datetime(b.start_ns) for b in buckets],
+        [ns_to_datetime(b.end_ns) for b in buckets],
+    )
+    return rows
+
+
 def ns_to_datetime(ts_ns: int) -> datetime:
     """Epoch nanoseconds to an aware UTC datetime, floored to the microsecond."""
     seconds, rest = divmod(ts_ns, 1_000_000_000)
@@ -628,28 +662,32 @@ async def archive_tick_partition(
     batch_rows: int = 100_000,
 ) -> int:
     """Write one ``ticks`` partition to Parquet in the replay format (``ts, symbol, bid, ask, bid_size,
-    ask_size, last, volume``; prices decimal, sizes and volume in lots), streaming it in row groups.
+    ask_size, last, volume``; prices, sizes and volume decimal, quantities in instrument units as stored and as
+    ``/ticks`` returns them), streaming it in row groups.
 
-    So an archived day can be replayed with ``tradeplane md replay``. Rows of instruments no longer listed
-    keep their prices but cannot be turned into lots; they are written with sizes rounded down to lots of 1.
-    Returns the rows written.
+    So an archived day replays with ``tradeplane md replay`` into the rows it was archived from. The decimal
+    columns have the scale of the finest tick and lot size listed; a row of an instrument no longer listed is
+    written under ``#<instrument_id>`` (a replay drops it as an unknown symbol) with its values rounded down to
+    those scales. Returns the rows written.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     by_id = {instrument.instrument_id: instrument for instrument in instruments}
-    digits = max([mantissa_scale(i.tick_size.normalize())[1] for i in by_id.values()], default=0)
-    price_type = pa.decimal128(38, max(digits, 0))
+    price_digits = max([mantissa_scale(i.tick_size.normalize())[1] for i in by_id.values()], default=0)
+    quantity_digits = max([mantissa_scale(i.lot_size.normalize())[1] for i in by_id.values()], default=0)
+    price_type = pa.decimal128(38, price_digits)
+    quantity_type = pa.decimal128(38, quantity_digits)
     schema = pa.schema(
         [
             ("ts", pa.timestamp("ns", tz="UTC")),
             ("symbol", pa.string()),
             ("bid", price_type),
             ("ask", price_type),
-            ("bid_size", pa.int64()),
-            ("ask_size", pa.int64()),
+            ("bid_size", quantity_type),
+            ("ask_size", quantity_type),
             ("last", price_type),
-            ("volume", pa.int64()),
+            ("volume", quantity_type),
         ]
     )
     quote = '"' + partition.replace('"', '""') + '"'
@@ -675,33 +713,28 @@ async def archive_tick_partition(
     return written
 
 
-def _lots(quantity: Decimal | None, instrument: ListedInstrument | None) -> int:
-    if quantity is None:
-        return 0
-    step = instrument.lot_size if instrument is not None else Decimal(1)
-    return int(quantity // step)
-
-
 def _archive_table(pa: Any, schema: Any, rows: list[asyncpg.Record], by_id: dict[int, ListedInstrument]) -> Any:
     def symbol(row: asyncpg.Record) -> str:
         instrument = by_id.get(row["instrument_id"])
         return instrument.symbol if instrument is not None else f"#{row['instrument_id']}"
 
-    price_scale = schema.field("bid").type.scale
-    quantum = Decimal(1).scaleb(-price_scale)
+    def on_scale(name: str) -> Any:
+        # Exact for listed instruments (their values are multiples of their tick and lot sizes); rounded
+        # down only for the rows of instruments no longer listed (see archive_tick_partition).
+        quantum = Decimal(1).scaleb(-schema.field(name).type.scale)
+        return lambda value: None if value is None else value.quantize(quantum, rounding=ROUND_DOWN)
 
-    def price(value: Decimal | None) -> Decimal | None:
-        return None if value is None else value.quantize(quantum)
-
+    price, quantity = on_scale("bid"), on_scale("bid_size")
     columns = {
         "ts": [datetime_to_ns(r["ts"]) for r in rows],
         "symbol": [symbol(r) for r in rows],
         "bid": [price(r["bid"]) for r in rows],
         "ask": [price(r["ask"]) for r in rows],
-        "bid_size": [_lots(r["bid_size"], by_id.get(r["instrument_id"])) for r in rows],
-        "ask_size": [_lots(r["ask_size"], by_id.get(r["instrument_id"])) for r in rows],
+        # A side without a price is stored with a NULL size: an absent side, 0 in the replay format.
+        "bid_size": [quantity(r["bid_size"] or Decimal(0)) for r in rows],
+        "ask_size": [quantity(r["ask_size"] or Decimal(0)) for r in rows],
         "last": [price(r["last"]) for r in rows],
-        "volume": [_lots(r["volume"], by_id.get(r["instrument_id"])) for r in rows],
+        "volume": [quantity(r["volume"] or Decimal(0)) for r in rows],
     }
     arrays = [
         pa.array(columns["ts"], type=pa.int64()).cast(pa.timestamp("ns", tz="UTC")),

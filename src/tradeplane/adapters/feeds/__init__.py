@@ -10,6 +10,12 @@ Contract shared by every feed:
   its ``DropReason`` instead of raising. The simulated feed produces integer ticks that are valid by
   construction; an ingester that wants one code path can still run them through
   ``TickValidator.accept_batch``.
+- ``external_prints``: the batch's trades (``last`` with ``volume`` > 0) are prints from an external venue
+  happening now, so once they are committed the pipeline announces them on the public ``trades`` channel
+  (``tp:trades:<symbol>``, beside the engine's own trades; see ``services.ingest``). Only the bus feed sets
+  it. A replay is history (announcing it would put old trades on a live channel), the simulated market's
+  trades never happened, and the engine publishes its own trades itself before the engine trades feed
+  stores them: none of those sets it.
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ from typing import Protocol
 
 from tradeplane.domain.ticks import Tick
 
+#: ``data.source`` of a ``trades`` envelope announcing an external venue's print (engine trades carry none).
+EXTERNAL_SOURCE = "external"
+
 
 @dataclass(slots=True)
 class FeedBatch:
-    """Ticks from one read of a feed, and the running count of source rows read so far."""
+    """Ticks from one read of a feed, the running count of source rows read so far, and whether its trades
+    are live external prints (see the module docstring)."""
 
     ticks: list[Tick] = field(default_factory=list)
     rows_read: int = 0
+    external_prints: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,4 +58,4 @@ class TickFeed(Protocol):
     def __aiter__(self) -> AsyncIterator[FeedBatch]: ...
 
 
-__all__ = ["ConsumerOffset", "FeedBatch", "TickFeed"]
+__all__ = ["EXTERNAL_SOURCE", "ConsumerOffset", "FeedBatch", "TickFeed"]

@@ -12,6 +12,10 @@ sizes and volume are quantities in the instrument's units, whole multiples of it
 fields are an absent side (prices) or 0 (quantities). Every row goes through the ``TickValidator``; a
 message that is not JSON, or a row that is not an object, is one ``malformed_row`` drop. Nothing raises.
 
+Trade prints: a row with ``last`` and a ``volume`` above 0 is a trade on the publisher's venue. Batches are
+``external_prints``, so once stored those trades are also announced on the public ``trades`` channel
+(``tp:trades:<symbol>``, the engine trades' envelope with ``"source": "external"``, see ``services.ingest``).
+
 Delivery: a batch's messages are acked by ``on_stored`` after the ticks are committed, so a crash
 redelivers them. Ticks have no key, so the feed itself keeps a redelivered message from being stored twice
 when it is given ``committed_offset`` (the worker does on NATS): each batch carries a ``ConsumerOffset``, the
@@ -37,7 +41,7 @@ from typing import Any
 
 from tradeplane.adapters.bus import MD_TICKS_ALL, Delivery, MessageBus
 from tradeplane.adapters.feeds import ConsumerOffset, FeedBatch
-from tradeplane.adapters.feeds.replay import MalformedValue, parse_ts_ns
+from tradeplane.adapters.feeds.replay import MalformedValue, parse_ts_ns, to_lots
 from tradeplane.domain.ticks import DropReason, Tick, TickValidator
 
 
@@ -70,19 +74,6 @@ def _price(value: object) -> Decimal | None:
         except InvalidOperation as exc:
             raise MalformedValue(f"not a price: {value!r}") from exc
     raise MalformedValue(f"not a price: {value!r}")
-
-
-def to_lots(value: object, lot_size: Decimal) -> int:
-    """A quantity in instrument units as a whole number of lots; refuses anything else."""
-    quantity = _price(value)
-    if quantity is None:
-        return 0
-    if not quantity.is_finite():
-        raise MalformedValue(f"not a quantity: {value!r}")
-    lots, remainder = divmod(quantity, lot_size)
-    if remainder:
-        raise MalformedValue(f"{quantity} is not a whole number of lots of {lot_size}")
-    return int(lots)
 
 
 def parse_tick_message(data: bytes, validator: TickValidator, lot_sizes: Mapping[str, Decimal], out: list[Tick]) -> int:
@@ -191,7 +182,9 @@ class BusTickFeed:
                         through = newest = sequence  # also skips a second copy within this fetch
                     self.rows_read += parse_tick_message(delivery.data, self.validator, self.lot_sizes, ticks)
                 offset = ConsumerOffset(self.consumer, newest) if newest else None
-                yield SettledBatch(ticks, self.rows_read, on_stored=_acker(deliveries), offset=offset)
+                yield SettledBatch(
+                    ticks, self.rows_read, external_prints=True, on_stored=_acker(deliveries), offset=offset
+                )
                 # Resumed only once the pipeline has queued the batch: now it counts as handed over.
                 self.position.through = max(self.position.through, newest)
         finally:

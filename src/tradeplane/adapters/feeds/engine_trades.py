@@ -17,9 +17,11 @@ disconnected is gone). So the table is the source and pub/sub only a wake-up:
   the feed resumes from the stored cursor; ``TradeCursor`` carries what was already handed to the pipeline
   across restarts of the feed in one process. Together: each trade is stored once, after a crash too.
 - When: on start (catch-up, ``caught_up`` is set once the table has been read to its end), on every
-  ``tp:trades:*`` message (re-read every ``retry_s`` until the announced trades were read, since a commit
-  becomes readable only once older transactions end), on every (re)subscription, and every
-  ``poll_interval_s`` whatever Redis does, so a lost message or a Redis outage only delays a trade.
+  ``tp:trades:*`` message with engine trades (re-read every ``retry_s`` until the announced trades were read,
+  since a commit becomes readable only once older transactions end), on every (re)subscription, and every
+  ``poll_interval_s`` whatever Redis does, so a lost message or a Redis outage only delays a trade. External
+  venues' prints announced on the same channels by the pipeline (``"source": "external"``) are not in the
+  table and are ignored.
 
 Order: each page is sorted by (``ts``, command sequence, match number) from the deterministic trade id
 ``{symbol}-{seq}-{match}``, the engine's match order, so the trades of one batch (one ``ts``) close a candle
@@ -52,9 +54,9 @@ import redis.asyncio as aioredis
 from tradeplane.adapters.cache import REDIS_ERRORS
 from tradeplane.adapters.db import marketdata as sql
 from tradeplane.adapters.db.marketdata import ListedInstrument
-from tradeplane.adapters.feeds import ConsumerOffset
-from tradeplane.adapters.feeds.bus import SettledBatch, _price, to_lots
-from tradeplane.adapters.feeds.replay import MalformedValue, parse_ts_ns
+from tradeplane.adapters.feeds import EXTERNAL_SOURCE, ConsumerOffset
+from tradeplane.adapters.feeds.bus import SettledBatch, _price
+from tradeplane.adapters.feeds.replay import MalformedValue, parse_ts_ns, to_lots
 from tradeplane.adapters.influxdb import InfluxSink
 from tradeplane.adapters.postgres import Database
 from tradeplane.domain.ticks import DropReason, OffTickGrid, Tick, TickValidator
@@ -283,8 +285,7 @@ class EngineTradesFeed:
                     if kind == "psubscribe":
                         self.subscribed.set()
                         self._wake.set()  # a reconnect may have missed messages: read now
-                    elif kind == "pmessage":
-                        self._note(message["data"])
+                    elif kind == "pmessage" and self._note(message["data"]):
                         self._wake.set()
             except asyncio.CancelledError:
                 raise
@@ -296,22 +297,33 @@ class EngineTradesFeed:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(RESUBSCRIBE_DELAY_S)
 
-    def _note(self, payload: bytes) -> None:
+    def _note(self, payload: bytes) -> bool:
         """Remember the announced trade ids, so the reader re-reads quickly until their commit is readable.
+        Returns whether the message may announce engine trades (worth a read of the table).
 
         A message is one trade envelope, or a batch's trades of a symbol as a JSON array of them (workers.engine).
+        The market data pipeline announces external venues' prints on the same channels (``"source":
+        "external"``, no trade id): those are not in the ``trades`` table, so they neither wake the reader nor
+        are waited for.
         """
         try:
             decoded = json.loads(payload)
         except (ValueError, UnicodeDecodeError):
-            return
+            return True  # unreadable: read the table rather than risk missing a trade
         now = time.monotonic()
+        engine = False
         for envelope in decoded if isinstance(decoded, list) else [decoded]:
             try:
-                trade_id = envelope["data"]["trade_id"]
-            except (KeyError, TypeError):
+                data = envelope["data"]
+                if data.get("source") == EXTERNAL_SOURCE:
+                    continue
+                trade_id = data["trade_id"]
+            except (KeyError, TypeError, AttributeError):
+                engine = True
                 continue
+            engine = True
             if isinstance(trade_id, str) and trade_id not in self._recent:
                 if len(self._expected) >= MAX_EXPECTED:
                     self._expected.clear()
                 self._expected[trade_id] = now
+        return engine

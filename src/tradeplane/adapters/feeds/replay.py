@@ -6,7 +6,12 @@
   silently shift the data.
 - Prices are read as ``Decimal`` (Parquet: decimal, string or integer columns; a float column is read through
   each value's shortest repr, so it must still land on the tick grid) and converted to integer ticks by the
-  instrument's ``PriceScale``. An empty price is an absent side; empty sizes and volume are 0.
+  instrument's ``PriceScale``. An empty price is an absent side.
+- ``bid_size``, ``ask_size`` and ``volume`` are quantities in the instrument's units, read the same way as
+  prices, and must be whole multiples of its lot size (0.003 for three lots of 0.001): the units ``/ticks``
+  returns and the bus feed (``md.ticks.<symbol>``) reads, so a file exported from the API, or archived by
+  retention, replays as the rows it came from. A quantity off the lot grid is a ``malformed_row`` (never
+  rounded); empty sizes and volume are 0.
 - Every row goes through the ``TickValidator``: bad rows are counted by ``DropReason`` and never raise. Only a
   file that is not a tick file at all (missing columns) raises ``InvalidRequest``. In a CSV, a row with bytes
   that are not UTF-8, or that ``csv`` cannot split (a field over its field size limit, a quote left open to
@@ -20,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import decimal
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from tradeplane.adapters.feeds import FeedBatch
 from tradeplane.domain.ticks import DropReason, PricedInstrument, PriceScale, Tick, TickValidator
@@ -36,10 +42,20 @@ COLUMNS: tuple[str, ...] = ("ts", "symbol", "bid", "ask", "bid_size", "ask_size"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INTEGER = re.compile(r"-?\d+\Z")
 _SECONDS_FRACTION = re.compile(r"(\d\d:\d\d:\d\d)[.,](\d+)")
+# Quantity <-> lots conversions are exact or raise: a quotient that needs rounding is refused, not rounded.
+_EXACT = decimal.Context(prec=60, traps=[decimal.InvalidOperation, decimal.Inexact, decimal.Overflow])
 
 
 class MalformedValue(ValueError):
     """A field that cannot be parsed; the row is dropped as ``malformed_row``."""
+
+
+class SizedInstrument(PricedInstrument, Protocol):
+    """An instrument with its price grid and its lot size: what writing a replay file needs
+    (``adapters.db.marketdata.ListedInstrument`` is one)."""
+
+    @property
+    def lot_size(self) -> Decimal: ...
 
 
 def parse_ts_ns(value: object, *, naive_is_utc: bool = False) -> int:
@@ -97,33 +113,58 @@ def _price(value: object) -> Decimal | None:
     raise MalformedValue(f"not a price: {value!r}")
 
 
-def _quantity(value: object) -> int:
+def to_lots(value: object, lot_size: Decimal) -> int:
+    """A quantity in instrument units as a whole number of lots of ``lot_size``; empty (None, "") is 0.
+
+    Accepts a ``Decimal``, an int, a decimal string or a float (through its shortest repr); anything else, a
+    non-finite value, or a quantity that is not a whole number of lots raises ``MalformedValue``.
+    """
     if value is None or value == "":
         return 0
     if isinstance(value, bool):
         raise MalformedValue(f"not a quantity: {value!r}")
-    if isinstance(value, int):
-        return value
     try:
-        number = Decimal(value.strip()) if isinstance(value, str) else Decimal(repr(value))
-    except (InvalidOperation, TypeError, ValueError) as exc:
-        raise MalformedValue(f"not a quantity: {value!r}") from exc
-    if not number.is_finite() or number != number.to_integral_value():
-        raise MalformedValue(f"not a whole quantity: {value!r}")
-    return int(number)
+        if isinstance(value, Decimal):
+            quantity = value
+        elif isinstance(value, int):
+            quantity = Decimal(value)
+        elif isinstance(value, float):
+            quantity = Decimal(repr(value))
+        elif isinstance(value, str):
+            quantity = Decimal(value.strip())
+        else:
+            raise MalformedValue(f"not a quantity: {value!r}")
+        if not quantity.is_finite():
+            raise MalformedValue(f"not a quantity: {value!r}")
+        lots, remainder = _EXACT.divmod(quantity, lot_size)
+    except decimal.DecimalException as exc:  # not a number, or a quotient too large to be exact
+        raise MalformedValue(f"not a quantity in lots of {lot_size}: {value!r}") from exc
+    if remainder:
+        raise MalformedValue(f"{quantity} is not a whole number of lots of {lot_size}")
+    return int(lots)
+
+
+def to_units(lots: int, lot_size: Decimal) -> Decimal:
+    """``lots`` lots as an exact quantity in instrument units (3 lots of 0.001 -> 0.003)."""
+    return _EXACT.multiply(Decimal(lots), lot_size)
 
 
 class ReplayFeed:
     """Replays a CSV or Parquet tick file through a ``TickValidator`` in batches of accepted ticks.
 
-    ``rows_read`` counts data rows consumed (blank CSV lines are not rows); ``stored`` is up to the writer,
-    and dropped rows are in ``validator.drops``.
+    ``lot_sizes`` (symbol -> lot size) turns the file's quantities, in instrument units, into lots; a symbol
+    without one is ``unknown_symbol``. ``rows_read`` counts data rows consumed (blank CSV lines are not rows);
+    ``stored`` is up to the writer, and dropped rows are in ``validator.drops``.
+
+    A replay is history: its batches are not ``external_prints`` (the pipeline does not announce its trades
+    on the live ``trades`` channel).
     """
 
     def __init__(
         self,
         path: str | Path,
         validator: TickValidator,
+        lot_sizes: Mapping[str, Decimal],
         *,
         batch_size: int = 10_000,
         file_format: Literal["csv", "parquet"] | None = None,
@@ -133,6 +174,7 @@ class ReplayFeed:
             raise ValueError("batch_size must be >= 1")
         self.path = Path(path)
         self.validator = validator
+        self.lot_sizes = dict(lot_sizes)
         self.batch_size = batch_size
         self.naive_is_utc = naive_is_utc
         if file_format is None:
@@ -170,15 +212,20 @@ class ReplayFeed:
                 raise MalformedValue(f"not a symbol: {symbol!r}")
             if not symbol.isascii() and _has_undecodable(symbol):
                 raise MalformedValue(f"not UTF-8: {symbol!r}")  # prices and ts with them fail to parse anyway
+            symbol = symbol.strip()
+            lot_size = self.lot_sizes.get(symbol)
+            if lot_size is None:
+                validator.reject(DropReason.UNKNOWN_SYMBOL, row)
+                return None
             parsed = validator.normalize(
                 parse_ts_ns(ts, naive_is_utc=self.naive_is_utc),
-                symbol.strip(),
+                symbol,
                 _price(bid),
                 _price(ask),
-                _quantity(bid_size),
-                _quantity(ask_size),
+                to_lots(bid_size, lot_size),
+                to_lots(ask_size, lot_size),
                 _price(last),
-                _quantity(volume),
+                to_lots(volume, lot_size),
             )
         except MalformedValue:
             validator.reject(DropReason.MALFORMED_ROW, row)
@@ -261,65 +308,71 @@ def _timestamp_ns(pa: Any, column: Any, naive_is_utc: bool) -> list[int | None]:
     return [None if v is None else v * factor for v in values]
 
 
-def write_csv(path: str | Path, ticks: Iterable[Tick], instruments: Iterable[PricedInstrument]) -> int:
-    """Write ticks as a replayable CSV (ts in epoch ns, prices as exact decimals); returns rows written."""
-    scales = {instrument.symbol: PriceScale(instrument.tick_size) for instrument in instruments}
+def _quantity_text(lots: int, lot_size: Decimal) -> str:
+    return format(to_units(lots, lot_size), "f")
+
+
+def write_csv(path: str | Path, ticks: Iterable[Tick], instruments: Iterable[SizedInstrument]) -> int:
+    """Write ticks as a replayable CSV (ts in epoch ns, prices and quantities as exact decimals, quantities in
+    instrument units); returns rows written."""
+    grids = {i.symbol: (PriceScale(i.tick_size), i.lot_size.normalize()) for i in instruments}
     written = 0
     with Path(path).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         for tick in ticks:
-            scale = scales[tick.symbol]
+            scale, lot = grids[tick.symbol]
             writer.writerow(
                 [
                     tick.ts_ns,
                     tick.symbol,
                     "" if tick.bid is None else scale.to_price(tick.bid),
                     "" if tick.ask is None else scale.to_price(tick.ask),
-                    tick.bid_size,
-                    tick.ask_size,
+                    _quantity_text(tick.bid_size, lot),
+                    _quantity_text(tick.ask_size, lot),
                     "" if tick.last is None else scale.to_price(tick.last),
-                    tick.volume,
+                    _quantity_text(tick.volume, lot),
                 ]
             )
             written += 1
     return written
 
 
-def write_parquet(path: str | Path, ticks: Iterable[Tick], instruments: Iterable[PricedInstrument]) -> int:
-    """Write ticks as Parquet: ts timestamp[ns, UTC], prices decimal128 exact at the finest instrument scale.
+def decimal_digits(steps: Iterable[Decimal]) -> int:
+    """The decimals a column needs to hold every multiple of every step exactly (0.001 and 0.5 -> 3)."""
+    return max([max(0, -int(step.normalize().as_tuple().exponent)) for step in steps], default=0)
 
-    Used for replay files and for archiving a partition before retention drops it. Returns rows written.
-    """
+
+def write_parquet(path: str | Path, ticks: Iterable[Tick], instruments: Iterable[SizedInstrument]) -> int:
+    """Write ticks as Parquet: ts timestamp[ns, UTC], prices and quantities (instrument units) decimal128,
+    exact at the finest tick and lot size among ``instruments``. Returns rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    scales = {instrument.symbol: PriceScale(instrument.tick_size) for instrument in instruments}
-    scale_digits = max(
-        [max(0, -int(scale.tick_size.normalize().as_tuple().exponent)) for scale in scales.values()],
-        default=0,
-    )
+    listed = list(instruments)
+    grids = {i.symbol: (PriceScale(i.tick_size), i.lot_size.normalize()) for i in listed}
+    price_type = pa.decimal128(38, decimal_digits(i.tick_size for i in listed))
+    quantity_type = pa.decimal128(38, decimal_digits(i.lot_size for i in listed))
+    quantum = Decimal(1).scaleb(-quantity_type.scale)
     columns: dict[str, list[Any]] = {name: [] for name in COLUMNS}
     for tick in ticks:
-        scale = scales[tick.symbol]
+        scale, lot = grids[tick.symbol]
         columns["ts"].append(tick.ts_ns)
         columns["symbol"].append(tick.symbol)
         for name, value in (("bid", tick.bid), ("ask", tick.ask), ("last", tick.last)):
             columns[name].append(None if value is None else scale.to_price(value))
-        columns["bid_size"].append(tick.bid_size)
-        columns["ask_size"].append(tick.ask_size)
-        columns["volume"].append(tick.volume)
-    price_type = pa.decimal128(38, scale_digits)
+        for name, lots in (("bid_size", tick.bid_size), ("ask_size", tick.ask_size), ("volume", tick.volume)):
+            columns[name].append(_EXACT.quantize(to_units(lots, lot), quantum))
     table = pa.table(
         {
             "ts": pa.array(columns["ts"], type=pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
             "symbol": pa.array(columns["symbol"], type=pa.string()),
             "bid": pa.array(columns["bid"], type=price_type),
             "ask": pa.array(columns["ask"], type=price_type),
-            "bid_size": pa.array(columns["bid_size"], type=pa.int64()),
-            "ask_size": pa.array(columns["ask_size"], type=pa.int64()),
+            "bid_size": pa.array(columns["bid_size"], type=quantity_type),
+            "ask_size": pa.array(columns["ask_size"], type=quantity_type),
             "last": pa.array(columns["last"], type=price_type),
-            "volume": pa.array(columns["volume"], type=pa.int64()),
+            "volume": pa.array(columns["volume"], type=quantity_type),
         }
     )
     pq.write_table(table, Path(path))

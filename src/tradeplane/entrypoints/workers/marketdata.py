@@ -7,7 +7,9 @@ Runs until ``stop`` is set:
   bus (``md.ticks.>``, a redelivered message stored once on NATS) and, when ``simulate_rate`` is given, a
   simulated random walk over the listed instruments at that many ticks per second. The other feeds start once
   the engine trades have caught up (or after ``CATCH_UP_WAIT_S``), so trades made while the worker was down
-  are not refused as out of order behind fresher external ticks of the same symbol;
+  are not refused as out of order behind fresher external ticks of the same symbol. The bus feed's trades are
+  external venues' prints: once stored they are also announced on ``tp:trades:<symbol>`` (``services.ingest``);
+  the engine announces its own trades, and simulated trades are not announced;
 - quotes from the engine's books: every ``tp:book:<symbol>`` increment (and every ``book_refresh_s``) the
   top of ``tp:book:<symbol>:snapshot`` quotes symbols that no external feed quotes
   (``MarketDataPipeline.note_engine_book``), and their Redis quotes are refreshed before the 5 s TTL ends;

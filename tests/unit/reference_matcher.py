@@ -4,6 +4,10 @@ It keeps every open order in one flat list and re-sorts the opposite side by (pr
 single trade. FOK is decided by actually matching on a deep copy and throwing the copy away if the order was
 not completely filled. Nothing is optimised; each rule reads as its English statement in the book's module
 docstring. It emits the domain's own event classes so the two sides compare with ``==``.
+
+Reduce-only, in its plainest form: every fill moves both accounts' positions and is followed at once by
+``enforce`` for the maker's account, then the taker's, which cuts that account's open reduce-only orders back to
+its position newest first; a reduce-only maker above its position is cut before it is traded with.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class RefOrder:
     stp: SelfTradePrevention
     priority: int
     triggered: bool = False
+    reduce_only: bool = False
 
     def state(self) -> OrderState:
         return OrderState(
@@ -68,6 +73,7 @@ class RefOrder:
             stp=self.stp,
             priority=self.priority,
             triggered=self.triggered,
+            reduce_only=self.reduce_only,
         )
 
 
@@ -76,6 +82,13 @@ def crosses(side: Side, limit: int | None, resting_price: int) -> bool:
     if limit is None:
         return True
     return resting_price <= limit if side is Side.BUY else resting_price >= limit
+
+
+def room(position: int, side: Side) -> int:
+    """What a reduce-only order on ``side`` may still trade: the part of the position it brings back to zero."""
+    if side is Side.SELL:
+        return max(position, 0)
+    return max(-position, 0)
 
 
 def stop_fires(o: RefOrder, trade_price: int) -> bool:
@@ -92,6 +105,7 @@ class ReferenceBook:
         self.priority_seq = -1
         self.priority_n = -1
         self.match_no = 0
+        self.positions: dict[int, int] = {}
 
     # -- views ---------------------------------------------------------------------------------------
     def opposite_in_priority(self, side: Side) -> list[RefOrder]:
@@ -148,6 +162,9 @@ class ReferenceBook:
                 if t.stp in (SelfTradePrevention.CANCEL_NEWEST, SelfTradePrevention.CANCEL_BOTH):
                     return True
                 continue
+            if maker.reduce_only and maker.leaves > self.room(maker.account_id, maker.side):
+                self.enforce(maker.account_id, seq, out)
+                continue
             qty = min(maker.leaves, t.leaves)
             maker.leaves -= qty
             maker.filled += qty
@@ -174,7 +191,58 @@ class ReferenceBook:
             )
             if maker.leaves == 0:
                 self.resting.remove(maker)
+            self.move_position(maker.account_id, maker.side, qty)
+            self.move_position(t.account_id, t.side, qty)
+            self.enforce(maker.account_id, seq, out)
+            self.enforce(t.account_id, seq, out)
         return False
+
+    # -- reduce-only ----------------------------------------------------------------------------------
+    def room(self, account_id: int, side: Side) -> int:
+        return room(self.positions.get(account_id, 0), side)
+
+    def move_position(self, account_id: int, side: Side, qty: int) -> None:
+        self.positions[account_id] = self.positions.get(account_id, 0) + (qty if side is Side.BUY else -qty)
+
+    def enforce(self, account_id: int, seq: int, out: list[Event]) -> None:
+        """Per side (sells, then buys), cut the account's open reduce-only orders newest first until they total
+        no more than what they may reduce: a cut to zero cancels, anything else is a modify-down."""
+        for side in (Side.SELL, Side.BUY):
+            mine = [o for o in self.resting + self.stops if o.reduce_only and o.account_id == account_id]
+            mine = [o for o in mine if o.side is side]
+            allowed = self.room(account_id, side)
+            for o in sorted(mine, key=lambda o: o.priority, reverse=True):
+                excess = sum(m.leaves for m in mine if m in self.resting + self.stops) - allowed
+                if excess <= 0:
+                    break
+                if o.leaves <= excess:
+                    self.remove(o)
+                    reason = "reduce_only_capped" if allowed else "reduce_only_no_position"
+                    out.append(OrderCanceled(seq, self.symbol, o.order_id, reason, o.leaves))
+                else:
+                    o.leaves -= excess
+                    out.append(self.capped(o, seq))
+
+    def capped(self, o: RefOrder, seq: int) -> OrderModified:
+        return OrderModified(
+            seq, self.symbol, o.order_id, o.leaves + o.filled, o.price, o.leaves, o.priority, "reduce_only_capped"
+        )
+
+    def cap_taker(self, o: RefOrder, seq: int, out: list[Event]) -> bool:
+        """A reduce-only order about to trade or rest on its own: no more than the position; False if canceled."""
+        allowed = self.room(o.account_id, o.side)
+        if allowed == 0:
+            out.append(OrderCanceled(seq, self.symbol, o.order_id, "reduce_only_no_position", o.leaves))
+            return False
+        if o.leaves > allowed:
+            o.leaves = allowed
+            out.append(self.capped(o, seq))
+        return True
+
+    def rest(self, o: RefOrder, seq: int, out: list[Event], stop_book: bool = False) -> None:
+        (self.stops if stop_book else self.resting).append(o)
+        if o.reduce_only:
+            self.enforce(o.account_id, seq, out)
 
     def fills_completely(self, t: RefOrder) -> bool:
         trial = copy.deepcopy(self)
@@ -197,7 +265,7 @@ class ReferenceBook:
         elif t.tif in (TimeInForce.IOC, TimeInForce.FOK):
             out.append(OrderCanceled(seq, self.symbol, t.order_id, "ioc_remainder", t.leaves))
         else:
-            self.resting.append(t)
+            self.rest(t, seq, out)
 
     def run_stops(self, seq: int, out: list[Event], scan_from: int, queue: list[tuple[RefOrder, int]]) -> None:
         scanned = scan_from
@@ -217,6 +285,8 @@ class ReferenceBook:
             o.triggered = True
             out.append(StopTriggered(seq, self.symbol, o.order_id, at, o.priority))
             scanned = len(out)
+            if o.reduce_only and not self.cap_taker(o, seq, out):
+                continue
             opposite = self.opposite_in_priority(o.side)
             can_trade = bool(opposite) and crosses(o.side, o.price, opposite[0].price)  # type: ignore[arg-type]
             if not can_trade:
@@ -227,7 +297,7 @@ class ReferenceBook:
                 elif o.tif is TimeInForce.FOK:
                     out.append(OrderCanceled(seq, self.symbol, o.order_id, "fok_unfillable", o.leaves))
                 else:
-                    self.resting.append(o)
+                    self.rest(o, seq, out)
             elif o.tif is TimeInForce.FOK and not self.fills_completely(o):
                 out.append(OrderCanceled(seq, self.symbol, o.order_id, "fok_unfillable", o.leaves))
             else:
@@ -257,6 +327,8 @@ class ReferenceBook:
             c.order_type is not OrderType.LIMIT or c.time_in_force in (TimeInForce.IOC, TimeInForce.FOK)
         ):
             return reject("invalid_post_only")
+        if c.reduce_only and self.room(c.account_id, c.side) == 0:
+            return reject("reduce_only_no_position")
         o = RefOrder(
             c.order_id,
             c.account_id,
@@ -271,16 +343,22 @@ class ReferenceBook:
             c.post_only,
             c.stp,
             0,
+            reduce_only=c.reduce_only,
         )
+        capped = c.reduce_only and o.leaves > self.room(c.account_id, c.side)
+        if capped:
+            o.leaves = self.room(c.account_id, c.side)
         self.match_no = 0
         start = len(out)
         if is_stop:
             o.priority = self.next_priority(c.seq)
             out.append(OrderAccepted(c.seq, self.symbol, o.order_id, o.priority))
+            if capped:
+                out.append(self.capped(o, c.seq))
             if self.last_price is not None and stop_fires(o, self.last_price):
                 self.run_stops(c.seq, out, start, [(o, self.last_price)])
             else:
-                self.stops.append(o)
+                self.rest(o, c.seq, out, stop_book=True)
             return
         opposite = self.opposite_in_priority(o.side)
         can_trade = bool(opposite) and crosses(o.side, o.price, opposite[0].price)  # type: ignore[arg-type]
@@ -292,13 +370,15 @@ class ReferenceBook:
             return reject("no_liquidity")
         o.priority = self.next_priority(c.seq)
         out.append(OrderAccepted(c.seq, self.symbol, o.order_id, o.priority))
+        if capped:
+            out.append(self.capped(o, c.seq))
         if can_trade:
             self.execute(o, c.seq, out)
             self.run_stops(c.seq, out, start, [])
         elif o.tif is TimeInForce.IOC:
             out.append(OrderCanceled(c.seq, self.symbol, o.order_id, "ioc_remainder", o.leaves))
         else:
-            self.resting.append(o)
+            self.rest(o, c.seq, out)
 
     def cancel(self, c: Cancel, out: list[Event]) -> None:
         o = self.find(c.order_id)
@@ -344,20 +424,27 @@ class ReferenceBook:
             o.price = c.new_price
         if not (price_changed or qty_up):
             out.append(
-                OrderModified(c.seq, self.symbol, o.order_id, o.leaves + o.filled, o.price, o.leaves, o.priority)
+                OrderModified(c.seq, self.symbol, o.order_id, o.leaves + o.filled, o.price, o.leaves, o.priority, None)
             )
             return
         o.priority = self.next_priority(c.seq)
         start = len(out)
-        out.append(OrderModified(c.seq, self.symbol, o.order_id, o.leaves + o.filled, o.price, o.leaves, o.priority))
+        out.append(
+            OrderModified(c.seq, self.symbol, o.order_id, o.leaves + o.filled, o.price, o.leaves, o.priority, None)
+        )
+        self.remove(o)  # re-queued: in again below, unless it trades or its reduce-only cap cancels it
+        if o.reduce_only and not self.cap_taker(o, c.seq, out):
+            return
         if pending_stop:
+            self.rest(o, c.seq, out, stop_book=True)
             return
         assert o.price is not None
         if self.would_cross(o.side, o.price):
-            self.resting.remove(o)
             self.match_no = 0
             self.execute(o, c.seq, out)
             self.run_stops(c.seq, out, start, [])
+        else:
+            self.rest(o, c.seq, out)
 
     def cancel_account(self, account_id: int, seq: int, out: list[Event]) -> None:
         for o in sorted((o for o in self.resting + self.stops if o.account_id == account_id), key=lambda o: o.order_id):

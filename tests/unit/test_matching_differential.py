@@ -1,11 +1,13 @@
 """The real book against the naive reference matcher, and replay determinism.
 
 A hypothesis state machine sends the same random commands (limit, market, IOC, FOK, post-only, DAY/GTD, stop
-and stop-limit orders, cancels, modifies, cancel-all, expiry) to ``MatchingEngine`` and to
-``reference_matcher.ReferenceEngine`` and requires, after every step, identical events (fills with their ids,
+and stop-limit orders, any of them reduce-only, cancels, modifies, cancel-all, expiry) to ``MatchingEngine`` and
+to ``reference_matcher.ReferenceEngine`` and requires, after every step, identical events (fills with their ids,
 prices and quantities, cancels with their reasons, ...) and identical books (open orders with their priority,
-L2 depth, last trade price); it also checks that the L2 increments rebuild the depth. Prices sit in a narrow
-band and accounts are few, so orders cross, partially fill, self-trade and trigger stops often.
+L2 depth, last trade price, positions); it also checks that the L2 increments rebuild the depth and, on its own
+terms, that no reduce-only fill ever grows or flips a position and that an account's open reduce-only orders never
+exceed what they may reduce. Prices sit in a narrow band and accounts are few, so orders cross, partially fill,
+self-trade, trigger stops and cut reduce-only orders often.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tradeplane.domain.matching import (
     MatchingEngine,
     Modify,
     NewOrder,
+    OrderRejected,
 )
 from tradeplane.domain.orders import OrderType, SelfTradePrevention, Side, TimeInForce
 
@@ -42,6 +45,7 @@ limit_tifs = st.sampled_from(
 )
 market_tifs = st.sampled_from([TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK])
 lifetimes = st.integers(1, 40)
+reduce_onlys = st.sampled_from([False, False, True])
 
 
 class EngineMatchesReference(RuleBasedStateMachine):
@@ -57,6 +61,10 @@ class EngineMatchesReference(RuleBasedStateMachine):
         self.log: list[Event] = []
         # Per symbol, the L2 book a subscriber rebuilds from nothing but ``take_level_changes()`` increments.
         self.l2: dict[str, tuple[dict[int, int], dict[int, int]]] = {s: ({}, {}) for s in SYMBOLS}
+        # Read from the commands and fills alone, independently of both matchers: which orders are reduce-only,
+        # and every account's position per symbol.
+        self.reduce_only: set[int] = set()
+        self.positions: dict[tuple[str, int], int] = {}
 
     def _send(self, command: Command) -> None:
         self.commands.append(command)
@@ -64,6 +72,27 @@ class EngineMatchesReference(RuleBasedStateMachine):
         want = self.reference.process(command)
         assert got == want, f"{command}\n engine:    {got}\n reference: {want}"
         self.log.extend(got)
+        if isinstance(command, NewOrder) and command.reduce_only:
+            self.reduce_only.add(command.order_id)
+            assert any(isinstance(ev, OrderRejected) for ev in got) or self._position(command) != 0
+        for ev in got:
+            if isinstance(ev, Fill):
+                taker_side = ev.aggressor_side
+                maker_side = Side.SELL if taker_side is Side.BUY else Side.BUY
+                for order_id, account, side in (
+                    (ev.maker_order_id, ev.maker_account_id, maker_side),
+                    (ev.taker_order_id, ev.taker_account_id, taker_side),
+                ):
+                    key = (ev.symbol, account)
+                    before = self.positions.get(key, 0)
+                    after = before + (ev.qty if side is Side.BUY else -ev.qty)
+                    self.positions[key] = after
+                    if order_id in self.reduce_only:
+                        # Towards zero and never through it.
+                        assert abs(after) < abs(before) and after * before >= 0, (ev, before, after)
+
+    def _position(self, order: NewOrder) -> int:
+        return self.positions.get((order.symbol, order.account_id), 0)
 
     def _next(self) -> tuple[int, int]:
         self.seq += 1
@@ -96,6 +125,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         post_only=st.booleans(),
         stp=stp_modes,
         lifetime=lifetimes,
+        reduce_only=reduce_onlys,
     )
     def limit_order(
         self,
@@ -108,6 +138,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         post_only: bool,
         stp: SelfTradePrevention,
         lifetime: int,
+        reduce_only: bool,
     ) -> None:
         self._new(
             symbol,
@@ -120,11 +151,27 @@ class EngineMatchesReference(RuleBasedStateMachine):
             expire_at_ns=self._expiry(tif, lifetime),
             post_only=post_only and tif is not TimeInForce.FOK,
             stp=stp,
+            reduce_only=reduce_only,
         )
 
-    @rule(symbol=symbols, side=sides, qty=st.integers(1, 25), account=accounts, tif=market_tifs, stp=stp_modes)
+    @rule(
+        symbol=symbols,
+        side=sides,
+        qty=st.integers(1, 25),
+        account=accounts,
+        tif=market_tifs,
+        stp=stp_modes,
+        reduce_only=reduce_onlys,
+    )
     def market_order(
-        self, symbol: str, side: Side, qty: int, account: int, tif: TimeInForce, stp: SelfTradePrevention
+        self,
+        symbol: str,
+        side: Side,
+        qty: int,
+        account: int,
+        tif: TimeInForce,
+        stp: SelfTradePrevention,
+        reduce_only: bool,
     ) -> None:
         self._new(
             symbol,
@@ -134,6 +181,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
             qty=qty,
             time_in_force=tif,
             stp=stp,
+            reduce_only=reduce_only,
         )
 
     @rule(
@@ -146,6 +194,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         tif=st.sampled_from([TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.GTD]),
         stp=stp_modes,
         lifetime=lifetimes,
+        reduce_only=reduce_onlys,
     )
     def stop_order(
         self,
@@ -158,6 +207,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
         tif: TimeInForce,
         stp: SelfTradePrevention,
         lifetime: int,
+        reduce_only: bool,
     ) -> None:
         self._new(
             symbol,
@@ -170,6 +220,7 @@ class EngineMatchesReference(RuleBasedStateMachine):
             time_in_force=tif,
             expire_at_ns=self._expiry(tif, lifetime),
             stp=stp,
+            reduce_only=reduce_only,
         )
 
     def _pick_order_id(self, data: st.DataObject) -> int:
@@ -212,6 +263,21 @@ class EngineMatchesReference(RuleBasedStateMachine):
             assert book.last_price == ref.last_price
             if book.best_bid is not None and book.best_ask is not None:
                 assert book.best_bid < book.best_ask
+            assert book.positions() == {a: p for (s, a), p in sorted(self.positions.items()) if s == symbol and p}
+            assert book.positions() == {a: p for a, p in sorted(ref.positions.items()) if p}
+
+    @invariant()
+    def reduce_only_orders_stay_within_positions(self) -> None:
+        for symbol in SYMBOLS:
+            book = self.engine.book(symbol)
+            pending: dict[tuple[int, Side], int] = {}
+            for state in book.resting_orders():
+                if state.reduce_only:
+                    key = (state.account_id, state.side)
+                    pending[key] = pending.get(key, 0) + state.leaves_qty
+            for (account, side), total in pending.items():
+                position = book.position(account)
+                assert total <= (position if side is Side.SELL else -position), (symbol, account, side, total)
 
     @invariant()
     def level_increments_rebuild_the_depth(self) -> None:
@@ -281,6 +347,7 @@ def random_commands(seed: int, count: int) -> list[Command]:
                     expire_at_ns=seq + rng.randint(1, 200) if tif is TimeInForce.GTD else None,
                     post_only=otype is OrderType.LIMIT and tif is TimeInForce.GTC and rng.random() < 0.1,
                     stp=rng.choice(list(SelfTradePrevention)),
+                    reduce_only=rng.random() < 0.25,
                 )
             )
             next_id += 1
@@ -332,7 +399,10 @@ def test_a_book_restored_from_its_open_orders_continues_exactly_like_the_origina
     for symbol in SYMBOLS:
         book = original.book(symbol)
         assert len(book) > 0
-        restarted.restore(symbol, reversed(book.resting_orders()), last_price=book.last_price)
+        assert any(s.reduce_only for s in book.resting_orders()) and book.positions()
+        restarted.restore(
+            symbol, reversed(book.resting_orders()), last_price=book.last_price, positions=book.positions()
+        )
         assert restarted.book(symbol).resting_orders() == book.resting_orders()
         assert restarted.book(symbol).depth() == book.depth()
     assert run(restarted, tail) == run(original, tail)

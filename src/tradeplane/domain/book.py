@@ -37,6 +37,26 @@ Matching rules (see also the tests, one per rule):
 - a modify that changes the price or raises the quantity re-queues the order at the back (new priority) and,
   if the new price crosses, trades like an incoming order; lowering the quantity keeps priority; lowering it
   to the filled quantity or below cancels the order (``modify_qty_filled``).
+
+Reduce-only. The book knows each account's net position in it (signed lots, changed only by its own fills, given
+back to ``restore``), and a reduce-only order may only bring that position towards zero, never through it:
+
+- a new reduce-only order whose side cannot reduce the position (flat, or the position is on its own side) is
+  rejected (``reduce_only_no_position``); one larger than the position is accepted and at once cut down to it
+  (``OrderModified`` with reason ``reduce_only_capped``, priority kept), so as a taker it fills at most the
+  position;
+- between commands, and after every single fill, an account's open reduce-only orders (resting and waiting
+  stops) on the side that reduces its position total at most |position|, and none is left on the other side:
+  after a fill that shrinks or flips the position, they are cut newest first (lowest time priority), each by a
+  quantity decrease that keeps its priority (``OrderModified``, reason ``reduce_only_capped``) or, when cut to
+  nothing, canceled (``reduce_only_capped`` while a position remains, ``reduce_only_no_position`` once none is
+  left on their side). This runs in the middle of a taker's sweep too, so a reduce-only maker is only ever hit
+  for what the position is at that moment;
+- an order taking liquidity is not cut while it trades (it was capped when it started: a new order on arrival,
+  a triggered stop when it fires, a modified order when re-queued, each canceled with
+  ``reduce_only_no_position`` if nothing is left to reduce); if its remainder rests it is the newest, so it is
+  the first one cut;
+- FOK counts a reduce-only maker only for what the cuts during the sweep would leave of it.
 """
 
 from __future__ import annotations
@@ -44,8 +64,8 @@ from __future__ import annotations
 import decimal
 import heapq
 from bisect import bisect_left, insort
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from enum import StrEnum
@@ -137,6 +157,8 @@ class RejectReason(StrEnum):
     UNKNOWN_ORDER = "unknown_order"
     UNKNOWN_INSTRUMENT = "unknown_instrument"
     NO_CHANGE = "no_change"
+    # A reduce-only order that cannot reduce anything: its account is flat, or its position is on the order's side.
+    REDUCE_ONLY_NO_POSITION = "reduce_only_no_position"
 
 
 class CancelReason(StrEnum):
@@ -149,6 +171,12 @@ class CancelReason(StrEnum):
     FOK_UNFILLABLE = "fok_unfillable"
     STP = "stp"
     MODIFY_QTY_FILLED = "modify_qty_filled"
+    # A reduce-only order cut to nothing because the account has no position left on the side it reduces (flat,
+    # flipped, or a triggered/modified reduce-only order meets such a position).
+    REDUCE_ONLY_NO_POSITION = "reduce_only_no_position"
+    # A reduce-only order cut to nothing because older reduce-only orders of its account already cover the whole
+    # position. Also the ``OrderModified.reason`` of a reduce-only order cut down but not to nothing.
+    REDUCE_ONLY_CAPPED = "reduce_only_capped"
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -179,6 +207,7 @@ class NewOrder:
     expire_at_ns: int | None = None
     post_only: bool = False
     stp: SelfTradePrevention = SelfTradePrevention.CANCEL_NEWEST
+    reduce_only: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -328,7 +357,10 @@ class OrderExpired:
 @dataclass(frozen=True, slots=True)
 class OrderModified:
     """The order now has total ``qty`` at ``price`` with ``leaves_qty`` open and time priority ``priority``
-    (unchanged when priority was kept). Fills that follow with the same ``seq`` come from the new price."""
+    (unchanged when priority was kept). Fills that follow with the same ``seq`` come from the new price.
+
+    ``reason`` is None for a client's modify; the engine cuts a reduce-only order down on its own with
+    ``reduce_only_capped`` (see the module docstring)."""
 
     seq: int
     symbol: str
@@ -337,6 +369,7 @@ class OrderModified:
     price: int | None
     leaves_qty: int
     priority: int
+    reason: str | None
 
 
 @_fast_init
@@ -403,6 +436,12 @@ _R = RejectReason
 _C = CancelReason
 
 
+def _room_of(position: int, is_buy: bool) -> int:
+    """How much a reduce-only order on that side may trade against a net ``position``: 0 unless it reduces it."""
+    room = -position if is_buy else position
+    return room if room > 0 else 0
+
+
 class _Order:
     """The engine's mutable record of one open order. ``leaves + filled`` is the order's total quantity."""
 
@@ -417,6 +456,7 @@ class _Order:
         "post_only",
         "price",
         "priority",
+        "reduce_only",
         "side",
         "stop_price",
         "stp",
@@ -440,6 +480,7 @@ class _Order:
         stp: SelfTradePrevention,
         priority: int,
         triggered: bool,
+        reduce_only: bool,
     ) -> None:
         self.order_id = order_id
         self.account_id = account_id
@@ -456,6 +497,7 @@ class _Order:
         self.stp = stp
         self.priority = priority
         self.triggered = triggered
+        self.reduce_only = reduce_only
 
     def state(self) -> OrderState:
         return OrderState(
@@ -473,6 +515,7 @@ class _Order:
             stp=self.stp,
             priority=self.priority,
             triggered=self.triggered,
+            reduce_only=self.reduce_only,
         )
 
 
@@ -506,8 +549,10 @@ class OrderBook:
         "_expiries",
         "_match_no",
         "_orders",
+        "_positions",
         "_priority_n",
         "_priority_seq",
+        "_reduce_only",
         "_sell_stops",
         "_stops",
         "last_price",
@@ -537,6 +582,13 @@ class OrderBook:
         self._changed_bids: set[int] = set()
         self._changed_asks: set[int] = set()
         self._match_no = 0
+        # Net position (signed lots, + long) of every account that traded here: only this book's fills move it.
+        # A defaultdict: ``positions[a] -= qty`` is the cheapest update the fill loop can make.
+        self._positions: defaultdict[int, int] = defaultdict(int)
+        # account -> {order id: order} of its reduce-only orders. Every open one is in it; entries of orders gone
+        # since (filled, canceled, or in flight as a taker) are dropped lazily by ``_live_reduce_only``, and an
+        # order is entered again whenever it rests. An account with none costs the fill loop one dict test.
+        self._reduce_only: dict[int, dict[int, _Order]] = {}
 
     # ------------------------------------------------------------------------------------------ queries
 
@@ -596,15 +648,30 @@ class OrderBook:
     def account_orders(self, account_id: int) -> list[OrderState]:
         return [s for s in self.resting_orders() if s.account_id == account_id]
 
+    def position(self, account_id: int) -> int:
+        """``account_id``'s net position here in signed lots (+ long, - short), as this book's fills left it."""
+        return self._positions.get(account_id, 0)
+
+    def positions(self) -> dict[int, int]:
+        """Every non-zero net position by account: with ``resting_orders()``, what ``restore()`` takes back."""
+        return {account: net for account, net in sorted(self._positions.items()) if net}
+
     # ---------------------------------------------------------------------------------------- restore
 
-    def restore(self, resting_orders: Iterable[OrderState], *, last_price: int | None = None) -> None:
+    def restore(
+        self,
+        resting_orders: Iterable[OrderState],
+        *,
+        last_price: int | None = None,
+        positions: Mapping[int, int] | None = None,
+    ) -> None:
         """Rebuild an empty book from open orders (e.g. PostgreSQL's), keeping their time priority.
 
         Orders are placed by ascending ``priority`` (the input order does not matter); orders entering later
-        get priorities from later command sequence numbers, so they queue behind. Raises ``BookStateError``
-        for input no live book could have produced, and then leaves the book empty. Starts a fresh L2
-        increment record: subscribers take a ``depth()`` snapshot after a restore.
+        get priorities from later command sequence numbers, so they queue behind. ``positions`` are the
+        accounts' net positions in signed lots (reduce-only orders are kept within them). Raises
+        ``BookStateError`` for input no live book could have produced, and then leaves the book empty. Starts
+        a fresh L2 increment record: subscribers take a ``depth()`` snapshot after a restore.
         """
         if self._orders or self._stops:
             raise BookStateError(f"book {self.symbol} is not empty; restore only into a fresh book")
@@ -616,6 +683,7 @@ class OrderBook:
         self._changed_bids.clear()
         self._changed_asks.clear()
         self.last_price = last_price
+        self._positions = defaultdict(int, {account: net for account, net in (positions or {}).items() if net})
 
     def _restore(self, states: list[OrderState]) -> None:
         seen_priorities: set[int] = set()
@@ -651,11 +719,14 @@ class OrderBook:
                 s.stp,
                 s.priority,
                 s.triggered,
+                s.reduce_only,
             )
             if is_stop and not s.triggered:
                 self._add_stop(o)
             else:
                 self._rest(o)
+            if s.reduce_only:
+                self._track(o)
             if o.expire_at_ns is not None:
                 heapq.heappush(self._expiries, (o.expire_at_ns, o.order_id))
         bid, ask = self.best_bid, self.best_ask
@@ -697,6 +768,12 @@ class OrderBook:
                 reason = _R.ALREADY_EXPIRED
         if reason is None and cmd.post_only and (otype is not _LIMIT or tif is _IOC or tif is _FOK):
             reason = _R.INVALID_POST_ONLY
+        reduce_only = cmd.reduce_only
+        room = 0
+        if reduce_only and reason is None:
+            room = self._room(cmd.account_id, cmd.side is _BUY)
+            if not room:
+                reason = _R.REDUCE_ONLY_NO_POSITION
         if reason is not None:
             out.append(OrderRejected(seq, self.symbol, order_id, reason))
             return
@@ -716,11 +793,18 @@ class OrderBook:
             cmd.stp,
             0,
             False,
+            reduce_only,
         )
+        # A reduce-only order never trades more than the position: cut before the checks below (FOK included).
+        capped = reduce_only and o.leaves > room
+        if capped:
+            o.leaves = room
         first_event = len(out)
         if otype is _STOP or otype is _STOP_LIMIT:
             o.priority = self._next_priority(seq)
             out.append(OrderAccepted(seq, self.symbol, order_id, o.priority))
+            if capped:
+                self._report_cap(o, seq, out)
             if o.expire_at_ns is not None:
                 heapq.heappush(self._expiries, (o.expire_at_ns, order_id))
             last = self.last_price
@@ -729,6 +813,8 @@ class OrderBook:
             if last is not None and (last >= stop if o.is_buy else last <= stop):
                 self._match_no = 0
                 self._run_stops(seq, out, first_event, [o], last)
+            elif reduce_only:
+                self._rest_reduce_only(o, seq, out, stop_book=True)
             else:
                 self._add_stop(o)
             return
@@ -761,6 +847,8 @@ class OrderBook:
             self._priority_n = 0
         o.priority = priority = (seq << PRIORITY_SHIFT) + self._priority_n
         out.append(OrderAccepted(seq, self.symbol, order_id, priority))
+        if capped:
+            self._report_cap(o, seq, out)
         self._match_no = 0
         if crosses:
             self._execute(o, seq, out)
@@ -769,6 +857,8 @@ class OrderBook:
         elif tif is _IOC:
             out.append(OrderCanceled(seq, self.symbol, order_id, _C.IOC_REMAINDER, o.leaves))
             return
+        elif reduce_only:
+            self._rest_reduce_only(o, seq, out)
         else:
             self._rest(o)
         if o.expire_at_ns is not None and order_id in self._orders:
@@ -837,7 +927,9 @@ class OrderBook:
                 o.leaves = new_qty - o.filled
                 if not is_stop:
                     (self._changed_bids if o.is_buy else self._changed_asks).add(o.price)  # type: ignore[arg-type]
-            out.append(OrderModified(seq, self.symbol, order_id, o.leaves + o.filled, o.price, o.leaves, o.priority))
+            out.append(
+                OrderModified(seq, self.symbol, order_id, o.leaves + o.filled, o.price, o.leaves, o.priority, None)
+            )
             return
 
         if is_stop:
@@ -850,15 +942,23 @@ class OrderBook:
             o.price = new_price
         o.priority = self._next_priority(seq)
         first_event = len(out)
-        out.append(OrderModified(seq, self.symbol, order_id, o.leaves + o.filled, o.price, o.leaves, o.priority))
+        out.append(OrderModified(seq, self.symbol, order_id, o.leaves + o.filled, o.price, o.leaves, o.priority, None))
+        # Re-queued, a reduce-only order is capped like a new one (a raised quantity may exceed the position).
+        if o.reduce_only and not self._cap_taker(o, seq, out):
+            return
         if is_stop:
-            self._add_stop(o)
+            if o.reduce_only:
+                self._rest_reduce_only(o, seq, out, stop_book=True)
+            else:
+                self._add_stop(o)
             return
         if self._would_cross(o.is_buy, o.price):  # type: ignore[arg-type]
             self._match_no = 0
             self._execute(o, seq, out)
             if self._stops and len(out) > first_event + 1:
                 self._run_stops(seq, out, first_event, [], 0)
+        elif o.reduce_only:
+            self._rest_reduce_only(o, seq, out)
         else:
             self._rest(o)
 
@@ -949,8 +1049,107 @@ class OrderBook:
         del ladder[bisect_left(ladder, key)]
         del self._stops[o.order_id]
 
+    # --------------------------------------------------------------------------------- reduce-only
+
+    def _room(self, account_id: int, is_buy: bool) -> int:
+        """How much an order of ``account_id`` on that side may trade and still only reduce its position."""
+        return _room_of(self._positions.get(account_id, 0), is_buy)
+
+    def _track(self, o: _Order) -> None:
+        tracked = self._reduce_only.get(o.account_id)
+        if tracked is None:
+            tracked = self._reduce_only[o.account_id] = {}
+        tracked[o.order_id] = o
+
+    def _report_cap(self, o: _Order, seq: int, out: list[Event]) -> None:
+        out.append(
+            OrderModified(
+                seq, self.symbol, o.order_id, o.leaves + o.filled, o.price, o.leaves, o.priority, _C.REDUCE_ONLY_CAPPED
+            )
+        )
+
+    def _cap_taker(self, o: _Order, seq: int, out: list[Event]) -> bool:
+        """Cut reduce-only ``o`` (out of the book, about to trade or rest) to its position; False if canceled."""
+        room = self._room(o.account_id, o.is_buy)
+        if not room:
+            out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.REDUCE_ONLY_NO_POSITION, o.leaves))
+            return False
+        if o.leaves > room:
+            o.leaves = room
+            self._report_cap(o, seq, out)
+        return True
+
+    def _rest_reduce_only(self, o: _Order, seq: int, out: list[Event], *, stop_book: bool = False) -> None:
+        """Rest reduce-only ``o`` (in the stop book if ``stop_book``): being the newest, it is the first cut if
+        its account's reduce-only orders now exceed the position."""
+        if stop_book:
+            self._add_stop(o)
+        else:
+            self._rest(o)
+        self._track(o)
+        self._enforce_reduce_only(o.account_id, seq, out)
+
+    def _live_reduce_only(self, account_id: int) -> list[_Order]:
+        """``account_id``'s reduce-only orders now in the book (resting or waiting stops); forgets the rest."""
+        tracked = self._reduce_only.get(account_id)
+        if tracked is None:
+            return []
+        orders, stops = self._orders, self._stops
+        live = [o for o in tracked.values() if orders.get(o.order_id) is o or stops.get(o.order_id) is o]
+        if len(live) != len(tracked):
+            if live:
+                self._reduce_only[account_id] = {o.order_id: o for o in live}
+            else:
+                del self._reduce_only[account_id]
+        return live
+
+    @staticmethod
+    def _reduce_only_cuts(orders: list[_Order], position: int, leaves: Mapping[int, int]) -> list[tuple[_Order, int]]:
+        """``(order, leaves it keeps)`` for each of one account's reduce-only ``orders`` to cut so that those on
+        the side reducing ``position`` total at most |position| and none remain on the other side: sells before
+        buys, newest (highest priority value) first. ``leaves`` overrides an order's current leaves (FOK walk)."""
+        cuts: list[tuple[_Order, int]] = []
+        for is_buy in (False, True):
+            mine = [o for o in orders if o.is_buy is is_buy and leaves.get(o.order_id, o.leaves)]
+            if not mine:
+                continue
+            excess = sum(leaves.get(o.order_id, o.leaves) for o in mine) - _room_of(position, is_buy)
+            if excess <= 0:
+                continue
+            mine.sort(key=lambda o: o.priority, reverse=True)
+            for o in mine:
+                left = leaves.get(o.order_id, o.leaves)
+                cut = left if left < excess else excess
+                cuts.append((o, left - cut))
+                excess -= cut
+                if not excess:
+                    break
+        return cuts
+
+    def _enforce_reduce_only(self, account_id: int, seq: int, out: list[Event]) -> None:
+        """Cut ``account_id``'s reduce-only orders down to its position (see ``_reduce_only_cuts``), reporting
+        each as a priority-keeping ``OrderModified`` or, cut to nothing, an ``OrderCanceled``."""
+        if account_id not in self._reduce_only:
+            return
+        position = self._positions.get(account_id, 0)
+        for o, left in self._reduce_only_cuts(self._live_reduce_only(account_id), position, {}):
+            if left:
+                o.leaves = left
+                if o.order_id in self._orders:
+                    (self._changed_bids if o.is_buy else self._changed_asks).add(o.price)  # type: ignore[arg-type]
+                self._report_cap(o, seq, out)
+                continue
+            if o.order_id in self._stops:
+                self._remove_stop(o)
+            else:
+                self._unlink(o)
+            reason = _C.REDUCE_ONLY_CAPPED if _room_of(position, o.is_buy) else _C.REDUCE_ONLY_NO_POSITION
+            out.append(OrderCanceled(seq, self.symbol, o.order_id, reason, o.leaves))
+
     def _fok_fillable(self, o: _Order) -> bool:
         """Whether ``o`` would fill completely, walking the book exactly as matching would (STP included)."""
+        if self._reduce_only:
+            return self._fok_fillable_cutting(o)
         need = o.leaves
         limit = o.price
         account = o.account_id
@@ -973,6 +1172,56 @@ class OrderBook:
                     return True
         return False
 
+    def _fok_fillable_cutting(self, o: _Order) -> bool:
+        """``_fok_fillable`` while reduce-only orders rest: the sweep's fills may cut makers it has not reached
+        yet (a plain fill shrinks a position its account's reduce-only orders then exceed), so the walk replays
+        the cuts on a scratch copy of positions and leaves, through the same ``_reduce_only_cuts`` as matching."""
+        need = o.leaves
+        limit = o.price
+        account = o.account_id
+        is_buy = o.is_buy
+        skip_own = o.stp is _CANCEL_OLDEST
+        positions = dict(self._positions)
+        leaves: dict[int, int] = {}  # order id -> leaves after the walk's fills and cuts so far
+
+        def cut(account_id: int) -> None:
+            orders = self._live_reduce_only(account_id)
+            for order, left in self._reduce_only_cuts(orders, positions.get(account_id, 0), leaves):
+                leaves[order.order_id] = left
+
+        prices: Iterable[int]
+        if is_buy:
+            levels, prices = self._asks, self._ask_prices
+        else:
+            levels, prices = self._bids, reversed(self._bid_prices)
+        for px in prices:
+            if limit is not None and (px > limit if is_buy else px < limit):
+                return False
+            for maker in levels[px].values():
+                left = leaves.get(maker.order_id, maker.leaves)
+                if not left:
+                    continue  # cut away earlier in this walk
+                mid = maker.account_id
+                if mid == account:
+                    if skip_own:
+                        continue
+                    return False
+                if maker.reduce_only and left > _room_of(positions.get(mid, 0), maker.is_buy):
+                    cut(mid)  # as ``_take`` does before filling a maker above its position
+                    left = leaves.get(maker.order_id, maker.leaves)
+                    if not left:
+                        continue
+                qty = left if left < need else need
+                need -= qty
+                if not need:
+                    return True
+                leaves[maker.order_id] = left - qty
+                positions[mid] = positions.get(mid, 0) + (-qty if is_buy else qty)
+                positions[account] = positions.get(account, 0) + (qty if is_buy else -qty)
+                cut(mid)
+                cut(account)
+        return False
+
     def _execute(self, o: _Order, seq: int, out: list[Event]) -> None:
         """Match an accepted, crossing order, then dispose of its remainder (rest or cancel)."""
         stp_stopped = self._take(o, seq, out)
@@ -985,6 +1234,8 @@ class OrderBook:
             out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.MARKET_NO_LIQUIDITY, leaves))
         elif o.tif is _IOC or o.tif is _FOK:
             out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.IOC_REMAINDER, leaves))
+        elif o.reduce_only:
+            self._rest_reduce_only(o, seq, out)
         else:
             self._rest(o)
 
@@ -994,6 +1245,11 @@ class OrderBook:
         The hot loop: locals only, one dict lookup and one iterator per price level. The makers a visit
         removes (filled, or canceled by STP) are always a prefix of the level, so they are popped from its
         front after the iteration, or the whole level is dropped when the visit consumed all of it.
+
+        Positions move with every fill. When either account has reduce-only orders, the visit stops right after
+        the fill (or before filling a reduce-only maker above its position, which only restored state can
+        show), its reduce-only orders are cut (``_enforce_reduce_only``, which may remove orders of this very
+        level), and the sweep goes on from the best price again.
         """
         is_buy = taker.is_buy
         if is_buy:
@@ -1007,6 +1263,9 @@ class OrderBook:
         side = taker.side
         symbol = self.symbol
         orders = self._orders
+        positions = self._positions
+        reduce_only = self._reduce_only  # account -> its reduce-only orders; usually empty
+        booked = leaves  # the taker's leaves when its position was last brought up to date
         match_no = self._match_no
         append = out.append
         stp_stopped = False
@@ -1018,8 +1277,10 @@ class OrderBook:
             level = levels[px]
             changed.add(px)
             gone = 0  # makers removed by this visit: always a prefix of the level
+            cut_account: int | None = None  # set: stop the visit, then cut its (and the taker's) reduce-only orders
             for maker in level.values():
-                if maker.account_id == account:
+                maker_account = maker.account_id
+                if maker_account == account:
                     mode = taker.stp
                     if mode is not _CANCEL_NEWEST:  # cancel_oldest or cancel_both: the resting order goes
                         gone += 1
@@ -1029,12 +1290,21 @@ class OrderBook:
                         stp_stopped = True
                         break
                     continue
+                # (Every open reduce-only order is in ``reduce_only``, so an empty one rules them all out at once.)
+                if reduce_only and maker.reduce_only and maker.leaves > self._room(maker_account, maker.is_buy):
+                    self._track(maker)
+                    cut_account = maker_account
+                    break
                 qty = maker.leaves if maker.leaves < leaves else leaves
                 maker.leaves -= qty
                 maker.filled += qty
                 leaves -= qty
                 match_no += 1
                 last_trade = px
+                if is_buy:  # the maker sold
+                    positions[maker_account] -= qty
+                else:
+                    positions[maker_account] += qty
                 append(
                     Fill(
                         seq,
@@ -1044,13 +1314,19 @@ class OrderBook:
                         qty,
                         side,
                         maker.order_id,
-                        maker.account_id,
+                        maker_account,
                         maker.leaves,
                         taker_id,
                         account,
                         leaves,
                     )
                 )
+                if reduce_only and (maker_account in reduce_only or account in reduce_only):
+                    cut_account = maker_account
+                    if not maker.leaves:
+                        gone += 1
+                        del orders[maker.order_id]
+                    break
                 if maker.leaves:
                     break  # the taker is done; the maker keeps its place
                 gone += 1
@@ -1063,9 +1339,20 @@ class OrderBook:
             else:
                 for _ in range(gone):
                     level.popitem(last=False)
-                break  # makers remain at this price: the taker is done or was stopped
+                if cut_account is None:
+                    break  # makers remain at this price: the taker is done or was stopped
+            if cut_account is not None:
+                done = booked - leaves
+                positions[account] += done if is_buy else -done
+                booked = leaves
+                self._match_no = match_no
+                self._enforce_reduce_only(cut_account, seq, out)
+                self._enforce_reduce_only(account, seq, out)
             if stp_stopped:
                 break
+        if booked != leaves:
+            done = booked - leaves
+            positions[account] += done if is_buy else -done
         taker.filled += taker.leaves - leaves
         taker.leaves = leaves
         self._match_no = match_no
@@ -1118,6 +1405,8 @@ class OrderBook:
         """A triggered stop acts as a market (stop, capped at its protection price if it has one) or limit
         (stop-limit) order that is already accepted, so the checks that reject a new order cancel this one
         instead."""
+        if o.reduce_only and not self._cap_taker(o, seq, out):
+            return
         crosses = (
             bool(self._ask_prices if o.is_buy else self._bid_prices)
             if o.price is None
@@ -1130,6 +1419,8 @@ class OrderBook:
                 out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.IOC_REMAINDER, o.leaves))
             elif o.tif is _FOK:
                 out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.FOK_UNFILLABLE, o.leaves))
+            elif o.reduce_only:
+                self._rest_reduce_only(o, seq, out)
             else:
                 self._rest(o)
             return

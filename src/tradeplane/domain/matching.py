@@ -10,7 +10,7 @@ here, so callers import everything from this module.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from tradeplane.domain.book import (
     BookStateError,
@@ -108,12 +108,20 @@ class MatchingEngine:
     def symbols(self) -> list[str]:
         return sorted(self._books)
 
-    def restore(self, symbol: str, resting_orders: Iterable[OrderState], *, last_price: int | None = None) -> OrderBook:
-        """Create (if needed) and rebuild ``symbol``'s book from its open orders (``OrderBook.restore``)."""
+    def restore(
+        self,
+        symbol: str,
+        resting_orders: Iterable[OrderState],
+        *,
+        last_price: int | None = None,
+        positions: Mapping[int, int] | None = None,
+    ) -> OrderBook:
+        """Create (if needed) and rebuild ``symbol``'s book from its open orders and its accounts' net positions
+        in signed lots (``OrderBook.restore``)."""
         book = self._books.get(symbol)
         if book is None:
             book = self.add_book(symbol)
-        book.restore(resting_orders, last_price=last_price)
+        book.restore(resting_orders, last_price=last_price, positions=positions)
         return book
 
     def process(self, command: Command) -> list[Event]:

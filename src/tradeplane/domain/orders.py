@@ -151,6 +151,7 @@ class OrderState:
     in time: lower is older. ``qty`` is the order's total quantity, ``filled_qty`` what has traded, so the
     remaining (leaves) quantity is their difference. ``triggered`` is meaningful for stop and stop-limit
     orders only: an untriggered one waits in the stop book, a triggered stop-limit rests at ``price``.
+    ``reduce_only``: the engine keeps the order within its account's position (see ``tradeplane.domain.book``).
     """
 
     order_id: int
@@ -167,6 +168,7 @@ class OrderState:
     stp: SelfTradePrevention
     priority: int
     triggered: bool = False
+    reduce_only: bool = False
 
     @property
     def leaves_qty(self) -> int:

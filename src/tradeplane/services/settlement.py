@@ -12,6 +12,8 @@ the transaction it opened; ``settle`` writes every consequence and nothing else 
   P&L when a fill reduces or flips it;
 - one balanced ledger transaction per trade: the buyer pays notional plus fee, the seller receives notional
   minus fee, the house fee account ``house:fees:<quote>`` takes both fees;
+- an engine-made quantity cut or cancel of a reduce-only order (its position shrank) is an ``OrderModified`` or
+  ``OrderCanceled`` like any other, with its reason kept in ``reject_reason``;
 - the funds hold of every touched order set to ``reservation`` of its remaining quantity, or released when
   the order is finished (so active holds always equal what open orders reserve);
 - ``instruments.last_price`` (the mark) and the consumer offsets given by the caller.
@@ -32,6 +34,7 @@ import asyncpg
 
 from tradeplane.domain.ledger import LedgerEntry, LedgerTransaction
 from tradeplane.domain.matching import (
+    CancelReason,
     CancelRejected,
     Event,
     Fill,
@@ -60,6 +63,12 @@ log = logging.getLogger("tradeplane.settlement")
 
 #: Scale of every NUMERIC(38, 18) column: averages are rounded here so Python and PostgreSQL agree.
 AMOUNT_QUANTUM = Decimal(1).scaleb(-18)
+
+#: Cancel reasons kept in ``orders.reject_reason``: the engine canceled a resting order on its own, because a
+#: fill elsewhere left its reduce-only order nothing (or less) to reduce, and the client must be told why.
+_REPORTED_CANCEL_REASONS: frozenset[str] = frozenset(
+    {CancelReason.REDUCE_ONLY_NO_POSITION, CancelReason.REDUCE_ONLY_CAPPED}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,7 +488,10 @@ class _Settler:
             target = OrderStatus.CANCELED if row.status is OrderStatus.PENDING_CANCEL else OrderStatus.REJECTED
             self._set_status(row, target)
         elif kind is OrderCanceled:
+            canceled: OrderCanceled = ev  # type: ignore[assignment]
             self._set_status(row, OrderStatus.CANCELED)
+            if canceled.reason in _REPORTED_CANCEL_REASONS:
+                row.reject_reason = canceled.reason
         elif kind is OrderExpired:
             self._set_status(row, OrderStatus.EXPIRED)
         elif kind is OrderModified:
@@ -491,7 +503,9 @@ class _Settler:
                 row.price = info.spec.ticks_to_price(m.price)
                 row.hold_price = row.price
             row.sequence = m.priority
-            row.reject_reason = None  # an earlier refused modify no longer describes the order
+            # None for a client's modify (an earlier refused modify no longer describes the order); the engine's
+            # own cut of a reduce-only order says why the quantity went down.
+            row.reject_reason = m.reason
             row.dirty = True
         elif kind is StopTriggered:
             row.sequence = ev.priority  # type: ignore[union-attr]

@@ -255,9 +255,12 @@ class EngineWorker:
     # ------------------------------------------------------------------------------------------ rebuild
 
     async def rebuild(self) -> None:
-        """Replace the books by PostgreSQL's open orders (time priority = ``orders.sequence``).
+        """Replace the books by PostgreSQL's open orders (time priority = ``orders.sequence``) and positions.
 
-        ``pending_new`` rows and never-accepted rows are left out: their "new" is still on the bus.
+        ``pending_new`` rows and never-accepted rows are left out: their "new" is still on the bus. Positions
+        change only through this engine's fills, settled in the same transactions as its orders, so together
+        they are exactly what the books held after the last committed batch (the book keeps reduce-only orders
+        within them).
         """
         started = time.perf_counter()
         async with self.db.transaction("engine.rebuild") as conn:
@@ -276,22 +279,32 @@ class EngineWorker:
                 await house_account(conn, "fees", quote)
             rows = await conn.fetch(
                 "SELECT id, account_id, instrument_id, side, type, time_in_force, quantity, filled_quantity,"
-                " price, stop_price, hold_price, expire_at, post_only, stp_mode, sequence, triggered_at FROM orders"
+                " price, stop_price, hold_price, expire_at, post_only, reduce_only, stp_mode, sequence, triggered_at"
+                " FROM orders"
                 " WHERE instrument_id = ANY($1::bigint[]) AND status = ANY($2::text[]) AND sequence IS NOT NULL"
                 " ORDER BY sequence",
                 [i.instrument_id for i in mine.values()],
                 list(_REBUILD_STATUSES),
+            )
+            position_rows = await conn.fetch(
+                "SELECT account_id, instrument_id, net_quantity FROM positions"
+                " WHERE instrument_id = ANY($1::bigint[]) AND net_quantity <> 0",
+                [i.instrument_id for i in mine.values()],
             )
         by_id = {i.instrument_id: i for i in mine.values()}
         states: dict[str, list[OrderState]] = {s: [] for s in mine}
         for r in rows:
             info = by_id[r["instrument_id"]]
             states[info.symbol].append(self._state_from_row(r, info))
+        positions: dict[str, dict[int, int]] = {s: {} for s in mine}
+        for r in position_rows:
+            info = by_id[r["instrument_id"]]
+            positions[info.symbol][r["account_id"]] = position_lots(r["net_quantity"], info.spec)
         engine = MatchingEngine()
         for symbol in sorted(mine):
             info = mine[symbol]
             last = None if info.last_price is None else info.spec.price_to_ticks(info.last_price.normalize())
-            engine.restore(symbol, states[symbol], last_price=last)
+            engine.restore(symbol, states[symbol], last_price=last, positions=positions[symbol])
         self.engine = engine
         self.instruments = mine
         self.bus_offset = offsets.get(self.consumer, 0)
@@ -345,6 +358,7 @@ class EngineWorker:
             stp=SelfTradePrevention(r["stp_mode"]),
             priority=r["sequence"],
             triggered=triggered,
+            reduce_only=r["reduce_only"],
         )
 
     # --------------------------------------------------------------------------------------------- loop
@@ -591,6 +605,7 @@ class EngineWorker:
             expire_at_ns=expire_at_ns,
             post_only=row.post_only,
             stp=SelfTradePrevention(row.stp_mode),
+            reduce_only=row.reduce_only,
         )
 
     # ------------------------------------------------------------------------------------------- expiry
@@ -701,6 +716,13 @@ def book_price(
     if order_type in _PROTECTED and hold_price is not None:
         return protection_price(hold_price, side, spec)
     return None if price is None else spec.price_to_ticks(price.normalize())
+
+
+def position_lots(net_quantity: Decimal, spec: InstrumentSpec) -> int:
+    """A stored net position in signed whole lots. Fills are on the lot grid, so it is exact; should the lot
+    size ever change under a position, the part off the new grid is dropped towards zero, so reduce-only orders
+    may close a little less than the position but never cross it."""
+    return int(net_quantity // spec.lot_size)  # Decimal // truncates towards zero
 
 
 def _optional_decimal(value: object) -> Decimal | None:

@@ -1,17 +1,30 @@
 """Tick to WebSocket client: latency of a quote published on Redis until each of N subscribers has it.
 
-Run: ``.venv/bin/python tests/bench/bench_ws_fanout.py [--subscribers 500] [--ticks 200] [--client lean|websockets]``
+Run: ``.venv/bin/python tests/bench/bench_ws_fanout.py [--subscribers 500] [--ticks 200] [--awake 50]
+[--client-procs 2] [--api-workers 1] [--client lean|websockets]``
 
 Starts embedded PostgreSQL and Redis (or uses TRADEPLANE_TEST_DATABASE_URL / TRADEPLANE_TEST_REDIS_URL when
 set) and `tradeplane run api` in its own process, connects N clients subscribed to `quotes` for BTC-USD, and
-publishes --ticks quotes on `tp:quotes:BTC-USD` (as the market data worker does) 50 per second, each stamped with
-its publish time. Every client records the delay of every quote.
+publishes --ticks quotes on `tp:quotes:BTC-USD` (the market data worker's envelope and fields) on a fixed
+schedule, --rate per second, each stamped with its publish time and numbered. Every client must receive every
+quote exactly once and in order, or the run fails.
 
-The load generator shares the 2-core machine with the API and costs CPU of its own, which shows up as latency.
-By default the clients are lean (handshake, masked requests and frame parsing written out here, on uvloop) and
-split over --client-procs processes; `--client websockets` puts every client in this process on the
-`websockets` library, which costs more per message than the server does. Both print the CPU per tick the API,
-the generator and the rest of the machine spent (the last shows when someone else was using the cores).
+What is timed, from the publisher's clock just before PUBLISH:
+
+- arrival, all N clients: until the frame is in the client's socket, the kernel's receive timestamp of the
+  packet (SO_TIMESTAMPNS, the same clock). That is the client machine having the frame.
+- read, the --awake clients: until the client's process has read it off the socket. These wait in epoll for
+  every frame and take the time right after `recvmsg`, so the figure includes waking the client up.
+
+The clients run on the same 2 cores as the API; a client on its own machine would cost those cores nothing.
+So the N - --awake other clients do not wake up for each frame: their process drains them once per tick,
+halfway between two quotes (the schedule is known), when the fan-out of the previous quote is long over. If a
+fan-out still runs then, the drain competes with it and that shows as latency. The awake clients are spread
+evenly over the connections, so over the server's order of writing too. Clients use plain sockets with a
+handshake, masked requests and frame parsing written out here, split over --client-procs processes; payloads are
+decoded after the run. `--client websockets` instead puts every client, all awake, in one process on the
+`websockets` library (costlier per message than the server). Both print the CPU per tick the API, the
+generator and the rest of the machine spent (the last shows when someone else was using the cores).
 A benchmark, not a test: it prints figures and a one-line JSON summary.
 """
 
@@ -20,12 +33,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import json
 import multiprocessing
 import os
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -39,8 +55,7 @@ import asyncpg
 import httpx
 import orjson
 import psutil
-import redis.asyncio as aioredis
-import uvloop
+import redis
 from websockets.asyncio.client import connect
 from websockets.frames import Frame, Opcode
 
@@ -49,6 +64,12 @@ from tradeplane.adapters.embedded import EmbeddedStack
 from tradeplane.services import demo, identity
 
 SECRET = "bench-secret-not-for-production"
+SYMBOL = "BTC-USD"
+CHANNEL = f"tp:quotes:{SYMBOL}"
+SO_TIMESTAMPNS = 35  # Linux (asm-generic/socket.h); the socket module does not name it
+TIMESPEC = struct.Struct("qq")
+ANCILLARY_SIZE = socket.CMSG_SPACE(TIMESPEC.size)
+READ_SIZE = 1 << 16
 
 
 def free_port() -> int:
@@ -69,160 +90,270 @@ async def prepare(database_url: str) -> str:
         await conn.close()
 
 
-class LeanClient(asyncio.Protocol):
-    """A WebSocket client cut to what the measurement needs: handshake, masked requests, frame parsing.
+# --- lean clients -------------------------------------------------------------------------------------------
 
-    Server frames are unmasked and, for these messages, unfragmented. The receive time is taken once per read
-    from the socket, before anything else. While measuring, a read that is exactly one small text frame (every
-    quote, as the server writes one frame per write) is only stamped and kept; anything else goes through the
-    general frame parser, which keeps its text frames the same way. The JSON is decoded after the last quote
-    arrived (`delays`), so neither parsing nor decoding competes with the server for the two cores.
-    """
 
-    def __init__(self, host: str, port: int, receipts: Receipts, expected: int, done: asyncio.Event) -> None:
-        self.host, self.port = host, port
-        # Shared by the process's clients: receipt times and payloads, in two lists of untracked objects so the
-        # garbage collector has nothing to walk (a list of tuples made full collections, stalling receipt).
-        self.times, self.payloads = receipts.times, receipts.payloads
-        self.expected, self.done = expected, done
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.handshake_done = False
-        self.measuring = False  # set once the subscription is confirmed: text frames are quotes from then on
-        self.replies: asyncio.Queue[dict[str, object]] = asyncio.Queue()
-        self.opened = asyncio.get_running_loop().create_future()
+def split_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The complete (opcode, payload) server frames at the start of `buffer`, and what follows them.
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio subclasses
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.transport.write(
-            f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+    Server frames are unmasked, and these (quotes, replies) unfragmented."""
+    frames = []
+    while len(buffer) >= 2:
+        length, offset = buffer[1] & 0x7F, 2
+        if length == 126:
+            length, offset = int.from_bytes(buffer[2:4], "big"), 4
+        elif length == 127:
+            length, offset = int.from_bytes(buffer[2:10], "big"), 10
+        if len(buffer) < offset + length:
+            break
+        frames.append((buffer[0] & 0x0F, buffer[offset : offset + length]))
+        buffer = buffer[offset + length :]
+    return frames, buffer
 
-    def send(self, request: dict[str, object]) -> None:
-        assert self.transport is not None
-        self.transport.write(Frame(Opcode.TEXT, orjson.dumps(request)).serialize(mask=True))
 
-    def data_received(self, data: bytes) -> None:
-        now = time_ns()
-        # Fast path: one whole unmasked text frame of under 126 bytes, nothing left over from an earlier read.
-        if self.measuring and not self.buffer and 2 < len(data) < 128 and data[0] == 0x81 and data[1] + 2 == len(data):
-            self.times.append(now)
-            self.payloads.append(data[2:])
-            if len(self.times) >= self.expected:
-                self.done.set()
-            return
-        buffer = self.buffer + data
-        if not self.handshake_done:
-            head, sep, buffer = buffer.partition(b"\r\n\r\n")
-            if not sep:
-                self.buffer = head
-                return
-            if not head.startswith(b"HTTP/1.1 101"):
-                raise RuntimeError(f"handshake refused: {head[:80]!r}")
-            self.handshake_done = True
-            self.opened.set_result(None)
-        while len(buffer) >= 2:
-            opcode, length, offset = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
-            if length == 126:
-                length, offset = int.from_bytes(buffer[2:4], "big"), 4
-            elif length == 127:
-                length, offset = int.from_bytes(buffer[2:10], "big"), 10
-            if len(buffer) < offset + length:
-                break
-            payload, buffer = buffer[offset : offset + length], buffer[offset + length :]
-            if opcode == Opcode.TEXT.value:
-                if self.measuring:
-                    self.times.append(now)
-                    self.payloads.append(payload)
-                    if len(self.times) >= self.expected:
-                        self.done.set()
-                else:
-                    self.replies.put_nowait(orjson.loads(payload))
-            elif opcode == Opcode.PING.value and self.transport is not None:
-                self.transport.write(Frame(Opcode.PONG, payload).serialize(mask=True))
-        self.buffer = buffer
+def request_frame(request: dict[str, object]) -> bytes:
+    return Frame(Opcode.TEXT, orjson.dumps(request)).serialize(mask=True)
+
+
+def open_subscriber(port: int, key: str) -> socket.socket:
+    """A connected, authenticated client subscribed to the quotes, with nothing left unread; non-blocking from
+    then on, the kernel stamping every packet it receives."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    challenge = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {challenge}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("the server closed the connection during the handshake")
+        buffer += chunk
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"handshake refused: {head[:80]!r}")
+    for request, event in (
+        ({"op": "auth", "key": key}, "authenticated"),
+        ({"op": "subscribe", "channel": "quotes", "symbol": SYMBOL}, "subscribed"),
+    ):
+        sock.sendall(request_frame(request))
+        frames: list[tuple[int, bytes]] = []
+        while not frames:
+            frames, buffer = split_frames(buffer)
+            if not frames:
+                buffer += sock.recv(4096)
+        reply = orjson.loads(frames[0][1])
+        if len(frames) > 1 or reply.get("event") != event:
+            raise RuntimeError(f"expected {event}, got {[payload for _, payload in frames]!r}")
+    if buffer:
+        raise RuntimeError(f"unexpected bytes before the first quote: {buffer[:80]!r}")
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    sock.setblocking(False)
+    return sock
 
 
 class Receipts:
-    """What one generator process received while measuring: receipt times and payloads, in step."""
+    """Every frame one generator process received while measuring, in flat lists kept in step (lists of ints
+    and bytes, which the garbage collector does not track)."""
 
     def __init__(self) -> None:
-        self.times: list[int] = []
+        self.client: list[int] = []
+        self.read_ns: list[int] = []  # after recvmsg, awake clients only (0 for the others)
+        self.arrived_ns: list[int] = []  # the kernel's receive timestamp of the read's last packet
         self.payloads: list[bytes] = []
-
-    def delays(self) -> list[int]:
-        """Nanoseconds from each quote's publication to its receipt; anything but a quote is an error."""
-        result = []
-        for received_ns, payload in zip(self.times, self.payloads, strict=True):
-            message = orjson.loads(payload)
-            if message.get("channel") != "quotes":
-                raise RuntimeError(f"a client received {message!r} while measuring")
-            result.append(received_ns - message["data"]["published_ns"])
-        return result
+        self.shared = 0  # frames that came in one read with a later one: stamped with the later one's arrival
 
 
-async def lean_subscribers(port: int, key: str, count: int, ticks: int, conn: Connection) -> None:
-    """One generator process: `count` lean clients; reports ready, then its delays and CPU time."""
+def read_subscriber(index: int, sock: socket.socket, pending: list[bytes], receipts: Receipts, *, awake: bool) -> None:
+    """Everything that is in `sock` now, parsed into frames; answers pings."""
+    while True:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(READ_SIZE, ANCILLARY_SIZE)
+        except BlockingIOError:
+            return
+        read_ns = time_ns() if awake else 0
+        if not data:
+            raise RuntimeError(f"the server closed subscriber {index}")
+        arrived_ns = 0
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = TIMESPEC.unpack(value)
+                arrived_ns = seconds * 1_000_000_000 + nanoseconds
+        if pending[index]:
+            data = pending[index] + data
+        frames, pending[index] = split_frames(data)
+        texts = 0
+        for opcode, payload in frames:
+            if opcode == Opcode.TEXT.value:
+                receipts.client.append(index)
+                receipts.read_ns.append(read_ns)
+                receipts.arrived_ns.append(arrived_ns)
+                receipts.payloads.append(payload)
+                texts += 1
+            elif opcode == Opcode.PING.value:
+                sock.sendall(Frame(Opcode.PONG, payload).serialize(mask=True))
+            elif opcode == Opcode.CLOSE.value:
+                raise RuntimeError(f"the server closed subscriber {index}: {payload[2:]!r}")
+        receipts.shared += max(texts - 1, 0)
+        if len(data) < READ_SIZE:
+            return  # all there was (one read is one syscall fewer than reading until EAGAIN)
+
+
+def evenly_spread(count: int, picks: int) -> set[int]:
+    return {i * count // picks for i in range(picks)} if picks else set()
+
+
+def run_subscribers(port: int, key: str, count: int, awake: int, ticks: int, conn: Connection) -> None:
+    """One generator process: `count` clients, `awake` of them read each frame as it comes, the rest are drained
+    once per tick between quotes. Reports ready, then its CPU time over the window, then its delays."""
+    gc.disable()  # nothing here makes cycles; a collection pass over 500 clients' state would stall receipt
+    sockets = [open_subscriber(port, key) for _ in range(count)]
+    awake_clients = evenly_spread(count, awake)
+    drained = [i for i in range(count) if i not in awake_clients]
+    poller = select.epoll()
+    by_fd = {}
+    for i in awake_clients:
+        poller.register(sockets[i].fileno(), select.EPOLLIN)
+        by_fd[sockets[i].fileno()] = i
+    pending = [b""] * count
     receipts = Receipts()
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    clients = []
-    for _ in range(count):
-        _, client = await loop.create_connection(
-            lambda: LeanClient("127.0.0.1", port, receipts, count * ticks, done), "127.0.0.1", port
-        )
-        await client.opened
-        client.send({"op": "auth", "key": key})
-        await client.replies.get()
-        client.send({"op": "subscribe", "channel": "quotes", "symbol": "BTC-USD"})
-        await client.replies.get()
-        client.measuring = True
-        clients.append(client)
     conn.send("ready")
+    start_ns, interval_ns = conn.recv()
     cpu = time.process_time()
-    await done.wait()
-    conn.send(time.process_time() - cpu)  # the window: from ready to the last quote, decoding not included
-    conn.send(receipts.delays())
-    for client in clients:
-        assert client.transport is not None
-        client.transport.close()
+    expected = count * ticks
+    next_drain = start_ns + interval_ns // 2
+    give_up = start_ns + ticks * interval_ns + 30_000_000_000
+    while len(receipts.payloads) < expected:
+        now = time_ns()
+        if now >= next_drain:
+            for i in drained:
+                read_subscriber(i, sockets[i], pending, receipts, awake=False)
+            next_drain += interval_ns
+            if now > give_up:
+                raise RuntimeError(f"{expected - len(receipts.payloads)} quotes never arrived")
+            continue
+        for fd, _ in poller.poll((next_drain - now) / 1e9):
+            i = by_fd[fd]
+            read_subscriber(i, sockets[i], pending, receipts, awake=True)
+    conn.send(time.process_time() - cpu)  # the window: from the first quote to the last, decoding not included
+    conn.send(delays(receipts, count, ticks, awake_clients))
+    for sock in sockets:
+        sock.close()
 
 
-def lean_process(port: int, key: str, count: int, ticks: int, conn: Connection) -> None:
-    uvloop.run(lean_subscribers(port, key, count, ticks, conn))
+def delays(receipts: Receipts, count: int, ticks: int, awake: set[int]) -> dict[str, object]:
+    """Nanoseconds from publication to arrival (every client) and to read (awake clients); checks that every
+    client got every quote once, in order, and nothing else."""
+    next_seq = [0] * count
+    arrival, read, awake_arrival = [], [], []
+    first = [1 << 62] * ticks  # per quote, the earliest and latest arrival in this process
+    last = [0] * ticks
+    for client, read_ns, arrived_ns, payload in zip(
+        receipts.client, receipts.read_ns, receipts.arrived_ns, receipts.payloads, strict=True
+    ):
+        message = orjson.loads(payload)
+        if message.get("channel") != "quotes":
+            raise RuntimeError(f"a client received {message!r} while measuring")
+        data = message["data"]
+        if data["seq"] != next_seq[client]:
+            raise RuntimeError(f"client {client} received quote {data['seq']} after {next_seq[client] - 1}")
+        next_seq[client] += 1
+        if not arrived_ns:
+            raise RuntimeError("a read came without the kernel's receive timestamp")
+        delay = arrived_ns - data["published_ns"]
+        arrival.append(delay)
+        first[data["seq"]] = min(first[data["seq"]], delay)
+        last[data["seq"]] = max(last[data["seq"]], delay)
+        if client in awake:
+            awake_arrival.append(arrived_ns - data["published_ns"])
+            read.append(read_ns - data["published_ns"])
+    if any(seq != ticks for seq in next_seq):
+        raise RuntimeError("a client is missing quotes")
+    return {
+        "arrival": arrival,
+        "read": read,
+        "awake_arrival": awake_arrival,
+        "first": first,
+        "last": last,
+        "shared": receipts.shared,
+    }
+
+
+def generator_process(
+    port: int, key: str, count: int, awake: int, ticks: int, cpus: set[int] | None, conn: Connection
+) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        run_subscribers(port, key, count, awake, ticks, conn)
+    except BaseException as exc:
+        conn.send(f"failed: {exc!r}")
+        raise
+
+
+# --- the websockets library's client ------------------------------------------------------------------------
 
 
 async def websockets_subscribers(port: int, key: str, subscribers: int, ticks: int, delays: list[int]) -> list[object]:
-    """The `websockets` library's client, all subscribers in this process (the heavier, original generator)."""
+    """The `websockets` library's client, all subscribers in this process, every one awake (the heavier,
+    original generator)."""
     clients = []
     for _ in range(subscribers):
         ws = await connect(f"ws://127.0.0.1:{port}/ws", compression=None, max_queue=None)
         await ws.send(orjson.dumps({"op": "auth", "key": key}).decode())
         await ws.recv()
-        await ws.send(orjson.dumps({"op": "subscribe", "channel": "quotes", "symbol": "BTC-USD"}).decode())
+        await ws.send(orjson.dumps({"op": "subscribe", "channel": "quotes", "symbol": SYMBOL}).decode())
         await ws.recv()
         clients.append(ws)
 
     async def reader(ws: object) -> None:
-        for _ in range(ticks):
+        for seq in range(ticks):
             message = orjson.loads(await ws.recv())  # type: ignore[attr-defined]
+            if message["data"]["seq"] != seq:
+                raise RuntimeError(f"received quote {message['data']['seq']}, expected {seq}")
             delays.append(time.time_ns() - int(message["data"]["published_ns"]))
 
     return [asyncio.create_task(reader(ws)) for ws in clients]
 
 
-async def publish(redis_url: str, ticks: int, rate: float) -> None:
-    redis = aioredis.Redis.from_url(redis_url)
-    await redis.ping()  # connect now: the first quote's delay must not include the publisher's connection set-up
-    for _ in range(ticks):
-        payload = {"bid": "65000.00", "ask": "65000.50", "published_ns": time.time_ns()}
-        await redis.publish(
-            "tp:quotes:BTC-USD", orjson.dumps({"channel": "quotes", "symbol": "BTC-USD", "data": payload})
-        )
-        await asyncio.sleep(1 / rate)
-    await redis.aclose()
+# --- the publisher and the measurement ----------------------------------------------------------------------
+
+
+def publish(redis_url: str, ticks: int, start_ns: int, interval_ns: int) -> None:
+    """Quote `seq` at start_ns + seq * interval_ns, the fields of the market data worker's quote plus the number
+    and the publish time."""
+    client = redis.Redis.from_url(redis_url)
+    client.ping()  # connected now: the first quote's delay must not include the publisher's connection set-up
+    for seq in range(ticks):
+        pause = (start_ns + seq * interval_ns - time_ns()) / 1e9
+        if pause > 0:
+            time.sleep(pause)
+        data = {
+            "symbol": SYMBOL,
+            "ts": "2026-11-21T12:00:00.000000Z",
+            "bid": "65000.00",
+            "ask": "65000.50",
+            "bid_size": "1.25",
+            "ask_size": "0.8",
+            "last": "65000.25",
+            "seq": seq,
+            "published_ns": time_ns(),
+        }
+        client.publish(CHANNEL, orjson.dumps({"channel": "quotes", "symbol": SYMBOL, "data": data}))
+    client.close()
+
+
+def client_cpus(spec: str) -> set[int] | None:
+    """The CPUs the lean clients may run on: `last` (the machine's last CPU, when it has more than one), `all`,
+    or a comma-separated list."""
+    if spec == "all":
+        return None
+    if spec == "last":
+        available = sorted(os.sched_getaffinity(0))
+        return {available[-1]} if len(available) > 1 else None
+    return {int(cpu) for cpu in spec.split(",")}
 
 
 def machine_busy() -> float:
@@ -237,69 +368,108 @@ def process_tree_cpu(pid: int) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
 
 
+def receive_from(parent: Connection, timeout: float, what: str) -> object:
+    if not parent.poll(timeout):
+        raise RuntimeError(f"a generator process did not {what}")
+    value = parent.recv()
+    if isinstance(value, str) and value.startswith("failed"):
+        raise RuntimeError(f"a generator process {value}")
+    return value
+
+
 def measure(args: argparse.Namespace, port: int, redis_url: str, key: str, api_pid: int) -> dict[str, object]:
-    delays: list[int] = []
-    generator_cpu = machine_cpu = 0.0
+    interval_ns = int(1e9 / args.rate)
+    arrival: list[int] = []
+    read: list[int] = []
+    awake_arrival: list[int] = []
+    first = [1 << 62] * args.ticks  # per quote: the first client's arrival, the last client's
+    last = [0] * args.ticks
+    shared = 0
     if args.client == "websockets":
 
-        async def run() -> float:
-            readers = await websockets_subscribers(port, key, args.subscribers, args.ticks, delays)
+        async def run() -> tuple[float, float, float]:
+            readers = await websockets_subscribers(port, key, args.subscribers, args.ticks, read)
             await asyncio.sleep(0.5)
             cpu, api_cpu, busy = time.process_time(), process_tree_cpu(api_pid), machine_busy()
-            await publish(redis_url, args.ticks, args.rate)
+            start_ns = time_ns() + 100_000_000
+            await asyncio.to_thread(publish, redis_url, args.ticks, start_ns, interval_ns)
             await asyncio.wait_for(asyncio.gather(*readers), 60)
-            nonlocal generator_cpu, machine_cpu
-            generator_cpu = time.process_time() - cpu
-            machine_cpu = machine_busy() - busy
-            return process_tree_cpu(api_pid) - api_cpu
+            return time.process_time() - cpu, process_tree_cpu(api_pid) - api_cpu, machine_busy() - busy
 
-        api_cpu = asyncio.run(run())
+        generator_cpu, api_cpu, machine_cpu = asyncio.run(run())
+        awake = args.subscribers
     else:
+        awake = min(args.awake, args.subscribers)
         context = multiprocessing.get_context("spawn")
         shares = [
             args.subscribers // args.client_procs + (i < args.subscribers % args.client_procs)
             for i in range(args.client_procs)
         ]
+        awake_shares = [awake // args.client_procs + (i < awake % args.client_procs) for i in range(args.client_procs)]
         workers = []
-        for share in shares:
+        for share, awake_share in zip(shares, awake_shares, strict=True):
             parent, child = context.Pipe()
-            process = context.Process(target=lean_process, args=(port, key, share, args.ticks, child), daemon=True)
+            process = context.Process(
+                target=generator_process,
+                args=(port, key, share, awake_share, args.ticks, client_cpus(args.client_cpus), child),
+                daemon=True,
+            )
             process.start()
             workers.append((process, parent))
         for _, parent in workers:
-            if not parent.poll(120) or parent.recv() != "ready":
+            if receive_from(parent, 300, "connect its clients") != "ready":
                 raise RuntimeError("a generator process failed to connect its clients")
-        time.sleep(0.5)
+        start_ns = time_ns() + 500_000_000
+        for _, parent in workers:
+            parent.send((start_ns, interval_ns))
+        time.sleep(0.25)
         api_cpu_start, cpu, busy = process_tree_cpu(api_pid), time.process_time(), machine_busy()
-        uvloop.run(publish(redis_url, args.ticks, args.rate))
+        publish(redis_url, args.ticks, start_ns, interval_ns)
         generator_cpu = time.process_time() - cpu
         for _, parent in workers:
-            if not parent.poll(60):
-                raise RuntimeError("a generator process did not receive every tick")
-            generator_cpu += parent.recv()
+            generator_cpu += float(receive_from(parent, 60, "receive every quote"))  # type: ignore[arg-type]
         api_cpu = process_tree_cpu(api_pid) - api_cpu_start
         machine_cpu = machine_busy() - busy
         for process, parent in workers:  # each decodes what it received once the window has closed
-            if not parent.poll(60):
-                raise RuntimeError("a generator process did not report its delays")
-            delays.extend(parent.recv())
+            found: dict[str, list[int]] = receive_from(parent, 60, "report its delays")  # type: ignore[assignment]
+            arrival.extend(found["arrival"])
+            read.extend(found["read"])
+            awake_arrival.extend(found["awake_arrival"])
+            first = [min(a, b) for a, b in zip(first, found["first"], strict=True)]
+            last = [max(a, b) for a, b in zip(last, found["last"], strict=True)]
+            shared += int(found["shared"])  # type: ignore[call-overload]
             process.join(10)
-    delays.sort()
 
-    def q(p: float) -> float:
-        return round(delays[int(p * (len(delays) - 1))] / 1e6, 3)
+    def quantiles(values: list[int]) -> dict[str, float | None]:
+        values = sorted(values)
+
+        def q(p: float) -> float | None:
+            return round(values[int(p * (len(values) - 1))] / 1e6, 3) if values else None
+
+        return {"p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": q(1.0)}
 
     return {
         "benchmark": "ws_fanout",
         "client": args.client,
         "client_procs": 1 if args.client == "websockets" else args.client_procs,
+        "client_cpus": args.client_cpus,
         "api_workers": args.api_workers,
         "subscribers": args.subscribers,
+        "awake": awake,
         "ticks": args.ticks,
-        "messages": len(delays),
-        "p50_ms": q(0.5),
-        "p99_ms": q(0.99),
-        "max_ms": q(1.0),
+        "rate": args.rate,
+        "messages": max(len(arrival), len(read)),
+        # publish -> read by an awake client's process (every client with --client websockets)
+        "read": quantiles(read),
+        # publish -> the frame in the socket of every client (kernel receive timestamp); lean clients only
+        "arrival": quantiles(arrival),
+        "awake_arrival": quantiles(awake_arrival),  # the same for the awake sample: is it representative?
+        # where a quote's time goes: until the first client has it (Redis, the API's reader: the hops), until
+        # the last one has it (that plus the whole fan-out), and the difference, quote by quote
+        "first_arrival": quantiles(first if args.client == "lean" else []),
+        "last_arrival": quantiles(last if args.client == "lean" else []),
+        "fan_out_spread": quantiles([b - a for a, b in zip(first, last, strict=True)] if args.client == "lean" else []),
+        "shared_timestamps": shared,
         # CPU per tick over the publishing window: what the API and the load generator (publisher included)
         # each spent, and everything else on the machine (Redis, the kernel's own work, other people's jobs).
         "api_cpu_ms_per_tick": round(1000 * api_cpu / args.ticks, 2),
@@ -314,13 +484,25 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=200)
     parser.add_argument("--rate", type=float, default=50.0, help="quotes published per second")
     parser.add_argument(
+        "--awake",
+        type=int,
+        default=50,
+        help="lean clients, spread evenly over the connections, that read every frame as it arrives; the others "
+        "are drained once per tick, between quotes (--awake N makes every client wake for every frame)",
+    )
+    parser.add_argument(
         "--client",
         choices=("lean", "websockets"),
         default="lean",
-        help="lean: a minimal frame-parsing client on uvloop, split over --client-procs processes; "
+        help="lean: plain sockets and a minimal frame parser, split over --client-procs processes; "
         "websockets: the websockets library's client, every subscriber in this one process",
     )
     parser.add_argument("--client-procs", type=int, default=2, help="generator processes for --client lean")
+    parser.add_argument(
+        "--client-cpus",
+        default="all",
+        help="CPUs the lean clients' processes run on: all, last (the last CPU) or a list such as 1 or 0,1",
+    )
     parser.add_argument(
         "--api-workers", type=int, default=1, help="API processes sharing the port (`run api --workers N`)"
     )
@@ -360,8 +542,28 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.1)
         result = measure(args, port, redis_url, key, api.pid)
-        counts = f"{args.subscribers} subscribers ({args.client} client), {result['messages']} messages"
-        print(f"{counts}: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms")
+        read, arrival = result["read"], result["arrival"]
+        assert isinstance(read, dict) and isinstance(arrival, dict)
+        print(
+            f"{args.subscribers} subscribers ({args.client} client), {result['messages']} quotes delivered, "
+            "each client every quote in order"
+        )
+        if args.client == "lean":
+            print(
+                f"  publish -> in the client's socket, all {args.subscribers}: p50 {arrival['p50_ms']} ms, "
+                f"p99 {arrival['p99_ms']} ms, max {arrival['max_ms']} ms"
+            )
+            spans = [result[name] for name in ("first_arrival", "last_arrival", "fan_out_spread")]
+            assert all(isinstance(span, dict) for span in spans)
+            print(
+                "  per quote (p50 / p99): first client {} / {} ms, last client {} / {} ms, "
+                "last minus first {} / {} ms".format(*(span[q] for span in spans for q in ("p50_ms", "p99_ms")))  # type: ignore[index]
+            )
+        if result["awake"]:
+            print(
+                f"  publish -> read by the client, {result['awake']} awake: p50 {read['p50_ms']} ms, "
+                f"p99 {read['p99_ms']} ms, max {read['max_ms']} ms"
+            )
         print(
             f"CPU per tick: API {result['api_cpu_ms_per_tick']} ms, "
             f"load generator {result['generator_cpu_ms_per_tick']} ms, "

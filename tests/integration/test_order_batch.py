@@ -29,6 +29,7 @@ from tradeplane.services.orders import (
     OrderEntry,
     OrderRequest,
     Placement,
+    PlacementOutcome,
     submit_order,
     submit_orders,
 )
@@ -307,3 +308,32 @@ async def test_a_readonly_key_may_not_place_a_batch(client: httpx.AsyncClient, p
     order = {"account_id": 1, "symbol": "AAPL", "side": "buy", "type": "limit", "quantity": "1", "price": "190.00"}
     response = await client.post("/api/v1/orders/batch", json={"orders": [order]}, headers=viewer.headers)
     assert response.status_code == 403
+
+
+async def test_a_client_order_id_for_an_unknown_symbol_is_looked_up_in_its_own_account(platform: Platform) -> None:
+    """One placement holding one known (account, instrument) pair and, from another account, an unknown
+    symbol's order with a client_order_id (PlacementQueue coalesces several clients' orders; a batch may span
+    a user's accounts): the id is the other account's own, never the pair's account's."""
+    cash = {"kind": "cash", "cash": D("100000.00"), "positions": {}, "limits": None}
+    alice, bob = await make_book(platform, [cash]), await make_book(platform, [cash])
+    a, b = alice.account_ids[0], bob.account_ids[0]
+    entry = OrderEntry(platform.cache, shards=platform.settings.engine_shards, clock=lambda: NOW)
+    buy = OrderTerms(side=Side.BUY, order_type=OrderType.LIMIT, quantity=D(1), price=D("190.00"))
+    taken = await submit_orders(platform.db, entry, alice.principal, [OrderRequest(a, "AAPL", buy, "dup")])
+    mine = await submit_orders(platform.db, entry, bob.principal, [OrderRequest(b, "NOPE", buy, "mine")])
+    assert all(isinstance(outcome, Placement) for outcome in taken + mine)
+
+    async def together(coid: str) -> Placement | TradeplaneError:
+        async with platform.db.transaction("test.batch") as conn:
+            outcomes = await entry.place_mixed(
+                conn,
+                [(alice.principal, OrderRequest(a, "AAPL", buy)), (bob.principal, OrderRequest(b, "NOPE", buy, coid))],
+            )
+        return outcomes[1]
+
+    fresh = await together("dup")  # alice's "dup" is not bob's
+    assert isinstance(fresh, Placement) and fresh.outcome is PlacementOutcome.REJECTED
+    assert fresh.order.account_id == b
+    retry = await together("mine")  # bob's own retry: his original, and alice's order is placed too
+    assert isinstance(retry, Placement) and retry.outcome is PlacementOutcome.REPLAYED
+    assert retry.order.id == mine[0].order.id  # type: ignore[union-attr]

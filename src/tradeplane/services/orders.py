@@ -580,9 +580,19 @@ class OrderEntry:
         statement: PostgreSQL plans the array one afresh on every call, which costs about 1 ms."""
         if len(pairs) == 1 and len(with_ids) <= 1:
             (account, instrument), rules = pairs[0], pair_rules[0]
+            # the client_order_id's own account: it may be another account's order, for an unknown symbol
+            coid_account = requests[with_ids[0]].account_id if with_ids else None
             coid = requests[with_ids[0]].client_order_id if with_ids else None
             row = await conn.fetchrow(
-                _EXPOSURE_ONE, account, instrument, rules.quote_asset, rules.base_asset, scan[0], None, account, coid
+                _EXPOSURE_ONE,
+                account,
+                instrument,
+                rules.quote_asset,
+                rules.base_asset,
+                scan[0],
+                None,
+                coid_account,
+                coid,
             )
             assert row is not None  # the catalog only knows instruments that exist
             return [row], {index: row["existing_id"] for index in with_ids}

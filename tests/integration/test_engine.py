@@ -569,6 +569,20 @@ async def test_market_order_remainder_is_canceled_and_its_hold_released(desk: De
     await desk.check()
 
 
+async def test_market_order_with_no_liquidity_within_its_band_is_rejected_no_liquidity(desk: Desk) -> None:
+    seller = await desk.trader("seller", base="1")
+    buyer = await desk.trader("buyer")
+    lonely = await buyer.place("buy", "0.5", order_type="market")  # the book is empty
+    await seller.place("sell", "0.1", "115.00")  # beyond the 10 % band the next market order is held for
+    beyond = await buyer.place("buy", "0.5", order_type="market")
+    await desk.pump()
+    for order_id in (lonely, beyond):
+        row = await desk.order(order_id)
+        assert (row["status"], row["reject_reason"], row["filled_quantity"]) == ("rejected", "no_liquidity", 0)
+        assert await desk.held(order_id) == 0
+    await desk.check()
+
+
 async def test_market_order_never_pays_beyond_its_hold_price(desk: Desk) -> None:
     seller = await desk.trader("seller", base="1")
     buyer = await desk.trader("buyer")

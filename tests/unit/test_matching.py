@@ -193,6 +193,22 @@ def test_a_market_order_into_an_empty_side_is_rejected(desk: Desk) -> None:
     assert not of(events, OrderAccepted)
 
 
+def test_a_market_order_walks_only_up_to_its_protection_price(desk: Desk) -> None:
+    desk.order(1, SELL, 2, 100, account=2)
+    desk.order(2, SELL, 3, 105, account=2)
+    events = desk.order(3, BUY, 10, 104, order_type=OrderType.MARKET)
+    assert trades(events) == [(1, 3, 100, 2)]
+    assert reasons(events) == [(3, "market_no_liquidity")]  # not an IOC remainder: it is a market order
+    assert desk.depth() == ([], [(105, 3)])
+
+
+def test_a_market_order_with_nothing_within_its_protection_is_rejected(desk: Desk) -> None:
+    desk.order(1, SELL, 2, 105, account=2)
+    events = desk.order(2, BUY, 5, 104, order_type=OrderType.MARKET)
+    assert reasons(events) == [(2, "no_liquidity")]
+    assert not of(events, OrderAccepted) and desk.depth() == ([], [(105, 2)])
+
+
 def test_a_market_order_never_rests(desk: Desk) -> None:
     desk.order(1, SELL, 2, 100, account=2)
     desk.order(2, BUY, 5, time_in_force=TimeInForce.GTC)
@@ -343,8 +359,8 @@ def test_a_fok_stop_with_a_protection_price_counts_only_liquidity_inside_it(desk
     assert desk.resting() == [2, 3]
 
 
-def test_a_market_order_may_not_carry_a_price_but_a_stop_may(desk: Desk) -> None:
-    assert reasons(desk.order(1, BUY, 1, 100, order_type=OrderType.MARKET)) == [(1, "invalid_price")]
+def test_a_market_or_stop_orders_price_is_a_positive_protection(desk: Desk) -> None:
+    assert reasons(desk.order(1, BUY, 1, 0, order_type=OrderType.MARKET)) == [(1, "invalid_price")]
     assert reasons(desk.order(2, BUY, 1, 0, order_type=OrderType.STOP, stop_price=101)) == [(2, "invalid_price")]
     assert reasons(desk.order(3, BUY, 1, 105, order_type=OrderType.STOP, stop_price=101)) == []
 
@@ -577,7 +593,7 @@ def test_expiry_must_match_the_time_in_force(desk: Desk, fields: dict[str, Any],
         (0, 100, {}, "invalid_quantity"),
         (5, 0, {}, "invalid_price"),
         (5, None, {"order_type": OrderType.LIMIT}, "invalid_price"),
-        (5, 100, {"order_type": OrderType.MARKET}, "invalid_price"),
+        (5, -1, {"order_type": OrderType.MARKET}, "invalid_price"),
         (5, None, {"order_type": OrderType.STOP}, "invalid_stop_price"),
         (5, 100, {"stop_price": 90}, "invalid_stop_price"),
     ],

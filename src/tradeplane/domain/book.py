@@ -23,7 +23,10 @@ Matching rules (see also the tests, one per rule):
 - an incoming order trades with the best opposite price first and, at a price, with the oldest order first;
   the trade price is the resting (maker) order's price;
 - a market order walks the book; whatever is left when the opposite side runs out is canceled
-  (``market_no_liquidity``); a market order arriving at an empty opposite side is rejected (``no_liquidity``);
+  (``market_no_liquidity``); a market order arriving at an empty opposite side is rejected (``no_liquidity``).
+  It may carry a ``price``, its protection: the worst price it may trade at (the engine gives every market
+  order one, the edge of the instrument's price band). It walks the book up to that price only; the rest is
+  canceled (``market_no_liquidity``), and with nothing within it the order is rejected (``no_liquidity``);
 - IOC cancels its remainder (``ioc_remainder``); FOK is rejected (``fok_unfillable``) unless it can fill
   completely, checked before any state changes;
 - post-only is rejected (``post_only_would_take``) if it would cross the opposite best price;
@@ -750,8 +753,8 @@ class OrderBook:
         elif otype is _LIMIT or otype is _STOP_LIMIT:
             if price is None or price <= 0:
                 reason = _R.INVALID_PRICE
-        elif price is not None and (otype is _MARKET or price <= 0):
-            reason = _R.INVALID_PRICE  # a market order carries no price; a stop's is its protection price
+        elif price is not None and price <= 0:
+            reason = _R.INVALID_PRICE  # a market or stop order's price is its protection price
         if reason is None:
             if otype is _STOP or otype is _STOP_LIMIT:
                 if cmd.stop_price is None or cmd.stop_price <= 0:
@@ -833,7 +836,7 @@ class OrderBook:
                 reason = _R.FOK_UNFILLABLE
         elif tif is _FOK:
             reason = _R.FOK_UNFILLABLE
-        elif price is None:
+        elif otype is _MARKET:
             reason = _R.NO_LIQUIDITY
         if reason is not None:
             out.append(OrderRejected(seq, self.symbol, order_id, reason))
@@ -1230,7 +1233,7 @@ class OrderBook:
             return
         if stp_stopped:
             out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.STP, leaves))
-        elif o.price is None or o.order_type is _STOP:  # a stop's price is a protection, never a resting limit
+        elif o.price is None or o.order_type is _STOP or o.order_type is _MARKET:  # a protection, not a limit
             out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.MARKET_NO_LIQUIDITY, leaves))
         elif o.tif is _IOC or o.tif is _FOK:
             out.append(OrderCanceled(seq, self.symbol, o.order_id, _C.IOC_REMAINDER, leaves))

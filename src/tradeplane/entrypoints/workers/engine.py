@@ -577,17 +577,16 @@ class EngineWorker:
 
     @staticmethod
     def _new_order(row: OrderRow, info: InstrumentInfo, seq: int, now_ns: int) -> NewOrder:
-        """A new order from its row, priced by ``book_price``. A market order becomes an IOC (FOK) limit at
-        its protection price; a stop keeps its type (and its DAY/GTD expiry while it waits) and carries the
-        protection as its price, which the book applies once it triggers."""
+        """A new order from its row, priced by ``book_price``. A market order stays a market order (it never
+        rests: IOC, or FOK) and carries its protection price, the worst it may trade at, so running out of book
+        within it reads ``no_liquidity`` / ``market_no_liquidity``; a stop keeps its type (and its DAY/GTD
+        expiry while it waits) and carries the protection as its price, which the book applies once it
+        triggers."""
         spec = info.spec
         tif = TimeInForce(row.time_in_force)
         order_type = row.order_type
         price = book_price(order_type, row.side, row.price, row.hold_price, spec)
-        if order_type is OrderType.MARKET and price is not None:
-            order_type = OrderType.LIMIT
-            tif = TimeInForce.FOK if tif is TimeInForce.FOK else TimeInForce.IOC
-        elif order_type is OrderType.MARKET and tif not in (TimeInForce.IOC, TimeInForce.FOK):
+        if order_type is OrderType.MARKET and tif is not TimeInForce.FOK:
             tif = TimeInForce.IOC
         expire_at_ns = to_ns(row.expire_at) if row.expire_at is not None and tif in _EXPIRING else None
         return NewOrder(

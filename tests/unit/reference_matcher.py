@@ -329,6 +329,8 @@ class ReferenceBook:
             return reject("invalid_post_only")
         if c.reduce_only and self.room(c.account_id, c.side) == 0:
             return reject("reduce_only_no_position")
+        if c.reduce_only and c.time_in_force is TimeInForce.FOK and c.qty > self.room(c.account_id, c.side):
+            return reject("fok_unfillable")  # all or nothing: never cut
         o = RefOrder(
             c.order_id,
             c.account_id,

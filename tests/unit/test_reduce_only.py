@@ -234,6 +234,18 @@ def test_fok_does_not_count_reduce_only_makers_the_sweep_would_cut(desk: Desk) -
     ]
 
 
+def test_a_reduce_only_fok_larger_than_the_position_is_killed_not_cut(desk: Desk) -> None:
+    go_long(desk, 10)
+    desk.order(1, BUY, 30, 99, account=MM)
+    events = desk.order(2, SELL, 25, 99, account=TRADER, reduce_only=True, time_in_force=TimeInForce.FOK)
+    assert reasons(events) == [(2, "fok_unfillable")] and not of(events, Fill)
+    assert position(desk) == 10
+    assert trades(desk.order(3, SELL, 10, 99, account=TRADER, reduce_only=True, time_in_force=TimeInForce.FOK)) == [
+        (1, 3, 99, 10)
+    ]
+    assert position(desk) == 0
+
+
 def test_a_triggered_reduce_only_stop_meets_a_position_closed_in_the_same_cascade(desk: Desk) -> None:
     """Two stops of the trader fire on the same trade: the plain one (older) closes the position, so the
     reduce-only one, waiting in the trigger queue rather than the book, is canceled when its turn comes."""

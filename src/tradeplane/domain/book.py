@@ -47,7 +47,7 @@ back to ``restore``), and a reduce-only order may only bring that position towar
 - a new reduce-only order whose side cannot reduce the position (flat, or the position is on its own side) is
   rejected (``reduce_only_no_position``); one larger than the position is accepted and at once cut down to it
   (``OrderModified`` with reason ``reduce_only_capped``, priority kept), so as a taker it fills at most the
-  position;
+  position, except a FOK, which is all or nothing and so is rejected (``fok_unfillable``) instead;
 - between commands, and after every single fill, an account's open reduce-only orders (resting and waiting
   stops) on the side that reduces its position total at most |position|, and none is left on the other side:
   after a fill that shrinks or flips the position, they are cut newest first (lowest time priority), each by a
@@ -777,6 +777,8 @@ class OrderBook:
             room = self._room(cmd.account_id, cmd.side is _BUY)
             if not room:
                 reason = _R.REDUCE_ONLY_NO_POSITION
+            elif tif is _FOK and cmd.qty > room:
+                reason = _R.FOK_UNFILLABLE  # all or nothing: a FOK the position cannot take whole is not cut
         if reason is not None:
             out.append(OrderRejected(seq, self.symbol, order_id, reason))
             return

@@ -538,6 +538,7 @@ async def test_modify_raises_the_hold_for_a_larger_order_and_queues_a_modify(
         "order_id": order_id,
         "account_id": alice.account_id,
         "symbol": "BTC-USD",
+        "modify_no": 1,  # the engine records it once processed, ending this modify's target
         "new_qty": "1",
         "new_price": None,
     }
@@ -549,7 +550,11 @@ async def test_modify_raises_the_hold_for_a_larger_order_and_queues_a_modify(
     down = await client.patch(f"/api/v1/orders/{order_id}", json={"price": "64000.00"}, headers=alice.headers)
     assert down.status_code == 200
     assert await one(platform, "SELECT amount FROM holds WHERE order_id = $1", order_id) == D("66033.00")
-    assert [p["new_price"] for p in (await outbox_payloads(platform))[-2:]] == ["66000", "64000"]
+    assert [(p["modify_no"], p["new_price"]) for p in (await outbox_payloads(platform))[-2:]] == [
+        (2, "66000"),
+        (3, "64000"),
+    ]
+    assert await one(platform, "SELECT modifies_requested FROM orders WHERE id = $1", order_id) == 3
     actions = await sql(
         platform, "SELECT action FROM audit_log WHERE entity = 'order' AND entity_id = $1 ORDER BY id", str(order_id)
     )

@@ -328,7 +328,8 @@ SELECT * FROM o
 """
 
 _LOCK_ORDER = f"""
-SELECT {ORDER_COLUMNS}, o.instrument_id, o.hold_price, a.user_id, a.kind AS account_kind
+SELECT {ORDER_COLUMNS}, o.instrument_id, o.hold_price, o.modifies_requested, o.modifies_done, o.target_quantity,
+       o.target_price, a.user_id, a.kind AS account_kind
 FROM orders o JOIN accounts a ON a.id = o.account_id LEFT JOIN instruments i ON i.id = o.instrument_id
 WHERE o.id = $1
 FOR NO KEY UPDATE OF a, o
@@ -758,11 +759,13 @@ class OrderEntry:
                 f"the new quantity must exceed the filled quantity {decimal_text(order.filled_quantity)}",
                 code="validation_error",
             )
-        # Earlier modifies the engine may not have applied yet still count: the target is the last requested
-        # terms (kept in the audit row of the last modify), overridden by what this request changes.
-        pending_qty, pending_price = await self._pending_target(conn, order)
-        new_qty = pending_qty if quantity is None else quantity
-        new_price = pending_price if price is None else price
+        # Earlier modifies the engine has not processed yet still count: the order is headed for their target,
+        # overridden by what this request changes (None: the order's own value, no modify in flight changes it).
+        pending_qty, pending_price = _pending_target(row)
+        target_qty = pending_qty if quantity is None else quantity
+        target_price = pending_price if price is None else price
+        new_qty = order.quantity if target_qty is None else target_qty
+        new_price = order.price if target_price is None else target_price
         rules = await self.catalog.by_id(conn, row["instrument_id"])
         side = Side(order.side)
         state = await conn.fetchrow(
@@ -839,10 +842,24 @@ class OrderEntry:
                     order_id,
                     now,
                 )
+        # The modify's number goes to the engine with it; the engine records it in modifies_done once it has
+        # applied or refused the modify, which ends this target (the row lock orders the numbers).
         fresh = await conn.fetchrow(
-            "UPDATE orders SET hold_price = $2, updated_at = $3 WHERE id = $1 RETURNING *", order_id, hold_price, now
+            "UPDATE orders SET hold_price = $2, updated_at = $3, modifies_requested = modifies_requested + 1,"
+            " target_quantity = $4, target_price = $5 WHERE id = $1 RETURNING *",
+            order_id,
+            hold_price,
+            now,
+            target_qty,
+            target_price,
         )
-        payload = {"type": "modify", "order_id": order_id, "account_id": order.account_id, "symbol": order.symbol}
+        payload = {
+            "type": "modify",
+            "order_id": order_id,
+            "account_id": order.account_id,
+            "symbol": order.symbol,
+            "modify_no": fresh["modifies_requested"],
+        }
         await self._outbox_and_audit(
             conn, principal, order, {**payload, **details}, "order.modify", {**details, **target}, now
         )
@@ -933,24 +950,6 @@ class OrderEntry:
             raise NotFound(f"no order {order_id}", code="order_not_found")
         return row
 
-    async def _pending_target(self, conn: asyncpg.Connection, order: OrderRecord) -> tuple[Decimal, Decimal | None]:
-        """The quantity and price the order will have once the engine applies every modify sent so far.
-
-        Read from the last ``order.modify`` audit row (indexed by entity); if the engine refused that modify,
-        the target overstates the order, which only makes the hold larger than needed until the engine's next
-        update of it, never smaller.
-        """
-        details = await conn.fetchval(
-            "SELECT details::text FROM audit_log WHERE entity = 'order' AND entity_id = $1 AND action = 'order.modify'"
-            " ORDER BY id DESC LIMIT 1",
-            str(order.id),
-        )
-        if details is None:
-            return order.quantity, order.price
-        last = json.loads(details)
-        price = last.get("target_price")
-        return Decimal(last["target_qty"]), (None if price is None else Decimal(price))
-
     async def _outbox_and_audit(
         self,
         conn: asyncpg.Connection,
@@ -974,6 +973,20 @@ class OrderEntry:
             json.dumps(details),
             str(order.id),
         )
+
+
+def _pending_target(row: asyncpg.Record) -> tuple[Decimal | None, Decimal | None]:
+    """The quantity and price the modifies in flight will give the order (None: they leave it as it is).
+
+    A modify is in flight from the api's commit until the engine has applied or refused it (``modifies_done``
+    reaches its number). Once none is, the order's own terms are the target: a refused modify's terms are not
+    asked for again, and the engine's own quantity cut of a reduce-only order (not a client modify, so not
+    counted) is not undone. While some are, a refused one among them still counts until the last is
+    processed, which can only overstate the hold for that while, never understate it.
+    """
+    if row["modifies_requested"] > row["modifies_done"]:
+        return row["target_quantity"], row["target_price"]
+    return None, None
 
 
 def _request_problem(request: OrderRequest, now: datetime) -> str | None:

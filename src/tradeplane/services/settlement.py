@@ -5,7 +5,8 @@ the transaction it opened; ``settle`` writes every consequence and nothing else 
 
 - order rows: status (only through ``domain.orders.transition``), filled quantity, average fill price,
   ``sequence`` (the engine's time priority, so a restart rebuilds the same queue), and after a modify the new
-  quantity, price and hold price;
+  quantity, price and hold price, and ``modifies_done``, the number of the last client modify processed
+  (applied or refused), which ends the api's pricing of later modifies from that one's target;
 - one ``fills`` row per side of each trade (``fill_id`` = ``Fill.maker_fill_id`` / ``taker_fill_id``: a
   replayed batch collides on the unique key instead of filling twice) and one ``trades`` row for the tape;
 - positions netted per (account, instrument): net quantity, average price of the open position and realized
@@ -127,7 +128,7 @@ ORDER_COLUMNS = (
     "SELECT o.id, o.account_id, o.instrument_id, o.client_order_id, o.side, o.type, o.time_in_force,"
     " o.quantity, o.price, o.stop_price, o.expire_at, o.post_only, o.reduce_only, o.stp_mode, o.status,"
     " o.filled_quantity, o.average_fill_price, o.reject_reason, o.sequence, o.hold_price, o.created_at,"
-    " a.user_id, a.kind AS account_kind"
+    " o.modifies_done, a.user_id, a.kind AS account_kind"
     " FROM orders o JOIN accounts a ON a.id = o.account_id"
 )
 
@@ -160,12 +161,20 @@ class OrderRow:
     sequence: int | None
     hold_price: Decimal | None
     created_at: datetime
+    modifies_done: int = 0  # the last client modify the engine processed (see ``modify_processed``)
     updated_at: datetime | None = None
     dirty: bool = False
 
     @property
     def leaves_quantity(self) -> Decimal:
         return self.quantity - self.filled_quantity if self.status in OPEN_STATUSES else Decimal(0)
+
+    def modify_processed(self, modify_no: int) -> None:
+        """The engine has processed the client's modify number ``modify_no`` (applied, refused, or its order
+        gone): it is no longer in flight. Numbers only grow, so a stale one never lowers the record."""
+        if modify_no > self.modifies_done:
+            self.modifies_done = modify_no
+            self.dirty = True
 
     def to_public(self) -> dict[str, Any]:
         """The order as execution reports carry it (decimals as strings, times ISO 8601 UTC)."""
@@ -238,6 +247,7 @@ async def load_order_rows(
             sequence=r["sequence"],
             hold_price=r["hold_price"],
             created_at=r["created_at"],
+            modifies_done=r["modifies_done"],
         )
     return out
 
@@ -713,10 +723,12 @@ class _Settler:
         await conn.execute(
             "UPDATE orders o SET status = u.status, filled_quantity = u.filled_quantity,"
             " average_fill_price = u.average_fill_price, sequence = u.sequence, quantity = u.quantity,"
-            " price = u.price, hold_price = u.hold_price, reject_reason = u.reject_reason, updated_at = $10"
+            " price = u.price, hold_price = u.hold_price, reject_reason = u.reject_reason, updated_at = $10,"
+            " modifies_done = u.modifies_done"
             " FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[], $5::bigint[], $6::numeric[],"
-            " $7::numeric[], $8::numeric[], $9::text[]) AS u(id, status, filled_quantity, average_fill_price,"
-            " sequence, quantity, price, hold_price, reject_reason) WHERE o.id = u.id",
+            " $7::numeric[], $8::numeric[], $9::text[], $11::integer[]) AS u(id, status, filled_quantity,"
+            " average_fill_price, sequence, quantity, price, hold_price, reject_reason, modifies_done)"
+            " WHERE o.id = u.id",
             [r.order_id for r in dirty],
             [r.status.value for r in dirty],
             [r.filled_quantity for r in dirty],
@@ -727,6 +739,7 @@ class _Settler:
             [r.hold_price for r in dirty],
             [r.reject_reason for r in dirty],
             now,
+            [r.modifies_done for r in dirty],
         )
         # Each changed order's hold: resized to what it still reserves, or released (0) once it is finished.
         await conn.execute(

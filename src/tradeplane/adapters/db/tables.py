@@ -393,6 +393,28 @@ orders = Table(
         nullable=True,
         comment="the symbol asked for when no instrument has it (rejected orders only)",
     ),
+    # The modifies in flight (migration 0013): while modifies_requested > modifies_done the order is headed for
+    # target_quantity / target_price (NULL: unchanged), which the api prices the next modify's hold from.
+    Column(
+        "modifies_requested",
+        Integer,
+        nullable=False,
+        server_default=text("0"),
+        comment="modifies the api sent to the engine (the last one's number)",
+    ),
+    Column(
+        "modifies_done",
+        Integer,
+        nullable=False,
+        server_default=text("0"),
+        comment="number of the last modify the engine processed, applied or refused",
+    ),
+    Column(
+        "target_quantity", Amount, nullable=True, comment="quantity the modifies in flight ask for (NULL: unchanged)"
+    ),
+    Column(
+        "target_price", Amount, nullable=True, comment="limit price the modifies in flight ask for (NULL: unchanged)"
+    ),
     UniqueConstraint("account_id", "client_order_id"),
     one_of("side", SIDES, "side"),
     one_of("type", ORDER_TYPES, "type"),

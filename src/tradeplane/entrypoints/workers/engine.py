@@ -558,6 +558,11 @@ class EngineWorker:
         if kind == "cancel":
             return Cancel(seq=self._next_seq(), ts_ns=now_ns, symbol=row.symbol, order_id=order_id)
         if kind == "modify":
+            # Applied, refused or dropped below, this modify is no longer in flight: the api stops pricing the
+            # next modify from its target. A message from before modify numbers has none and changes nothing.
+            modify_no = payload.get("modify_no")
+            if type(modify_no) is int:
+                row.modify_processed(modify_no)
             try:
                 new_qty = _optional_decimal(payload.get("new_qty"))
                 new_price = _optional_decimal(payload.get("new_price"))

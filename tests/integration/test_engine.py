@@ -476,6 +476,22 @@ async def desk(database_url: str, redis_url: str, bus_url: str) -> AsyncIterator
 # --------------------------------------------------------------------------------------------------- tests
 
 
+def cash_buy_hold(qty: str, price: str) -> D:
+    """What a cash account's buy of ``qty`` at ``price`` reserves on the test instrument (fees 2/5 bp)."""
+    return reservation(
+        side=Side.BUY,
+        account_kind="cash",
+        leaves_qty=D(qty),
+        hold_price=D(price),
+        maker_fee_rate=D("0.0002"),
+        taker_fee_rate=D("0.0005"),
+        margin_rate=D("0.10"),
+        base_asset="BTC",
+        quote_asset="USD",
+        quote_scale=2,
+    ).amount
+
+
 async def test_crossing_order_fills_at_the_makers_price_with_deterministic_ids(desk: Desk) -> None:
     seller = await desk.trader("seller", base="5")
     buyer = await desk.trader("buyer")
@@ -779,18 +795,7 @@ async def test_a_modify_the_engine_refuses_gives_back_the_hold_the_api_raised(de
     await seller.place("sell", "1", "105.00")
     bid = await buyer.place("buy", "1", "100.00", post_only=True)
     await desk.pump()
-    needed = reservation(
-        side=Side.BUY,
-        account_kind="cash",
-        leaves_qty=D(1),
-        hold_price=D("100.00"),
-        maker_fee_rate=D("0.0002"),
-        taker_fee_rate=D("0.0005"),
-        margin_rate=D("0.10"),
-        base_asset="BTC",
-        quote_asset="USD",
-        quote_scale=2,
-    ).amount
+    needed = cash_buy_hold("1", "100.00")
     assert await desk.held(bid) == needed == D("100.05")
 
     await buyer.amend(bid, price="106.00")  # accepted by the api, which raises the hold to 106.06

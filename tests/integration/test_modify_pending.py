@@ -11,31 +11,14 @@ from __future__ import annotations
 from decimal import Decimal as D
 
 from tests.integration import test_engine
-from tests.integration.test_engine import Desk, Trader
+from tests.integration.test_engine import Desk, Trader, cash_buy_hold
 from tests.integration.test_reduce_only import go_long, place
 from tradeplane.domain.orders import OrderType, Side
-from tradeplane.domain.reservations import reservation
 from tradeplane.domain.risk import OrderTerms, RiskReason, RiskRejection
 from tradeplane.services.identity import Principal, Role
 from tradeplane.services.orders import OrderEntry, OrderRequest
 
 desk = test_engine.desk  # the engine tests' fixture: database, Redis, a namespaced bus, relay and engine
-
-
-def cash_buy_hold(qty: str, price: str) -> D:
-    """What a cash account's buy of ``qty`` at ``price`` reserves on the test instrument (fees 2/5 bp)."""
-    return reservation(
-        side=Side.BUY,
-        account_kind="cash",
-        leaves_qty=D(qty),
-        hold_price=D(price),
-        maker_fee_rate=D("0.0002"),
-        taker_fee_rate=D("0.0005"),
-        margin_rate=D("0.10"),
-        base_asset="BTC",
-        quote_asset="USD",
-        quote_scale=2,
-    ).amount
 
 
 async def post_only_bid(desk: Desk, trader: Trader, qty: str, price: str) -> int:

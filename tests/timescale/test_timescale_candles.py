@@ -345,13 +345,17 @@ async def test_candles_are_not_invented_for_empty_intervals_or_quote_only_ticks(
     ]
 
 
-async def test_refresh_policies_materialize_recent_candles(timescale_url: str) -> None:
-    """pglite runs no background workers, so the policies' jobs are run by hand, as the scheduler would."""
+async def test_refresh_policies_materialize_recent_candles(fresh_timescale_url: str) -> None:
+    """pglite runs no background workers, so the policies' jobs are run by hand, as the scheduler would.
+
+    A server of its own: its ticks are the last three hours'. Between midnight and 03:00 UTC they fall on
+    yesterday, which other tests' refreshes on the shared server can already have materialized without them
+    (below the watermark only materialized candles are served): its D1 candle read back empty at 00:10."""
     instrument_id, symbol = 105, "TSE"
     start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=3)
     ticks = random_ticks(symbol, start, 200, seed=5)
     ticks = [t for t in ticks if to_dt(t.ts_ns) < start + timedelta(hours=2)]
-    async with connect(timescale_url) as conn:
+    async with connect(fresh_timescale_url) as conn:
         await insert_ticks(conn, instrument_id, SCALE, ticks)
         for timeframe in Timeframe:
             await conn.execute(

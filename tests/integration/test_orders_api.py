@@ -303,6 +303,21 @@ async def test_the_order_rate_is_limited_per_account_per_second(
     assert counter == b"3"
 
 
+async def test_orders_for_unknown_symbols_count_in_the_rate_window(
+    client: httpx.AsyncClient, platform: Platform, alice: Actor
+) -> None:
+    """Each is stored as a rejected order, so a flood of them is as much load as any other: it uses the window."""
+    await sql(platform, "INSERT INTO risk_limits (account_id, max_orders_per_second) VALUES ($1, 2)", alice.account_id)
+    second = datetime.now(UTC).replace(microsecond=0)
+    order_entry(platform).clock = lambda: second
+    unknown = [await post(client, alice, symbol="NOPE-USD") for _ in range(2)]
+    assert [r.json()["reason"] for r in unknown] == ["unknown_instrument", "unknown_instrument"]
+    known = await post(client, alice)
+    assert known.status_code == 422 and known.json()["reason"] == "rate_limited"
+    counter = await platform.cache.client.get(f"ratelimit:orders:{alice.account_id}:{int(second.timestamp())}")
+    assert counter == b"3"
+
+
 async def long_one_btc(platform: Platform, actor: Actor) -> None:
     """A position of 1 BTC bought before the test."""
     await sql(

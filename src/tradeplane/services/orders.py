@@ -452,16 +452,17 @@ class OrderEntry:
         pair_rules: list[InstrumentRules] = []
         counted: dict[int, int] = {}  # account -> orders of this batch in its rate window
         for index, rules in checked:
+            request = requests[index]
+            # every stored order counts in its account's rate window, an unknown instrument's too: each writes a row
+            counted[request.account_id] = counted.get(request.account_id, 0) + 1
             if rules is None:
                 continue
-            request = requests[index]
             pair = (request.account_id, rules.instrument_id)
             if pair not in pairs:
                 pairs[pair] = len(pairs)
                 scan.append(False)
                 pair_rules.append(rules)
             scan[pairs[pair]] = scan[pairs[pair]] or request.terms.reduce_only
-            counted[request.account_id] = counted.get(request.account_id, 0) + 1
         with_ids = [index for index, _ in checked if requests[index].client_order_id is not None]
         state_rows: list[asyncpg.Record] = []
         window_counts: dict[int, int] = {}
@@ -471,13 +472,15 @@ class OrderEntry:
                 self._read_exposures(conn, requests, list(pairs), pair_rules, scan, with_ids),
                 self._count_orders(counted, now),
             )
-        elif with_ids:  # only orders for unknown instruments, some with a client_order_id
-            ids = await conn.fetchval(
-                _EXISTING_IDS,
-                [requests[index].account_id for index in with_ids],
-                [requests[index].client_order_id for index in with_ids],
-            )
-            existing = dict(zip(with_ids, ids, strict=True))
+        else:  # only orders for unknown instruments
+            window_counts = await self._count_orders(counted, now)
+            if with_ids:
+                ids = await conn.fetchval(
+                    _EXISTING_IDS,
+                    [requests[index].account_id for index in with_ids],
+                    [requests[index].client_order_id for index in with_ids],
+                )
+                existing = dict(zip(with_ids, ids, strict=True))
         # the rate window count of each account's first order of this batch, then one more per order
         next_count = {account: total - counted[account] + 1 for account, total in window_counts.items()}
 
@@ -489,10 +492,8 @@ class OrderEntry:
         for index, rules in checked:
             request = requests[index]
             account_id = request.account_id
-            orders_this_second = 0  # an unknown instrument's order is refused before the rate limit
-            if rules is not None:
-                orders_this_second = next_count[account_id]
-                next_count[account_id] += 1
+            orders_this_second = next_count[account_id]
+            next_count[account_id] += 1
             if request.client_order_id is not None:
                 key = (account_id, request.client_order_id)
                 taken_by = existing.get(index)

@@ -55,12 +55,12 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         """Publish one batch; returns how many rows were published (0 if idle or another relay is active)."""
         async with self.db.transaction("relay.batch") as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK_ID):
-                return 0
+            # the lock is a one-time filter of the read (one round trip): no rows unless this relay holds it
             rows = await conn.fetch(
                 "SELECT id, stream, payload::text AS payload FROM outbox"
-                " WHERE published_at IS NULL ORDER BY id LIMIT $1",
+                " WHERE published_at IS NULL AND (SELECT pg_try_advisory_xact_lock($2)) ORDER BY id LIMIT $1",
                 self.batch_size,
+                RELAY_LOCK_ID,
             )
             if rows:
                 await self.bus.publish_many(

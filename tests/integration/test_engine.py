@@ -27,7 +27,7 @@ from tradeplane.adapters.postgres import Database
 from tradeplane.bootstrap import Platform, build_platform
 from tradeplane.config import Settings
 from tradeplane.domain.orders import OPEN_STATUSES, OrderStatus, OrderType, Side, TimeInForce, transition
-from tradeplane.domain.reservations import reservation, shard_for
+from tradeplane.domain.reservations import modify_hold_price, reservation, shard_for
 from tradeplane.domain.risk import OrderTerms
 from tradeplane.entrypoints.workers.engine import EngineWorker, book_snapshot_key, commands_of
 from tradeplane.services import accounts, demo, identity
@@ -210,6 +210,23 @@ async def request_modify(
 # ------------------------------------------------------------------------------------------- invariants
 
 
+def _reserved(o: asyncpg.Record, leaves: Decimal, hold_price: Decimal) -> Decimal:
+    """``reservation`` of ``leaves`` of the order ``o`` (a row of ``check_invariants``) at ``hold_price``."""
+    return reservation(
+        side=Side(o["side"]),
+        account_kind=o["kind"],
+        leaves_qty=leaves,
+        hold_price=hold_price,
+        maker_fee_rate=o["maker_fee_rate"],
+        taker_fee_rate=o["taker_fee_rate"],
+        margin_rate=o["margin_rate"],
+        base_asset=o["base_asset"],
+        quote_asset=o["quote_asset"],
+        quote_scale=o["scale"],
+        reduce_only=o["reduce_only"],
+    ).amount
+
+
 async def check_invariants(conn: asyncpg.Connection, seeds: dict[tuple[int, int], Decimal] | None = None) -> None:
     """The money invariants of the issue, over the whole database."""
     unbalanced = await conn.fetch(
@@ -229,8 +246,9 @@ async def check_invariants(conn: asyncpg.Connection, seeds: dict[tuple[int, int]
     )
     assert negative == [], f"cash accounts below zero: {negative}"
     orders = await conn.fetch(
-        "SELECT o.id, o.side, o.status, o.quantity, o.filled_quantity, o.hold_price, a.kind, i.maker_fee_rate,"
-        " i.taker_fee_rate, i.margin_rate, i.base_asset, i.quote_asset, q.scale, o.reduce_only,"
+        "SELECT o.id, o.side, o.type, o.status, o.quantity, o.price, o.filled_quantity, o.hold_price, a.kind,"
+        " i.maker_fee_rate, i.taker_fee_rate, i.margin_rate, i.base_asset, i.quote_asset, q.scale, o.reduce_only,"
+        " o.modifies_requested, o.modifies_done, o.target_quantity, o.target_price,"
         " (SELECT coalesce(sum(amount), 0) FROM holds h WHERE h.order_id = o.id AND h.released_at IS NULL) AS held,"
         " (SELECT count(*) FROM holds h WHERE h.order_id = o.id AND h.released_at IS NULL) AS active,"
         " (SELECT coalesce(sum(quantity), 0) FROM fills f WHERE f.order_id = o.id) AS fill_qty"
@@ -239,23 +257,22 @@ async def check_invariants(conn: asyncpg.Connection, seeds: dict[tuple[int, int]
     )
     for o in orders:
         assert o["fill_qty"] == o["filled_quantity"], f"order {o['id']}: fills do not add up to filled_quantity"
-        if OrderStatus(o["status"]) in OPEN_STATUSES:
-            expected = reservation(
-                side=Side(o["side"]),
-                account_kind=o["kind"],
-                leaves_qty=o["quantity"] - o["filled_quantity"],
-                hold_price=o["hold_price"],
-                maker_fee_rate=o["maker_fee_rate"],
-                taker_fee_rate=o["taker_fee_rate"],
-                margin_rate=o["margin_rate"],
-                base_asset=o["base_asset"],
-                quote_asset=o["quote_asset"],
-                quote_scale=o["scale"],
-                reduce_only=o["reduce_only"],
-            ).amount
-        else:
+        if OrderStatus(o["status"]) in OPEN_STATUSES and o["modifies_requested"] > o["modifies_done"]:
+            # Client modifies in flight: the api raised the hold for their target (and never lowers it before the
+            # engine acts), so the hold covers both the target and what fills at the current terms may cost.
+            target_leaves = (o["target_quantity"] or o["quantity"]) - o["filled_quantity"]
+            target_price = modify_hold_price(OrderType(o["type"]), o["hold_price"], o["target_price"] or o["price"])
+            target = _reserved(o, max(target_leaves, D(0)), target_price)
+            current = _reserved(o, o["quantity"] - o["filled_quantity"], o["price"] or o["hold_price"])
+            assert o["held"] >= max(target, current), (
+                f"order {o['id']} holds {o['held']} with modifies in flight, its terms reserve {current}"
+                f" and its target {target}"
+            )
+        else:  # at rest: exactly what the order's terms reserve, nothing once it is finished
             expected = D(0)
-        assert o["held"] == expected, f"order {o['id']} ({o['status']}) holds {o['held']}, reserves {expected}"
+            if OrderStatus(o["status"]) in OPEN_STATUSES:
+                expected = _reserved(o, o["quantity"] - o["filled_quantity"], o["hold_price"])
+            assert o["held"] == expected, f"order {o['id']} ({o['status']}) holds {o['held']}, reserves {expected}"
         assert o["active"] <= 1, f"order {o['id']} has {o['active']} active holds"
     fills_per_trade = await conn.fetch(
         "SELECT trade_id, count(*), array_agg(liquidity ORDER BY liquidity) AS sides FROM fills GROUP BY 1"

@@ -2,7 +2,8 @@
 
 Both the api (which places the hold when it acknowledges an order) and the engine (which shrinks and releases
 it as the order fills, is canceled or expires) compute holds with `reservation`, so at rest the invariant holds:
-the active holds of an account equal the sum of `reservation` over its open orders' leaves quantities.
+the active holds of an account equal the sum of `reservation` over its open orders' leaves quantities, where an
+order with client modifies in flight reserves the larger of what its terms and what its modifies' target need.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import zlib
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 
-from tradeplane.domain.orders import Side
+from tradeplane.domain.orders import OrderType, Side
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +60,16 @@ def reservation(
     if side is Side.BUY:
         return Reservation(quote_asset, ceil_to_scale(leaves_qty * hold_price * (1 + fee), quote_scale))
     return Reservation(base_asset, leaves_qty)
+
+
+def modify_hold_price(order_type: OrderType, hold_price: Decimal, new_price: Decimal | None) -> Decimal:
+    """The hold price of an order a client modify takes to limit price ``new_price`` (None: no limit price).
+
+    A higher limit raises it; a lower one does not lower it, since fills already in flight may still come at the
+    old price (the engine sets it to the new limit once it has applied the modify). A market or stop order's hold
+    price is its protection price, which a modify does not change. The api prices a modify's hold with it, and
+    settlement prices the hold a modify still in flight needs with it, so both reserve the same for a target.
+    """
+    if new_price is not None and order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
+        return max(hold_price, new_price)
+    return hold_price

@@ -53,7 +53,7 @@ from tradeplane.domain.orders import (
     TimeInForce,
     transition,
 )
-from tradeplane.domain.reservations import shard_for
+from tradeplane.domain.reservations import modify_hold_price, shard_for
 from tradeplane.domain.risk import (
     Acceptance,
     Exposure,
@@ -788,8 +788,7 @@ class OrderEntry:
         market = MarketState(state["status"], state["last_price"], state["reference_price"])
         hold_price: Decimal | None = row["hold_price"] or order.price or order.stop_price
         assert hold_price is not None  # every order the api stores has one
-        if new_price is not None and OrderType(order.type) in (OrderType.LIMIT, OrderType.STOP_LIMIT):
-            hold_price = max(hold_price, new_price)  # never below what fills in flight may still cost
+        hold_price = modify_hold_price(OrderType(order.type), hold_price, new_price)  # settlement mirrors it
         rejection = check_grid(rules, new_qty, price)
         if rejection is None and price is not None:
             rejection = check_band(rules, market, price)

@@ -16,7 +16,8 @@ the transaction it opened; ``settle`` writes every consequence and nothing else 
 - an engine-made quantity cut or cancel of a reduce-only order (its position shrank) is an ``OrderModified`` or
   ``OrderCanceled`` like any other, with its reason kept in ``reject_reason``;
 - the funds hold of every touched order set to ``reservation`` of its remaining quantity, or released when
-  the order is finished (so active holds always equal what open orders reserve);
+  the order is finished (so active holds always equal what open orders reserve); while client modifies are
+  still in flight after the batch, at least what their target needs, which the api reserved for them;
 - ``instruments.last_price`` (the mark) and the consumer offsets given by the caller.
 
 It returns what changed (``SettledBatch``) so the worker can publish execution reports after the commit.
@@ -56,7 +57,7 @@ from tradeplane.domain.orders import (
     status_after_fill,
     transition,
 )
-from tradeplane.domain.reservations import reservation
+from tradeplane.domain.reservations import modify_hold_price, reservation
 from tradeplane.services import ledger
 from tradeplane.services.accounts import house_account
 
@@ -128,7 +129,7 @@ ORDER_COLUMNS = (
     "SELECT o.id, o.account_id, o.instrument_id, o.client_order_id, o.side, o.type, o.time_in_force,"
     " o.quantity, o.price, o.stop_price, o.expire_at, o.post_only, o.reduce_only, o.stp_mode, o.status,"
     " o.filled_quantity, o.average_fill_price, o.reject_reason, o.sequence, o.hold_price, o.created_at,"
-    " o.modifies_done, a.user_id, a.kind AS account_kind"
+    " o.modifies_done, o.modifies_requested, o.target_quantity, o.target_price, a.user_id, a.kind AS account_kind"
     " FROM orders o JOIN accounts a ON a.id = o.account_id"
 )
 
@@ -162,6 +163,11 @@ class OrderRow:
     hold_price: Decimal | None
     created_at: datetime
     modifies_done: int = 0  # the last client modify the engine processed (see ``modify_processed``)
+    # The client modifies the api has sent, and while more than ``modifies_done`` the terms they take the order
+    # to (None: unchanged), which the api has already reserved for (``hold_amount``).
+    modifies_requested: int = 0
+    target_quantity: Decimal | None = None
+    target_price: Decimal | None = None
     updated_at: datetime | None = None
     dirty: bool = False
 
@@ -248,6 +254,9 @@ async def load_order_rows(
             hold_price=r["hold_price"],
             created_at=r["created_at"],
             modifies_done=r["modifies_done"],
+            modifies_requested=r["modifies_requested"],
+            target_quantity=r["target_quantity"],
+            target_price=r["target_price"],
         )
     return out
 
@@ -397,15 +406,33 @@ def fee_for(notional: Decimal, rate: Decimal, scale: int) -> Decimal:
 
 
 def hold_amount(row: OrderRow, info: InstrumentInfo) -> Decimal:
-    """What ``row`` must keep reserved now: ``reservation`` of its leaves at its hold price, 0 when done."""
+    """What ``row`` must keep reserved now: ``reservation`` of its leaves at its hold price, 0 when done.
+
+    While client modifies are in flight (``modifies_requested > modifies_done``), at least what their target
+    needs, as the api reserved it when it checked the funds (``modify_hold_price``): the engine will apply the
+    target with no funds check, so a fill or a refused earlier modify settled meanwhile must not free that money
+    for another order. The terms' own reservation still counts too, since fills may come at them until then.
+    """
     leaves = row.leaves_quantity
     if leaves <= 0 or row.hold_price is None:
         return Decimal(0)
+    held = _reserved(row, info, leaves, row.hold_price)
+    if row.modifies_requested > row.modifies_done:
+        target_qty = row.quantity if row.target_quantity is None else row.target_quantity
+        target_leaves = target_qty - row.filled_quantity
+        if target_leaves > 0:
+            target_price = row.price if row.target_price is None else row.target_price
+            hold_price = modify_hold_price(row.order_type, row.hold_price, target_price)
+            held = max(held, _reserved(row, info, target_leaves, hold_price))
+    return held
+
+
+def _reserved(row: OrderRow, info: InstrumentInfo, leaves: Decimal, hold_price: Decimal) -> Decimal:
     return reservation(
         side=row.side,
         account_kind=row.account_kind,
         leaves_qty=leaves,
-        hold_price=row.hold_price,
+        hold_price=hold_price,
         maker_fee_rate=info.maker_fee_rate,
         taker_fee_rate=info.taker_fee_rate,
         margin_rate=info.margin_rate,

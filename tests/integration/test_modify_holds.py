@@ -1,0 +1,128 @@
+"""Holds while client modifies are in flight, through the real order entry, relay, engine worker and PostgreSQL.
+
+PATCH /orders/{id} checks the funds for the order's new terms and raises its hold before the engine has seen the
+modify. Until the engine has processed it, whatever else it settles for the order (a fill, an earlier modify it
+refused) must leave that money reserved: freed, it could fund another order, and the modify would then grow the
+hold back with no funds check, committing the same cash twice.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+from tests.integration import test_engine
+from tests.integration.test_engine import Desk, Trader, cash_buy_hold
+from tests.integration.test_modify_pending import counters, patch, post_only_bid
+from tradeplane.domain.orders import OrderType, Side
+from tradeplane.domain.risk import OrderTerms, RiskReason, RiskRejection
+from tradeplane.services.identity import Principal, Role
+from tradeplane.services.orders import OrderEntry, OrderRequest
+
+desk = test_engine.desk  # the engine tests' fixture: database, Redis, a namespaced bus, relay and engine
+
+
+async def relay(desk: Desk) -> None:
+    """Publish every committed outbox row to the bus; the engine has not run them yet."""
+    while published := await desk.relay.publish_pending():
+        desk.published += published
+
+
+async def settle_published(desk: Desk) -> None:
+    """Let the engine apply what is on the bus now, and nothing committed to the outbox since."""
+    while desk.consumed < desk.published:
+        desk.consumed += await desk.worker.step()
+
+
+async def bid(desk: Desk, trader: Trader, qty: str, price: str) -> RiskRejection | None:
+    """POST /orders through the real order entry (pre-trade risk and its funds check): a post-only limit buy."""
+    terms = OrderTerms(Side.BUY, OrderType.LIMIT, D(qty), D(price), post_only=True)
+    async with desk.db.transaction("test.place") as conn:
+        placement = await OrderEntry(desk.cache, shards=1).place_order(
+            conn,
+            Principal(trader.user_id, f"user{trader.user_id}", Role.TRADER),
+            OrderRequest(trader.account_id, desk.symbol, terms),
+        )
+    return placement.rejection
+
+
+async def holds(trader: Trader) -> D:
+    """The trader's active holds in USD."""
+    return D(
+        await trader.desk.value(
+            "SELECT coalesce(sum(amount), 0) FROM holds WHERE account_id = $1 AND asset = 'USD'"
+            " AND released_at IS NULL",
+            trader.account_id,
+        )
+    )
+
+
+async def test_a_fill_settled_before_a_quantity_rise_keeps_the_rise_reserved(desk: Desk) -> None:
+    """BUY 10 at 100 raised to 20; a fill of 2 is settled before the engine applies the modify. The hold stays
+    at what 20 (18 left) at 100 needs, so the 1000 the api reserved for the rise cannot fund another bid, and
+    once the modify applies the account's cash still covers its holds."""
+    seller = await desk.trader("seller", base="5")
+    buyer = await desk.trader("buyer", cash="2100")
+    order = await post_only_bid(desk, buyer, "10", "100.00")
+    await desk.pump()
+    assert await desk.held(order) == cash_buy_hold("10", "100.00")
+
+    await seller.place("sell", "2", "100.00")
+    await relay(desk)  # the sell is on the bus ahead of the modify
+    assert await patch(desk, buyer, order, quantity="20") is None
+    assert await desk.held(order) == cash_buy_hold("20", "100.00") == D("2001.00")
+    await settle_published(desk)  # the fill of 2, the modify still in the outbox
+
+    row = await desk.order(order)
+    assert (row["quantity"], row["filled_quantity"], row["status"]) == (D(10), D(2), "partially_filled")
+    assert await counters(desk, order) == (1, 0)
+    assert await desk.held(order) == cash_buy_hold("18", "100.00") == D("1800.90")  # not 8 at 100: 800.40
+    assert await buyer.cash() == D("1899.96")  # 2100 - 200 - 0.04 maker fee
+    await desk.check()  # holds equal what open orders reserve, a modify's target included
+
+    # free: 1899.96 - 1800.90 = 99.06; had the fill freed the rise, 1099.56 would have funded this
+    rejection = await bid(desk, buyer, "5", "100.00")
+    assert rejection is not None and rejection.reason is RiskReason.INSUFFICIENT_FUNDS
+
+    await desk.pump()
+    row = await desk.order(order)
+    assert (row["quantity"], row["filled_quantity"], row["status"]) == (D(20), D(2), "partially_filled")
+    assert await counters(desk, order) == (1, 1)
+    assert await desk.held(order) == cash_buy_hold("18", "100.00")
+    assert await holds(buyer) == D("1800.90") <= await buyer.cash()
+    await desk.check()
+
+
+async def test_a_refused_modify_settled_before_a_quantity_rise_keeps_the_rise_reserved(desk: Desk) -> None:
+    """A post-only bid's reprice to a crossing 106 is refused by the engine after the client has also raised
+    the quantity to 10. Settling the refusal keeps the hold the api raised for the quantity modify still in
+    flight (priced, as the api priced it, at the target 106); once that modify applies, at the price the order
+    kept, the hold is what 10 at 100 needs."""
+    seller = await desk.trader("seller", base="5")
+    buyer = await desk.trader("buyer", cash="1100")
+    await seller.place("sell", "1", "105.00")
+    order = await post_only_bid(desk, buyer, "1", "100.00")
+    await desk.pump()
+
+    assert await patch(desk, buyer, order, price="106.00") is None
+    await relay(desk)  # the reprice is on the bus ahead of the quantity modify
+    assert await patch(desk, buyer, order, quantity="10") is None
+    assert await desk.held(order) == cash_buy_hold("10", "106.00") == D("1060.53")
+    await settle_published(desk)  # the reprice, refused: post-only would take
+
+    row = await desk.order(order)
+    assert (row["quantity"], row["price"], row["reject_reason"]) == (D(1), D("100.00"), "post_only_would_take")
+    assert await counters(desk, order) == (2, 1)
+    assert await desk.held(order) == D("1060.53")  # not 1 at 100: 100.05
+    await desk.check()
+
+    # free: 1100 - 1060.53 = 39.47; had the refusal freed the rise, 999.95 would have funded this
+    rejection = await bid(desk, buyer, "5", "100.00")
+    assert rejection is not None and rejection.reason is RiskReason.INSUFFICIENT_FUNDS
+
+    await desk.pump()
+    row = await desk.order(order)
+    assert (row["quantity"], row["price"], row["hold_price"], row["status"]) == (D(10), D("100.00"), D("100.00"), "new")
+    assert await counters(desk, order) == (2, 2)
+    assert await desk.held(order) == cash_buy_hold("10", "100.00") == D("1000.50")
+    assert await holds(buyer) == D("1000.50") <= await buyer.cash()
+    await desk.check()

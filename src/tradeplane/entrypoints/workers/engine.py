@@ -497,7 +497,11 @@ class EngineWorker:
         rows = await load_order_rows(conn, (p["order_id"] for p in todo), symbols)
         now = self.clock()
         now_ns = to_ns(now)
-        events: list[Event] = []
+        # Orders whose expiry has come go before this batch trades: after a quiet spell or a restart the pass
+        # between batches has not run yet, and an expired order must never fill.
+        events = self.engine.process(Expire(seq=self.command_seq + 1, now_ns=now_ns))
+        if events:
+            self.command_seq += 1
         for payload in todo:
             command = self._translate(payload, rows, now_ns, events)
             if command is not None:

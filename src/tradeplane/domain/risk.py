@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal
 from enum import StrEnum
 
 from tradeplane.domain.orders import OrderType, SelfTradePrevention, Side, TimeInForce
@@ -33,6 +33,11 @@ _HUNDRED = Decimal(100)
 _PRICED = frozenset({OrderType.LIMIT, OrderType.STOP_LIMIT})
 _STOPPED = frozenset({OrderType.STOP, OrderType.STOP_LIMIT})
 _EXPIRING = frozenset({TimeInForce.DAY, TimeInForce.GTD})
+# Prices and quantities are stored in NUMERIC(38, 18): below 10**20, at most 18 decimals. Arithmetic on values
+# that size needs more than the default context's 28 digits to stay exact.
+_COLUMN_LIMIT = Decimal(10) ** 20
+_COLUMN_QUANTUM = Decimal(1).scaleb(-18)
+_WIDE = Context(prec=80)
 
 
 class RiskReason(StrEnum):
@@ -161,11 +166,22 @@ class Acceptance:
     reservation: Reservation
 
 
+def storable(value: Decimal) -> bool:
+    """Whether the NUMERIC(38, 18) columns hold ``value`` exactly: finite, below 10**20 and at most 18 decimals
+    (trailing zeros aside). Anything else would overflow the column or be rounded by PostgreSQL."""
+    if not value.is_finite() or abs(value) >= _COLUMN_LIMIT:
+        return False
+    return value.quantize(_COLUMN_QUANTUM, context=_WIDE) == value
+
+
 def shape_error(terms: OrderTerms, now: datetime) -> str | None:
     """Why the request is malformed regardless of market state, or None. Mirrors the engine's own checks."""
     t = terms
     if not t.quantity.is_finite() or t.quantity <= 0:
         return "quantity must be a positive number"
+    for name, value in (("quantity", t.quantity), ("price", t.price), ("stop_price", t.stop_price)):
+        if value is not None and value.is_finite() and not storable(value):
+            return f"{name} must be below 10^20 with at most 18 decimals"
     if t.order_type in _PRICED:
         if t.price is None:
             return f"a {t.order_type.value} order needs a price"
@@ -214,7 +230,7 @@ def expiry_for(terms: OrderTerms, rules: InstrumentRules, now: datetime) -> date
 
 
 def on_grid(value: Decimal, unit: Decimal) -> bool:
-    return value % unit == 0
+    return _WIDE.remainder(value, unit) == 0
 
 
 def check_grid(

@@ -72,6 +72,7 @@ from tradeplane.domain.risk import (
     expiry_for,
     reserve,
     shape_error,
+    storable,
 )
 from tradeplane.errors import Conflict, InfrastructureUnavailable, InvalidRequest, NotFound, TradeplaneError
 from tradeplane.metrics import ORDER_PLACEMENT_DURATION
@@ -749,6 +750,8 @@ class OrderEntry:
         for name, value in (("quantity", quantity), ("price", price)):
             if value is not None and (not value.is_finite() or value <= 0):
                 raise InvalidRequest(f"{name} must be a positive number", code="validation_error")
+            if value is not None and not storable(value):
+                raise InvalidRequest(f"{name} must be below 10^20 with at most 18 decimals", code="validation_error")
         row = await self._lock_order(conn, principal, order_id)
         order = order_from_row(row)
         if OrderStatus(order.status) not in _CANCELABLE:

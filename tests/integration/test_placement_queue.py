@@ -126,3 +126,44 @@ async def test_a_quiet_queue_places_each_order_at_once_in_its_own_transaction(pl
 def test_a_queue_needs_room_for_one_placement(platform: Platform) -> None:
     with pytest.raises(ValueError, match="max_inflight"):
         PlacementQueue(platform.db, OrderEntry(platform.cache, shards=1), max_inflight=0)
+
+
+async def test_an_order_that_fails_its_placement_fails_alone(platform: Platform) -> None:
+    """A failure that is not PostgreSQL being away (here a trigger refusing one account's rows, as a bug or a
+    constraint would) fails only the order at fault: the orders it shared the transaction with are placed."""
+    good, bad = await make_book(platform, [CASH]), await make_book(platform, [CASH])
+    async with platform.db.connection("test.trigger") as conn:
+        await conn.execute(
+            f"""
+            CREATE FUNCTION refuse_one_account() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.account_id = {bad.account_ids[0]} THEN RAISE EXCEPTION 'refused by the test'; END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_one_account BEFORE INSERT ON orders
+                FOR EACH ROW EXECUTE FUNCTION refuse_one_account();
+            """
+        )
+    try:
+        queue = PlacementQueue(
+            platform.db, OrderEntry(platform.cache, shards=platform.settings.engine_shards), max_inflight=1
+        )
+        mine = OrderRequest(good.account_ids[0], "AAPL", BUY, None)
+        theirs = OrderRequest(bad.account_ids[0], "AAPL", BUY, None)
+        results = await asyncio.gather(
+            *(outcome_of(queue, book.principal, request) for book, request in [(good, mine), (bad, theirs)] * 3),
+            return_exceptions=True,
+        )
+        assert queue.placements > 1
+        placed = [r for r in results[0::2] if isinstance(r, Placement)]
+        assert len(placed) == 3 and all(p.order.status == "pending_new" for p in placed)
+        assert all(isinstance(r, Exception) and "refused by the test" in str(r) for r in results[1::2])
+        async with platform.db.connection("test.count") as conn:
+            counts = await conn.fetch(
+                "SELECT account_id, count(*) AS n FROM orders WHERE account_id = ANY($1::bigint[]) GROUP BY 1",
+                [good.account_ids[0], bad.account_ids[0]],
+            )
+        assert {r["account_id"]: r["n"] for r in counts} == {good.account_ids[0]: 3}
+    finally:
+        async with platform.db.connection("test.trigger") as conn:
+            await conn.execute("DROP TRIGGER refuse_one_account ON orders; DROP FUNCTION refuse_one_account()")

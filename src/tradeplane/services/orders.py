@@ -1141,9 +1141,10 @@ class PlacementQueue:
     nothing waits when the process is quiet; at most ``max_inflight`` placements run together, and every order
     that arrives meanwhile (any client, any principal) joins the next one, up to MAX_BATCH orders. Under load a
     placement then costs a few statements for many orders instead of for each (``OrderEntry.place_mixed``),
-    and each order still gets the answer it would have had alone, in arrival order. A failed transaction fails
-    the orders it carried (a 503 for each); a client that stops waiting may still have its order placed, as
-    with any acknowledgement lost on the way back, and a retry with the same client_order_id finds it.
+    and each order still gets the answer it would have had alone, in arrival order. A placement that fails for
+    want of PostgreSQL fails the orders it carried (a 503 for each); one that fails otherwise is placed again
+    one order at a time, so only the order at fault fails. A client that stops waiting may still have its order
+    placed, as with any acknowledgement lost on the way back, and a retry with the same client_order_id finds it.
     """
 
     def __init__(self, db: Database, entry: OrderEntry, *, max_inflight: int = 4) -> None:
@@ -1179,17 +1180,23 @@ class PlacementQueue:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
                 self.placements += 1
+                outcomes: Sequence[Placement | Exception]
                 try:
                     outcomes = await submit_mixed(self.db, self.entry, [(p, r) for p, r, _ in batch])
-                except Exception as exc:  # the transaction failed: so did every order it carried
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
                 except asyncio.CancelledError:
                     for _, _, future in batch:
                         future.cancel()
                     raise
+                except Exception as exc:
+                    if len(batch) == 1 or isinstance(exc, InfrastructureUnavailable):
+                        for _, _, future in batch:  # the transaction failed: so did every order it carried
+                            if not future.done():
+                                future.set_exception(exc)
+                        continue
+                    # Something about one order failed them all (a bug, a constraint): place each alone, so only
+                    # the order at fault fails and the others get the answers they would have had.
+                    log.exception("a placement of %d orders failed; placing them one at a time", len(batch))
+                    outcomes = await self._one_at_a_time(batch)
                 # before any answer, as POST /orders/batch does: one cache drop and one relay wake-up for all
                 owners = [
                     o.owner_user_id
@@ -1204,12 +1211,26 @@ class PlacementQueue:
                 for (_, _, future), outcome in zip(batch, outcomes, strict=True):
                     if future.done():  # its client stopped waiting
                         continue
-                    if isinstance(outcome, TradeplaneError):
+                    if isinstance(outcome, Exception):
                         future.set_exception(outcome)
                     else:
                         future.set_result(outcome)
         finally:
             self._inflight -= 1
+
+    async def _one_at_a_time(
+        self, batch: list[tuple[Principal, OrderRequest, asyncio.Future[Placement]]]
+    ) -> list[Placement | Exception]:
+        """Each order of a failed placement in a transaction of its own, in arrival order; a failure is that
+        order's outcome."""
+        self.placements += len(batch)
+        outcomes: list[Placement | Exception] = []
+        for principal, request, _ in batch:
+            try:
+                outcomes.extend(await submit_mixed(self.db, self.entry, [(principal, request)]))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 _QUEUES: dict[int, PlacementQueue] = {}

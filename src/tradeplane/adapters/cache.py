@@ -11,6 +11,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -26,6 +27,36 @@ TTL_ORDER_BOOK = 30
 TTL_POSITIONS = 30
 TTL_HOLDINGS = 30
 
+# Read-through caches that writers invalidate (order_book:, positions:) carry a generation counter next to the
+# value, ``<key>:gen``: every invalidation bumps it, and a reader fills the cache only if the generation is the one
+# it saw before reading PostgreSQL. Without it a read that started before a commit and finished after the
+# writer's delete would put the old rows back for the whole TTL. It outlives any value and any read that fills one.
+GENERATION_TTL = 300
+
+# KEYS: the value, its generation; ARGV: the value, the generation the reader saw ('' for none), the TTL
+_FILL_IF_UNCHANGED = """
+if (redis.call('GET', KEYS[2]) or '') == ARGV[2] then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+    return 1
+end
+return 0
+"""
+
+
+def generation_key(key: str) -> str:
+    return f"{key}:gen"
+
+
+def invalidate(pipe: Pipeline, *keys: str) -> None:
+    """Queue on ``pipe`` the invalidation of read-through ``keys`` after a commit that changed what they hold:
+    drop the values and bump their generations, so a read already under way does not fill them with the old."""
+    if not keys:
+        return
+    pipe.delete(*keys)
+    for key in keys:
+        pipe.incr(generation_key(key))
+        pipe.expire(generation_key(key), GENERATION_TTL)
+
 
 class Cache:
     def __init__(self, url: str, *, timeout: float = 2.0) -> None:
@@ -39,6 +70,7 @@ class Cache:
         )
         self._hits = 0
         self._misses = 0
+        self._fill_if_unchanged = self.client.register_script(_FILL_IF_UNCHANGED)
 
     def _where(self) -> str:
         parts = urlsplit(self.url)
@@ -81,12 +113,35 @@ class Cache:
             value = cast(bytes | None, await self.client.get(key))
         except REDIS_ERRORS as exc:
             raise InfrastructureUnavailable(f"Redis unavailable: {exc}") from exc
-        if value is None:
-            self._misses += 1
-        else:
-            self._hits += 1
-        CACHE_HIT_RATIO.set(self._hits / (self._hits + self._misses))
+        self._count(value is not None)
         return value
+
+    def _count(self, hit: bool) -> None:
+        if hit:
+            self._hits += 1
+        else:
+            self._misses += 1
+        CACHE_HIT_RATIO.set(self._hits / (self._hits + self._misses))
+
+    async def read_through(self, key: str) -> tuple[bytes | None, bytes]:
+        """A read of an invalidated cache (counts toward cache_hit_ratio): its value, or None, and its generation,
+        to hand to ``fill`` after reading the source. One round trip."""
+        try:
+            replies = cast(list[bytes | None], await self.client.mget(key, generation_key(key)))
+        except REDIS_ERRORS as exc:
+            raise InfrastructureUnavailable(f"Redis unavailable: {exc}") from exc
+        value, generation = replies
+        self._count(value is not None)
+        return value, generation or b""
+
+    async def fill(self, key: str, value: bytes, ttl: int, generation: bytes) -> bool:
+        """Cache ``value`` unless the key was invalidated since ``read_through`` returned ``generation`` (then the
+        value may predate the change: the next read goes to the source). Whether it was stored."""
+        try:
+            stored = await self._fill_if_unchanged(keys=[key, generation_key(key)], args=[value, generation, ttl])
+        except REDIS_ERRORS as exc:
+            raise InfrastructureUnavailable(f"Redis unavailable: {exc}") from exc
+        return bool(stored)
 
     async def set_cached(self, key: str, value: bytes, ttl: int) -> None:
         try:

@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from tradeplane.adapters.cache import REDIS_ERRORS, TTL_ORDER_BOOK, TTL_POSITIONS, Cache
+from tradeplane.adapters.cache import REDIS_ERRORS, TTL_ORDER_BOOK, TTL_POSITIONS, Cache, invalidate
 from tradeplane.domain.orders import OPEN_STATUSES, OrderStatus
 from tradeplane.domain.risk import InstrumentRules
 from tradeplane.errors import InvalidRequest, NotFound
@@ -425,8 +425,7 @@ async def after_order_commit(cache: Cache, *user_ids: int | None) -> None:
     keys = [key for uid in sorted(owners) for key in (order_book_key(uid), positions_key(uid))]
     try:
         async with cache.client.pipeline(transaction=False) as pipe:
-            if keys:
-                pipe.delete(*keys)
+            invalidate(pipe, *keys)
             pipe.publish(OUTBOX_WAKEUP_CHANNEL, b"")
             await pipe.execute()
     except REDIS_ERRORS as exc:
@@ -498,7 +497,7 @@ async def open_orders_of_user(conn: asyncpg.Connection, cache: Cache, user_id: i
     The api drops the key after placing, modifying or canceling; the engine after every batch that touched
     the user, so the cache never outlives a change by more than the commit-to-delete gap.
     """
-    cached = await cache.get_cached(order_book_key(user_id))
+    cached, generation = await cache.read_through(order_book_key(user_id))
     if cached is not None:
         return [OrderRecord.from_json(item) for item in json.loads(cached)]
     rows = await conn.fetch(
@@ -509,7 +508,9 @@ async def open_orders_of_user(conn: asyncpg.Connection, cache: Cache, user_id: i
         list(OPEN_STATUS_VALUES),
     )
     orders = [order_from_row(r) for r in rows]
-    await cache.set_cached(order_book_key(user_id), json.dumps([o.to_json() for o in orders]).encode(), TTL_ORDER_BOOK)
+    await cache.fill(
+        order_book_key(user_id), json.dumps([o.to_json() for o in orders]).encode(), TTL_ORDER_BOOK, generation
+    )
     return orders
 
 
@@ -624,7 +625,7 @@ async def list_positions(
 
 
 async def _user_position_rows(conn: asyncpg.Connection, cache: Cache, user_id: int) -> list[dict[str, Any]]:
-    cached = await cache.get_cached(positions_key(user_id))
+    cached, generation = await cache.read_through(positions_key(user_id))
     if cached is not None:
         return [
             {**r, **{k: Decimal(r[k]) for k in ("net_quantity", "average_price", "realized_pnl")}}
@@ -637,7 +638,7 @@ async def _user_position_rows(conn: asyncpg.Connection, cache: Cache, user_id: i
     payload = [
         {**r, **{k: decimal_text(r[k]) for k in ("net_quantity", "average_price", "realized_pnl")}} for r in rows
     ]
-    await cache.set_cached(positions_key(user_id), json.dumps(payload).encode(), TTL_POSITIONS)
+    await cache.fill(positions_key(user_id), json.dumps(payload).encode(), TTL_POSITIONS, generation)
     return rows
 
 

@@ -54,7 +54,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from tradeplane.adapters.bus import Delivery, MessageBus, Subscription, order_stream
-from tradeplane.adapters.cache import Cache
+from tradeplane.adapters.cache import Cache, invalidate
 from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
 from tradeplane.adapters.postgres import Database
 from tradeplane.domain.matching import (
@@ -76,6 +76,7 @@ from tradeplane.domain.reservations import shard_for
 from tradeplane.entrypoints.heap import freeze_long_lived
 from tradeplane.errors import InfrastructureUnavailable
 from tradeplane.services.accounts import house_account
+from tradeplane.services.queries import order_book_key, positions_key
 from tradeplane.services.settlement import (
     FillRecord,
     InstrumentInfo,
@@ -664,8 +665,9 @@ class EngineWorker:
                     pipe.set(book_snapshot_key(symbol), orjson.dumps(snapshot))
                     if increment is not None:
                         pipe.publish(book_channel(symbol), _message("book", symbol, increment))
-                for user_id in users:
-                    pipe.delete(f"order_book:{user_id}", f"positions:{user_id}")
+                invalidate(
+                    pipe, *(key for user_id in users for key in (order_book_key(user_id), positions_key(user_id)))
+                )
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("engine shard %s could not publish to Redis: %s", self.shard, exc)

@@ -27,7 +27,7 @@ from tradeplane.adapters.postgres import Database
 from tradeplane.bootstrap import Platform, build_platform
 from tradeplane.config import Settings
 from tradeplane.domain.orders import OPEN_STATUSES, OrderStatus, OrderType, Side, TimeInForce, transition
-from tradeplane.domain.reservations import modify_hold_price, reservation, shard_for
+from tradeplane.domain.reservations import reservation, shard_for
 from tradeplane.domain.risk import OrderTerms
 from tradeplane.entrypoints.workers.engine import EngineWorker, book_snapshot_key, commands_of
 from tradeplane.services import accounts, demo, identity
@@ -248,25 +248,41 @@ async def check_invariants(conn: asyncpg.Connection, seeds: dict[tuple[int, int]
     orders = await conn.fetch(
         "SELECT o.id, o.side, o.type, o.status, o.quantity, o.price, o.filled_quantity, o.hold_price, a.kind,"
         " i.maker_fee_rate, i.taker_fee_rate, i.margin_rate, i.base_asset, i.quote_asset, q.scale, o.reduce_only,"
-        " o.modifies_requested, o.modifies_done, o.target_quantity, o.target_price,"
+        " o.modifies_requested, o.modifies_done,"
         " (SELECT coalesce(sum(amount), 0) FROM holds h WHERE h.order_id = o.id AND h.released_at IS NULL) AS held,"
         " (SELECT count(*) FROM holds h WHERE h.order_id = o.id AND h.released_at IS NULL) AS active,"
         " (SELECT coalesce(sum(quantity), 0) FROM fills f WHERE f.order_id = o.id) AS fill_qty"
         " FROM orders o JOIN accounts a ON a.id = o.account_id JOIN instruments i ON i.id = o.instrument_id"
         " JOIN assets q ON q.code = i.quote_asset"
     )
+    # The client modifies the api sent and the engine has not processed yet, from the outbox, in their order.
+    in_flight: dict[int, list[asyncpg.Record]] = {}
+    for m in await conn.fetch(
+        "SELECT (x.payload->>'order_id')::bigint AS order_id, (x.payload->>'modify_no')::int AS modify_no,"
+        " x.payload->>'new_qty' AS new_qty, x.payload->>'new_price' AS new_price FROM outbox x"
+        " JOIN orders o ON o.id = (x.payload->>'order_id')::bigint WHERE x.payload->>'type' = 'modify'"
+        " AND (x.payload->>'modify_no')::int > o.modifies_done ORDER BY 2"
+    ):
+        in_flight.setdefault(m["order_id"], []).append(m)
     for o in orders:
         assert o["fill_qty"] == o["filled_quantity"], f"order {o['id']}: fills do not add up to filled_quantity"
         if OrderStatus(o["status"]) in OPEN_STATUSES and o["modifies_requested"] > o["modifies_done"]:
-            # Client modifies in flight: the api raised the hold for their target (and never lowers it before the
-            # engine acts), so the hold covers both the target and what fills at the current terms may cost.
-            target_leaves = (o["target_quantity"] or o["quantity"]) - o["filled_quantity"]
-            target_price = modify_hold_price(OrderType(o["type"]), o["hold_price"], o["target_price"] or o["price"])
-            target = _reserved(o, max(target_leaves, D(0)), target_price)
-            current = _reserved(o, o["quantity"] - o["filled_quantity"], o["price"] or o["hold_price"])
-            assert o["held"] >= max(target, current), (
-                f"order {o['id']} holds {o['held']} with modifies in flight, its terms reserve {current}"
-                f" and its target {target}"
+            # Client modifies in flight: the engine will apply each in turn with no funds check, and until then
+            # fills come at the current terms. The hold covers every one of those terms at its own price (the
+            # limit, or a market or stop order's protection), whatever it keeps beyond that meanwhile.
+            modifies = in_flight.get(o["id"], [])
+            assert [m["modify_no"] for m in modifies] == list(
+                range(o["modifies_done"] + 1, o["modifies_requested"] + 1)
+            ), f"order {o['id']}: the outbox does not hold its modifies in flight"
+            qty, price = o["quantity"], o["price"] or o["hold_price"]
+            needs = [(qty, price, _reserved(o, qty - o["filled_quantity"], price))]
+            for m in modifies:
+                qty = qty if m["new_qty"] is None else D(m["new_qty"])
+                price = price if m["new_price"] is None else D(m["new_price"])
+                needs.append((qty, price, _reserved(o, max(qty - o["filled_quantity"], D(0)), price)))
+            assert all(o["held"] >= need for _, _, need in needs), (
+                f"order {o['id']} holds {o['held']} with modifies in flight; (quantity, price, reservation) of"
+                f" its terms now and after each: {needs}"
             )
         else:  # at rest: exactly what the order's terms reserve, nothing once it is finished
             expected = D(0)

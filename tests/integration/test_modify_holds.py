@@ -3,7 +3,8 @@
 PATCH /orders/{id} checks the funds for the order's new terms and raises its hold before the engine has seen the
 modify. Until the engine has processed it, whatever else it settles for the order (a fill, an earlier modify it
 refused) must leave that money reserved: freed, it could fund another order, and the modify would then grow the
-hold back with no funds check, committing the same cash twice.
+hold back with no funds check, committing the same cash twice. With several in flight, each was funded when the
+api accepted it, the larger ones too, though only the latest target is stored.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tradeplane.domain.orders import OrderType, Side
 from tradeplane.domain.risk import OrderTerms, RiskReason, RiskRejection
 from tradeplane.services.identity import Principal, Role
 from tradeplane.services.orders import OrderEntry, OrderRequest
+from tradeplane.services.relay import OutboxRelay
 
 desk = test_engine.desk  # the engine tests' fixture: database, Redis, a namespaced bus, relay and engine
 
@@ -50,6 +52,34 @@ async def holds(trader: Trader) -> D:
     return D(
         await trader.desk.value(
             "SELECT coalesce(sum(amount), 0) FROM holds WHERE account_id = $1 AND asset = 'USD'"
+            " AND released_at IS NULL",
+            trader.account_id,
+        )
+    )
+
+
+async def relay_one(desk: Desk) -> None:
+    """Publish only the oldest unpublished outbox row: the engine will see it and nothing committed after it."""
+    desk.published += await OutboxRelay(desk.db, desk.bus, batch_size=1).publish_pending()
+
+
+async def ask(desk: Desk, trader: Trader, qty: str, price: str) -> RiskRejection | None:
+    """POST /orders through the real order entry: a post-only limit sell."""
+    terms = OrderTerms(Side.SELL, OrderType.LIMIT, D(qty), D(price), post_only=True)
+    async with desk.db.transaction("test.place") as conn:
+        placement = await OrderEntry(desk.cache, shards=1).place_order(
+            conn,
+            Principal(trader.user_id, f"user{trader.user_id}", Role.TRADER),
+            OrderRequest(trader.account_id, desk.symbol, terms),
+        )
+    return placement.rejection
+
+
+async def base_holds(trader: Trader) -> D:
+    """The trader's active holds in the base asset (what its cash-account sells keep aside)."""
+    return D(
+        await trader.desk.value(
+            "SELECT coalesce(sum(amount), 0) FROM holds WHERE account_id = $1 AND asset = 'BTC'"
             " AND released_at IS NULL",
             trader.account_id,
         )
@@ -125,4 +155,125 @@ async def test_a_refused_modify_settled_before_a_quantity_rise_keeps_the_rise_re
     assert await counters(desk, order) == (2, 2)
     assert await desk.held(order) == cash_buy_hold("10", "100.00") == D("1000.50")
     assert await holds(buyer) == D("1000.50") <= await buyer.cash()
+    await desk.check()
+
+
+async def test_a_fill_settled_before_two_modifies_keeps_what_the_larger_one_was_funded_with(desk: Desk) -> None:
+    """BUY 10 at 100 raised to 20, then lowered to 15, both before the engine runs; a fill of 2 is settled
+    first. The first modify, once applied, needs 18 at 100 (1800.90), though the order's latest target, 15,
+    needs only 13 at 100 (1300.65): the hold stays at what the api funded the rise with, less what the fill
+    used. Freed, the 500.25 between them would fund another bid, and the first modify would then grow the
+    hold back with no funds check: cash below holds."""
+    seller = await desk.trader("seller", base="5")
+    buyer = await desk.trader("buyer", cash="2100")
+    order = await post_only_bid(desk, buyer, "10", "100.00")
+    await desk.pump()
+
+    await seller.place("sell", "2", "100.00")
+    await relay(desk)  # the sell is on the bus ahead of both modifies
+    assert await patch(desk, buyer, order, quantity="20") is None
+    assert await patch(desk, buyer, order, quantity="15") is None
+    assert await desk.held(order) == cash_buy_hold("20", "100.00") == D("2001.00")  # the api never lowers it
+    await settle_published(desk)  # the fill of 2, both modifies still in the outbox
+
+    row = await desk.order(order)
+    assert (row["quantity"], row["filled_quantity"], row["status"]) == (D(10), D(2), "partially_filled")
+    assert (row["target_quantity"], await counters(desk, order)) == (D(15), (2, 0))
+    assert await desk.held(order) == cash_buy_hold("18", "100.00") == D("1800.90")  # not 13 at 100: 1300.65
+    assert await buyer.cash() == D("1899.96")  # 2100 - 200 - 0.04 maker fee
+    await desk.check()  # holds cover every modify in flight
+
+    # free: 1899.96 - 1800.90 = 99.06; had the fill freed the first modify's funding, 599.31 would fund this
+    rejection = await bid(desk, buyer, "5", "100.00")
+    assert rejection is not None and rejection.reason is RiskReason.INSUFFICIENT_FUNDS
+
+    await relay_one(desk)  # the engine applies the first modify only
+    await settle_published(desk)
+    row = await desk.order(order)
+    assert (row["quantity"], row["filled_quantity"]) == (D(20), D(2))
+    assert await counters(desk, order) == (2, 1)
+    assert await desk.held(order) == D("1800.90")  # what 18 at 100 needs: nothing grew unfunded
+    assert await holds(buyer) == D("1800.90") <= await buyer.cash()
+    await desk.check()
+
+    await desk.pump()  # and the second
+    row = await desk.order(order)
+    assert (row["quantity"], row["filled_quantity"], row["status"]) == (D(15), D(2), "partially_filled")
+    assert await counters(desk, order) == (2, 2)
+    assert await desk.held(order) == cash_buy_hold("13", "100.00") == D("1300.65")  # at rest: the terms exactly
+    assert await holds(buyer) == D("1300.65") <= await buyer.cash()
+    await desk.check()
+
+
+async def test_a_fill_settled_before_two_modifies_of_a_sell_keeps_the_base_asset_funded(desk: Desk) -> None:
+    """A cash account's SELL 2 at 100 raised to 4, then lowered to 3; a buy of 1 is settled first. The hold,
+    in the base asset, stays at the 3 left of the 4 the api reserved for the rise (not the 2 left of the latest
+    target), so the seller cannot offer the same coins twice."""
+    seller = await desk.trader("seller", base="5")
+    buyer = await desk.trader("buyer")
+    assert await ask(desk, seller, "2", "100.00") is None
+    await desk.pump()
+    (order,) = [r["id"] for r in await desk.fetch("SELECT id FROM orders WHERE account_id = $1", seller.account_id)]
+    assert await desk.held(order) == D(2)
+
+    await buyer.place("buy", "1", "100.00")
+    await relay(desk)  # the buy is on the bus ahead of both modifies
+    assert await patch(desk, seller, order, quantity="4") is None
+    assert await patch(desk, seller, order, quantity="3") is None
+    assert await desk.held(order) == D(4)
+    await settle_published(desk)  # the fill of 1
+
+    assert (await desk.order(order))["filled_quantity"] == D(1)
+    assert await counters(desk, order) == (2, 0)
+    assert await desk.held(order) == D(3)  # not 2: the first modify will have 3 left to sell
+    await desk.check()
+
+    # the position is 4 and 3 of it held: 1 free; had the fill freed the rise, 2 would fund this
+    rejection = await ask(desk, seller, "2", "101.00")
+    assert rejection is not None and rejection.reason is RiskReason.INSUFFICIENT_POSITION
+
+    await relay_one(desk)  # the first modify only
+    await settle_published(desk)
+    assert ((await desk.order(order))["quantity"], await counters(desk, order)) == (D(4), (2, 1))
+    assert await desk.held(order) == D(3)
+    await desk.check()
+
+    await desk.pump()
+    assert ((await desk.order(order))["quantity"], await counters(desk, order)) == (D(3), (2, 2))
+    assert await base_holds(seller) == await desk.held(order) == D(2)
+    position = await seller.position()
+    assert position is not None and position["net_quantity"] == D(4) >= await base_holds(seller)
+    await desk.check()
+
+
+async def test_a_modify_after_one_was_applied_is_priced_at_the_reprice_still_in_flight(desk: Desk) -> None:
+    """BUY 10 at 100: quantity to 11, then reprice to 109, then the engine applies the first one only. Until it
+    applies the reprice the order may fill at 109, so the hold price stays 109 (not the limit, 100, the order
+    has now) and a third modify to 100 at 101 is priced at 109 (10905.45), which the buyer's 10500 does not
+    cover. Priced at 101 (10105.05) it would be accepted, and after fills at 109 the engine would apply it with
+    more cash committed than the account has."""
+    buyer = await desk.trader("buyer", cash="10500")
+    order = await post_only_bid(desk, buyer, "10", "100.00")
+    await desk.pump()
+
+    assert await patch(desk, buyer, order, quantity="11") is None
+    assert await patch(desk, buyer, order, price="109.00") is None
+    assert await desk.held(order) == cash_buy_hold("11", "109.00") == D("1199.60")
+    await relay_one(desk)
+    await settle_published(desk)  # the quantity modify; the reprice still in the outbox
+
+    row = await desk.order(order)
+    assert (row["quantity"], row["price"], row["hold_price"]) == (D(11), D("100.00"), D("109.00"))
+    assert await counters(desk, order) == (2, 1)
+    assert await desk.held(order) == D("1199.60")
+    await desk.check()
+
+    rejection = await patch(desk, buyer, order, quantity="100", price="101.00")
+    assert rejection is not None and rejection.reason is RiskReason.INSUFFICIENT_FUNDS
+
+    await desk.pump()
+    row = await desk.order(order)
+    assert (row["quantity"], row["price"], row["hold_price"]) == (D(11), D("109.00"), D("109.00"))
+    assert await counters(desk, order) == (2, 2)
+    assert await holds(buyer) == await desk.held(order) == D("1199.60")
     await desk.check()

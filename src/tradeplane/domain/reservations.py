@@ -2,8 +2,8 @@
 
 Both the api (which places the hold when it acknowledges an order) and the engine (which shrinks and releases
 it as the order fills, is canceled or expires) compute holds with `reservation`, so at rest the invariant holds:
-the active holds of an account equal the sum of `reservation` over its open orders' leaves quantities, where an
-order with client modifies in flight reserves the larger of what its terms and what its modifies' target need.
+the active holds of an account equal the sum of `reservation` over its open orders' leaves quantities. An order
+with client modifies in flight keeps more: what the api funded them with, less what fills have used since.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def modify_hold_price(order_type: OrderType, hold_price: Decimal, new_price: Dec
     A higher limit raises it; a lower one does not lower it, since fills already in flight may still come at the
     old price (the engine sets it to the new limit once it has applied the modify). A market or stop order's hold
     price is its protection price, which a modify does not change. The api prices a modify's hold with it, and
-    settlement prices the hold a modify still in flight needs with it, so both reserve the same for a target.
+    settlement keeps that hold, less what fills use, until the engine has processed the modify.
     """
     if new_price is not None and order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
         return max(hold_price, new_price)

@@ -17,7 +17,7 @@ the transaction it opened; ``settle`` writes every consequence and nothing else 
   ``OrderCanceled`` like any other, with its reason kept in ``reject_reason``;
 - the funds hold of every touched order set to ``reservation`` of its remaining quantity, or released when
   the order is finished (so active holds always equal what open orders reserve); while client modifies are
-  still in flight after the batch, at least what their target needs, which the api reserved for them;
+  still in flight after the batch, lowered only by what the batch's fills used of it (``hold_amount``);
 - ``instruments.last_price`` (the mark) and the consumer offsets given by the caller.
 
 It returns what changed (``SettledBatch``) so the worker can publish execution reports after the commit.
@@ -57,7 +57,7 @@ from tradeplane.domain.orders import (
     status_after_fill,
     transition,
 )
-from tradeplane.domain.reservations import modify_hold_price, reservation
+from tradeplane.domain.reservations import reservation
 from tradeplane.services import ledger
 from tradeplane.services.accounts import house_account
 
@@ -65,6 +65,9 @@ log = logging.getLogger("tradeplane.settlement")
 
 #: Scale of every NUMERIC(38, 18) column: averages are rounded here so Python and PostgreSQL agree.
 AMOUNT_QUANTUM = Decimal(1).scaleb(-18)
+
+#: Order types with a limit price of their own (the others' hold price is a protection price no modify changes).
+_LIMITED: frozenset[OrderType] = frozenset({OrderType.LIMIT, OrderType.STOP_LIMIT})
 
 #: Cancel reasons kept in ``orders.reject_reason``: the engine canceled a resting order on its own, because a
 #: fill elsewhere left its reduce-only order nothing (or less) to reduce, and the client must be told why.
@@ -129,7 +132,11 @@ ORDER_COLUMNS = (
     "SELECT o.id, o.account_id, o.instrument_id, o.client_order_id, o.side, o.type, o.time_in_force,"
     " o.quantity, o.price, o.stop_price, o.expire_at, o.post_only, o.reduce_only, o.stp_mode, o.status,"
     " o.filled_quantity, o.average_fill_price, o.reject_reason, o.sequence, o.hold_price, o.created_at,"
-    " o.modifies_done, o.modifies_requested, o.target_quantity, o.target_price, a.user_id, a.kind AS account_kind"
+    " o.modifies_done, o.modifies_requested, a.user_id, a.kind AS account_kind,"
+    # the active hold, which only an order with client modifies in flight needs (``hold_amount``): the api
+    # changes it only under the row lock taken with it, so it is what the api funded them with, less fills
+    " CASE WHEN o.modifies_requested > o.modifies_done THEN (SELECT h.amount FROM holds h"
+    " WHERE h.order_id = o.id AND h.released_at IS NULL) END AS held"
     " FROM orders o JOIN accounts a ON a.id = o.account_id"
 )
 
@@ -163,11 +170,11 @@ class OrderRow:
     hold_price: Decimal | None
     created_at: datetime
     modifies_done: int = 0  # the last client modify the engine processed (see ``modify_processed``)
-    # The client modifies the api has sent, and while more than ``modifies_done`` the terms they take the order
-    # to (None: unchanged), which the api has already reserved for (``hold_amount``).
-    modifies_requested: int = 0
-    target_quantity: Decimal | None = None
-    target_price: Decimal | None = None
+    modifies_requested: int = 0  # the client modifies the api has sent: more than modifies_done are in flight
+    # With modifies in flight when the row was locked: the order's active hold then, and the quantity this
+    # batch's fills have filled since (``hold_amount`` releases only what they used of the hold).
+    held: Decimal = Decimal(0)
+    batch_filled: Decimal = Decimal(0)
     updated_at: datetime | None = None
     dirty: bool = False
 
@@ -255,8 +262,7 @@ async def load_order_rows(
             created_at=r["created_at"],
             modifies_done=r["modifies_done"],
             modifies_requested=r["modifies_requested"],
-            target_quantity=r["target_quantity"],
-            target_price=r["target_price"],
+            held=r["held"] or Decimal(0),
         )
     return out
 
@@ -406,25 +412,40 @@ def fee_for(notional: Decimal, rate: Decimal, scale: int) -> Decimal:
 
 
 def hold_amount(row: OrderRow, info: InstrumentInfo) -> Decimal:
-    """What ``row`` must keep reserved now: ``reservation`` of its leaves at its hold price, 0 when done.
+    """What ``row`` must keep reserved after the batch: ``reservation`` of its leaves, 0 once it is finished.
 
-    While client modifies are in flight (``modifies_requested > modifies_done``), at least what their target
-    needs, as the api reserved it when it checked the funds (``modify_hold_price``): the engine will apply the
-    target with no funds check, so a fill or a refused earlier modify settled meanwhile must not free that money
-    for another order. The terms' own reservation still counts too, since fills may come at them until then.
+    At rest, exactly that at its hold price. While client modifies are in flight (``modifies_requested >
+    modifies_done``), the hold the api funded them with stays, less only what this batch's fills used of it: the
+    engine will apply each of them with no funds check, and only the last one's target is stored, so an earlier,
+    larger one is known by its funding alone. The fills used ``reservation`` of their quantity at the order's
+    price in force (its limit, or a market or stop order's protection), rounded down: every modify in flight was
+    funded at a hold price no lower (``modify_hold_price``, kept so by ``_hold_price_after_modify``), and a
+    reservation, rounded up, shrinks by at least the rounded-down reservation of the quantity taken off it. So
+    the hold never falls below what a modify will need once applied. It is at least the terms' reservation at
+    that price too, as fills may come at them until then. It may keep more than the modifies end up needing (a
+    lower target, a cut by the engine): the surplus goes once the last one is processed.
     """
     leaves = row.leaves_quantity
     if leaves <= 0 or row.hold_price is None:
         return Decimal(0)
-    held = _reserved(row, info, leaves, row.hold_price)
-    if row.modifies_requested > row.modifies_done:
-        target_qty = row.quantity if row.target_quantity is None else row.target_quantity
-        target_leaves = target_qty - row.filled_quantity
-        if target_leaves > 0:
-            target_price = row.price if row.target_price is None else row.target_price
-            hold_price = modify_hold_price(row.order_type, row.hold_price, target_price)
-            held = max(held, _reserved(row, info, target_leaves, hold_price))
-    return held
+    if row.modifies_requested <= row.modifies_done:
+        return _reserved(row, info, leaves, row.hold_price)
+    price = row.price if row.order_type in _LIMITED and row.price is not None else row.hold_price
+    # reservation rounds up; of minus the quantity, it is minus the reservation of the quantity rounded down
+    used = -_reserved(row, info, -row.batch_filled, price)
+    return max(_reserved(row, info, leaves, price), row.held - used)
+
+
+def _hold_price_after_modify(row: OrderRow) -> None:
+    """A limit order's hold price once the engine has applied, refused or cut a modify: its limit, all its fills
+    can cost from now on. Not lower than it was while client modifies are still in flight, though: the api prices
+    the next modify at no less than the hold price (``modify_hold_price``), which must stay at least the highest
+    limit a modify in flight may yet give the order, or that next modify would be funded for less than fills at
+    that limit may cost before the engine applies it; and ``hold_amount`` relies on it."""
+    if row.modifies_requested > row.modifies_done and row.hold_price is not None and row.price is not None:
+        row.hold_price = max(row.hold_price, row.price)
+    else:
+        row.hold_price = row.price
 
 
 def _reserved(row: OrderRow, info: InstrumentInfo, leaves: Decimal, hold_price: Decimal) -> Decimal:
@@ -536,9 +557,9 @@ class _Settler:
             m: OrderModified = ev  # type: ignore[assignment]
             row.quantity = info.spec.lots_to_qty(m.qty)
             # A stop's engine price is its protection, not a limit: its row keeps no price and its hold price.
-            if m.price is not None and row.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
+            if m.price is not None and row.order_type in _LIMITED:
                 row.price = info.spec.ticks_to_price(m.price)
-                row.hold_price = row.price
+                _hold_price_after_modify(row)
             row.sequence = m.priority
             # None for a client's modify (an earlier refused modify no longer describes the order); the engine's
             # own cut of a reduce-only order says why the quantity went down.
@@ -549,10 +570,11 @@ class _Settler:
             row.dirty = True
         elif kind is ModifyRejected:
             # The api raised the hold price (and hold) for the new terms before the engine saw them; the order
-            # kept its old terms, so its hold goes back to what they need: a limit price is its own hold price,
-            # a market or stop order's protection price was never changed by a modify.
-            if row.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT) and row.price is not None:
-                row.hold_price = row.price
+            # kept its old terms, so its hold goes back to what they need once no other modify is in flight: a
+            # limit price is its own hold price, a market or stop order's protection price was never changed by
+            # a modify.
+            if row.order_type in _LIMITED and row.price is not None:
+                _hold_price_after_modify(row)
             if row.status in OPEN_STATUSES:  # a finished order keeps the outcome it already reported
                 row.reject_reason = ev.reason  # type: ignore[union-attr]
             row.dirty = True
@@ -576,6 +598,7 @@ class _Settler:
         ):
             previous = row.filled_quantity
             row.filled_quantity = previous + qty
+            row.batch_filled += qty
             row.average_fill_price = (
                 (previous * (row.average_fill_price or Decimal(0)) + notional) / row.filled_quantity
             ).quantize(AMOUNT_QUANTUM, ROUND_HALF_EVEN)

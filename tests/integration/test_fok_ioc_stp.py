@@ -27,6 +27,7 @@ async def test_a_fok_with_cancel_oldest_sweeps_past_its_own_order_and_cancels_it
     row = await desk.order(fok)
     assert (row["status"], row["filled_quantity"]) == ("filled", D("2"))
     assert [(await desk.order(i))["status"] for i in (cheap, mine, dear)] == ["filled", "canceled", "filled"]
+    assert (await desk.order(mine))["reject_reason"] == "stp"  # canceled without being asked: the row says why
     assert await desk.held(mine) == 0 and await desk.held(fok) == 0
     await desk.check()
 
@@ -58,7 +59,8 @@ async def test_an_ioc_with_cancel_both_stops_at_its_own_order_and_releases_the_r
     ioc = await me.place("buy", "3", "102.00", tif="ioc", stp="cancel_both")
     await desk.pump()
     row = await desk.order(ioc)
-    assert (row["status"], row["filled_quantity"]) == ("canceled", D("1"))
+    assert (row["status"], row["filled_quantity"], row["reject_reason"]) == ("canceled", D("1"), "stp")
     assert [(await desk.order(i))["status"] for i in (mine, dear)] == ["canceled", "new"]
+    assert (await desk.order(mine))["reject_reason"] == "stp"
     assert await desk.held(ioc) == 0 and await desk.held(mine) == 0
     await desk.check()

@@ -69,11 +69,10 @@ AMOUNT_QUANTUM = Decimal(1).scaleb(-18)
 #: Order types with a limit price of their own (the others' hold price is a protection price no modify changes).
 _LIMITED: frozenset[OrderType] = frozenset({OrderType.LIMIT, OrderType.STOP_LIMIT})
 
-#: Cancel reasons kept in ``orders.reject_reason``: the engine canceled a resting order on its own, because a
-#: fill elsewhere left its reduce-only order nothing (or less) to reduce, and the client must be told why.
-_REPORTED_CANCEL_REASONS: frozenset[str] = frozenset(
-    {CancelReason.REDUCE_ONLY_NO_POSITION, CancelReason.REDUCE_ONLY_CAPPED}
-)
+#: Cancel reasons kept in ``orders.reject_reason``: every cancel the engine made on its own (self-trade prevention
+#: canceling a resting order, an IOC/FOK/market remainder, a reduce-only order left nothing to reduce, a modify
+#: to no more than was filled), so the client can tell why; a cancel the client asked for needs none.
+_REPORTED_CANCEL_REASONS: frozenset[str] = frozenset(CancelReason) - {CancelReason.USER, CancelReason.CANCEL_ALL}
 
 
 @dataclass(frozen=True, slots=True)

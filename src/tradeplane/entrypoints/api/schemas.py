@@ -88,7 +88,10 @@ class OrderPublic(BaseModel):
     filled_quantity: DecimalText
     leaves_quantity: DecimalText
     average_fill_price: DecimalText | None
-    reject_reason: str | None
+    reject_reason: str | None = Field(
+        description="why the order was rejected, or canceled by the engine on its own (stp, ioc_remainder,"
+        " fok_unfillable, market_no_liquidity, reduce_only_*, modify_qty_filled); null for a client's cancel"
+    )
     created_at: datetime
     updated_at: datetime
 

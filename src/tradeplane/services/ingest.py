@@ -545,37 +545,48 @@ class MarketDataPipeline:
         return spans
 
     def _note_quotes(self, cols: TickColumns) -> None:
-        """Fold the chunk into the latest quote per instrument (a late tick never replaces a newer one)."""
+        """Fold the chunk into the latest quote per instrument as if its ticks came one at a time in arrival
+        order: a tick older than the quote (or trade) already held is skipped, so a late tick never replaces a
+        newer one, a one-sided update changes only its side, and the result does not depend on batching."""
         quotes = self._quotes
         dirty = self._dirty_quotes
         now = time.monotonic()
-        for index, row in _last_rows(cols.instrument, cols.bid > 0).items():
-            q = quotes[index]
-            q.external_seen = now  # only external feeds carry sides
-            ts = int(cols.ts_ns[row])
-            if ts >= q.quote_ts_ns:
-                q.quote_ts_ns = ts
-                q.bid, q.bid_size = int(cols.bid[row]), int(cols.bid_size[row])
-                ask = int(cols.ask[row])
-                q.ask, q.ask_size = (ask, int(cols.ask_size[row])) if ask > 0 else (q.ask, q.ask_size)
-                q.ts_ns = max(q.ts_ns, ts)
+        in_order = bool((cols.ts_ns[1:] >= cols.ts_ns[:-1]).all())  # the usual case: no late tick in the chunk
+        sided = (cols.bid > 0) | (cols.ask > 0)
+        if bool(sided.any()):
+            rows, group, first = _by_instrument(cols.instrument, sided)
+            held = np.array([quotes[int(cols.instrument[r])].quote_ts_ns for r in rows[first]], dtype=np.int64)
+            # Applied: not older than the quote held when it arrives, the stored one or any earlier row's.
+            ts = cols.ts_ns[rows]
+            applied = ts >= held[group]
+            if not in_order:
+                applied &= _newest_so_far(ts, group)
+            for index in cols.instrument[rows[first]].tolist():
+                quotes[index].external_seen = now  # only external feeds carry sides
+            bids = _last_per_group(cols.instrument, rows, group, applied & (cols.bid[rows] > 0))
+            asks = _last_per_group(cols.instrument, rows, group, applied & (cols.ask[rows] > 0))
+            for index, row in _last_per_group(cols.instrument, rows, group, applied).items():
+                q = quotes[index]
+                if (bid_row := bids.get(index)) is not None:
+                    q.bid, q.bid_size = int(cols.bid[bid_row]), int(cols.bid_size[bid_row])
+                if (ask_row := asks.get(index)) is not None:
+                    q.ask, q.ask_size = int(cols.ask[ask_row]), int(cols.ask_size[ask_row])
+                q.quote_ts_ns = int(cols.ts_ns[row])
+                q.ts_ns = max(q.ts_ns, q.quote_ts_ns)
                 dirty.add(index)
-        for index, row in _last_rows(cols.instrument, cols.ask > 0).items():
-            q = quotes[index]
-            q.external_seen = now
-            ts = int(cols.ts_ns[row])
-            if ts >= q.quote_ts_ns and int(cols.bid[row]) == 0:  # ask-only update
-                q.quote_ts_ns = ts
-                q.ask, q.ask_size = int(cols.ask[row]), int(cols.ask_size[row])
-                q.ts_ns = max(q.ts_ns, ts)
-                dirty.add(index)
-        for index, row in _last_rows(cols.instrument, cols.last > 0).items():
-            q = quotes[index]
-            ts = int(cols.ts_ns[row])
-            if ts >= q.last_ts_ns:
-                q.last_ts_ns = ts
+        traded = cols.last > 0
+        if bool(traded.any()):
+            rows, group, first = _by_instrument(cols.instrument, traded)
+            held = np.array([quotes[int(cols.instrument[r])].last_ts_ns for r in rows[first]], dtype=np.int64)
+            ts = cols.ts_ns[rows]
+            applied = ts >= held[group]
+            if not in_order:
+                applied &= _newest_so_far(ts, group)
+            for index, row in _last_per_group(cols.instrument, rows, group, applied).items():
+                q = quotes[index]
+                q.last_ts_ns = int(cols.ts_ns[row])
                 q.last = int(cols.last[row])
-                q.ts_ns = max(q.ts_ns, ts)
+                q.ts_ns = max(q.ts_ns, q.last_ts_ns)
                 dirty.add(index)
         if dirty:
             self._publish_wanted.set()
@@ -1085,15 +1096,41 @@ def _first_rows(keys: np.ndarray[Any, Any], mask: np.ndarray[Any, Any]) -> dict[
     return dict(zip(unique.tolist(), rows[first].tolist(), strict=True))
 
 
-def _last_rows(keys: np.ndarray[Any, Any], mask: np.ndarray[Any, Any]) -> dict[int, int]:
-    """For each key value among the rows where ``mask``: the index of its last such row (arrival order)."""
-    rows = np.flatnonzero(mask)
-    if not len(rows):
+def _by_instrument(
+    instrument: np.ndarray[Any, Any], mask: np.ndarray[Any, Any]
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The rows where ``mask``, grouped by instrument and in arrival order within a group: ``(rows, group,
+    first)``, ``group`` the dense group number of each row and ``first`` the position of each group's first."""
+    selected = np.flatnonzero(mask)
+    rows = selected[np.argsort(instrument[selected], kind="stable")]
+    keys = instrument[rows]
+    starts = np.r_[True, keys[1:] != keys[:-1]]
+    return rows, np.cumsum(starts) - 1, np.flatnonzero(starts)
+
+
+def _newest_so_far(ts: np.ndarray[Any, Any], group: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Per row of grouped rows: whether its ``ts`` is >= every earlier ``ts`` of its group (a running max per
+    group, on ranks so that the group number can be folded into one int64 key without overflow)."""
+    n = len(ts)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(ts, kind="stable")] = np.arange(n)  # equal ts rank in arrival order, later higher
+    key = group * n + rank
+    return np.asarray(key == np.maximum.accumulate(key))
+
+
+def _last_per_group(
+    instrument: np.ndarray[Any, Any],
+    rows: np.ndarray[Any, Any],
+    group: np.ndarray[Any, Any],
+    mask: np.ndarray[Any, Any],
+) -> dict[int, int]:
+    """instrument index -> the last row (in arrival order) of its group among the grouped rows where ``mask``."""
+    picked = np.flatnonzero(mask)
+    if not len(picked):
         return {}
-    reversed_keys = keys[rows][::-1]
-    unique, first_in_reversed = np.unique(reversed_keys, return_index=True)
-    last = rows[len(rows) - 1 - first_in_reversed]
-    return dict(zip(unique.tolist(), last.tolist(), strict=True))
+    groups = group[picked]
+    last = picked[np.r_[groups[1:] != groups[:-1], True]]
+    return dict(zip(instrument[rows[last]].tolist(), rows[last].tolist(), strict=True))
 
 
 # ------------------------------------------------------------------------------------------ retention

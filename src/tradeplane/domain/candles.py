@@ -310,9 +310,14 @@ def _check_uniform(candles: Sequence[Candle]) -> tuple[str, Timeframe] | None:
     return first.instrument, first.timeframe
 
 
-def fill_previous(candles: Iterable[Candle], start_ns: int, end_ns: int, timeframe: Timeframe) -> list[Candle]:
+def fill_previous(
+    candles: Iterable[Candle], start_ns: int, end_ns: int, timeframe: Timeframe, *, limit: int | None = None
+) -> list[Candle]:
     """Candles of one instrument for every bucket starting in ``[start_ns, end_ns)``, empty buckets filled
-    with the previous close (open = high = low = close, volume 0, tick_count 0).
+    with the previous close (open = high = low = close, volume 0, tick_count 0); only the first ``limit``.
+
+    With a ``limit`` the work is bounded by it and the candles given, never by the width of the range: a
+    range of centuries of M1 buckets (a client may ask for one) costs what its first ``limit`` candles cost.
 
     Nothing is invented before the first real candle: buckets before it stay absent. Real candles that start
     before ``start_ns`` are not returned but seed the carry, so pass the last candle before the range to fill
@@ -340,7 +345,7 @@ def fill_previous(candles: Iterable[Candle], start_ns: int, end_ns: int, timefra
     while index < len(ordered) and ordered[index].bucket_start_ns < bucket:
         previous = ordered[index]
         index += 1
-    while bucket < end_ns:
+    while bucket < end_ns and (limit is None or len(out) < limit):
         if index < len(ordered) and ordered[index].bucket_start_ns == bucket:
             previous = ordered[index]
             out.append(previous)
@@ -348,6 +353,11 @@ def fill_previous(candles: Iterable[Candle], start_ns: int, end_ns: int, timefra
         elif previous is not None:
             price = previous.close
             out.append(Candle(instrument, timeframe, bucket, price, price, price, price, 0, 0))
+        elif index < len(ordered):  # nothing to carry yet: go straight to the first real candle
+            bucket = ordered[index].bucket_start_ns
+            continue
+        else:
+            break
         bucket += width
     return out
 

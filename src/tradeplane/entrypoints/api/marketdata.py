@@ -21,7 +21,7 @@ from tradeplane.adapters.db import marketdata as sql
 from tradeplane.adapters.db.marketdata import ListedInstrument, TickCursor
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.candles import Candle, Timeframe, fill_previous
-from tradeplane.domain.ticks import OffTickGrid
+from tradeplane.domain.ticks import TS_NS_MAX, TS_NS_MIN, OffTickGrid
 from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
 from tradeplane.errors import InvalidRequest, NotFound
 from tradeplane.services.ingest import market_data_key
@@ -64,12 +64,24 @@ async def instrument_of(platform: Platform, symbol: str) -> ListedInstrument:
     return instrument
 
 
+#: Market data lives in int64 epoch nanoseconds (``TS_NS_MIN`` .. ``TS_NS_MAX``): nothing is stored outside
+#: this window, so a range is clipped to it (losing nothing) before any date arithmetic or query, which both
+#: overflow near year 1 and 9999.
+EARLIEST = sql.ns_to_datetime(TS_NS_MIN)
+LATEST = sql.ns_to_datetime(TS_NS_MAX)
+
+
+def _clipped(moment: datetime) -> datetime:
+    return min(max(moment, EARLIEST), LATEST).astimezone(UTC)
+
+
 def _range(start: datetime | None, end: datetime | None, default: timedelta) -> tuple[datetime, datetime]:
     end = end or datetime.now(UTC)
-    start = start or end - default
-    if start >= end:
+    if start is not None and start >= end:
         raise InvalidRequest("start must be before end", code="invalid_range")
-    return start, end
+    end = _clipped(end)
+    start = _clipped(start) if start is not None else max(end - default, EARLIEST)
+    return start, end  # empty (start == end) when the whole range lies outside the window
 
 
 class QuotePublic(BaseModel):
@@ -253,9 +265,9 @@ def _filled(
         raise InvalidRequest(f"cannot fill {instrument.symbol}: {exc}", code="fill_unavailable") from None
     if len(rows) == limit:  # the page ends before `upper`: fill only up to its last bucket
         upper = real[-1]["bucket"] + timedelta(microseconds=timeframe.width_ns // 1000)
-    filled = fill_previous(domain, sql.datetime_to_ns(lower), sql.datetime_to_ns(upper), timeframe)
+    filled = fill_previous(domain, sql.datetime_to_ns(lower), sql.datetime_to_ns(upper), timeframe, limit=limit)
     out = []
-    for candle in filled[:limit]:
+    for candle in filled:
         moment = sql.ns_to_datetime(candle.bucket_start_ns)
         real_candle = by_bucket.get(moment)
         if real_candle is not None:

@@ -13,9 +13,11 @@
   retention, replays as the rows it came from. A quantity off the lot grid is a ``malformed_row`` (never
   rounded); empty sizes and volume are 0.
 - Every row goes through the ``TickValidator``: bad rows are counted by ``DropReason`` and never raise. Only a
-  file that is not a tick file at all (missing columns) raises ``InvalidRequest``. In a CSV, a row with bytes
-  that are not UTF-8, or that ``csv`` cannot split (a field over its field size limit, a quote left open to
-  the end of the file), is one ``malformed_row`` and the replay goes on with the next line.
+  file that is not a tick file at all raises ``InvalidRequest``: missing columns, a header ``csv`` cannot
+  split, a ``.parquet`` file that is not Parquet (or a damaged row group). In a CSV, a row with bytes that are
+  not UTF-8, or that ``csv`` cannot split (a field over its field size limit, a quote left open to the end of
+  the file), is one ``malformed_row`` and the replay goes on with the next line. A leading UTF-8 byte order
+  mark is skipped; an empty file has no rows.
 
 Iterate with ``async for batch in ReplayFeed(...)`` (yields to the event loop between batches) or
 ``iter_batches()`` from synchronous code.
@@ -234,11 +236,15 @@ class ReplayFeed:
 
     def _csv_rows(self) -> Iterator[Sequence[str]]:
         # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in its field (so that row is
-        # malformed, see _to_tick) instead of a decode error that would end the replay.
-        with self.path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        # malformed, see _to_tick) instead of a decode error that would end the replay. utf-8-sig: a byte order
+        # mark (spreadsheet exports write one) is not part of the first column's name.
+        with self.path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
             reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
+            try:
+                header = next(reader, None)
+            except csv.Error as exc:
+                raise InvalidRequest(f"{self.path}: not a tick file, unreadable header: {exc}") from None
+            if header is None:  # an empty file: nothing to replay
                 return
             order = _column_order([name.strip() for name in header], self.path)
             identity = order == list(range(len(COLUMNS))) and len(header) == len(COLUMNS)
@@ -264,9 +270,19 @@ class ReplayFeed:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(self.path)
+        try:
+            parquet = pq.ParquetFile(self.path)
+        except (pa.ArrowException, OSError) as exc:  # not Parquet at all (empty, text, truncated)
+            raise InvalidRequest(f"{self.path}: not a Parquet file: {exc}") from None
         _column_order(list(parquet.schema_arrow.names), self.path)
-        for record_batch in parquet.iter_batches(batch_size=self.batch_size, columns=list(COLUMNS)):
+        batches = parquet.iter_batches(batch_size=self.batch_size, columns=list(COLUMNS))
+        while True:
+            try:
+                record_batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:  # a damaged row group: what was read before stays
+                raise InvalidRequest(f"{self.path}: unreadable Parquet after {self.rows_read} rows: {exc}") from None
+            if record_batch is None:
+                return
             columns: list[list[Any]] = []
             for name in COLUMNS:
                 column = record_batch.column(name)

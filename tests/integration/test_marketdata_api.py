@@ -118,7 +118,30 @@ async def test_quote_comes_from_redis_then_from_stored_ticks(
     stored = await client.get(url, headers=reader.headers)
     assert stored.status_code == 200
     assert stored.json()["source"] == "ticks"
-    assert (stored.json()["bid"], stored.json()["last"]) == ("9.95", None)  # the newest tick, as stored
+    # the same quote as the cache held: the newest quote, and the last trade price before it
+    assert stored.json() == {**live.json(), "source": "ticks"}
+
+
+async def test_a_stored_quote_is_not_hidden_by_a_newer_trade_only_tick(
+    client: httpx.AsyncClient,
+    reader: Actor,  # noqa: F811
+    platform: Platform,
+    gappy: ListedInstrument,
+) -> None:
+    await ingest(platform, gappy, [Tick(T0 + 6 * MINUTE, gappy.symbol, None, None, 0, 0, 1002, 1)])
+    await platform.cache.client.delete(f"market_data:{gappy.symbol}")
+    stored = await client.get(f"/api/v1/marketdata/{gappy.symbol}/quote", headers=reader.headers)
+    assert stored.status_code == 200
+    assert stored.json() == {
+        "symbol": gappy.symbol,
+        "ts": "2024-03-05T22:36:00Z",
+        "bid": "9.95",
+        "ask": "9.97",
+        "bid_size": "0.002",
+        "ask_size": "0.003",
+        "last": "10.02",
+        "source": "ticks",
+    }
 
 
 async def test_tick_pages_return_every_tick_once_even_with_equal_timestamps(

@@ -626,12 +626,25 @@ async def fetch_spreads(
     return rows
 
 
-async def latest_tick(conn: asyncpg.Connection, instrument_id: int) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
-        "SELECT ts, bid, ask, bid_size, ask_size, last, volume FROM ticks"
-        " WHERE instrument_id = $1 ORDER BY ts DESC LIMIT 1",
-        instrument_id,
-    )
+# The newest stored quote and the newest stored trade, as the live quote in Redis keeps them: a trade-only tick
+# does not hide the bid and ask before it, nor a quote-only tick the last price. Each is one backward index scan.
+_LATEST_QUOTE = """
+SELECT greatest(q.ts, t.ts) AS ts, q.bid, q.ask, q.bid_size, q.ask_size, t.last
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT ts, bid, ask, bid_size, ask_size FROM ticks
+    WHERE instrument_id = $1 AND (bid IS NOT NULL OR ask IS NOT NULL) ORDER BY ts DESC LIMIT 1
+) q ON TRUE
+LEFT JOIN LATERAL (
+    SELECT ts, last FROM ticks WHERE instrument_id = $1 AND last IS NOT NULL ORDER BY ts DESC LIMIT 1
+) t ON TRUE
+WHERE q.ts IS NOT NULL OR t.ts IS NOT NULL
+"""
+
+
+async def latest_quote(conn: asyncpg.Connection, instrument_id: int) -> asyncpg.Record | None:
+    """The stored quote (newest bid/ask with sizes) and last price of an instrument, at the newer one's time."""
+    row: asyncpg.Record | None = await conn.fetchrow(_LATEST_QUOTE, instrument_id)
     return row
 
 

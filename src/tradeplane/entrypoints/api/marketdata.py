@@ -139,14 +139,14 @@ class SpreadSeries(BaseModel):
 
 @router.get("/{symbol}/quote", response_model=QuotePublic)
 async def quote(symbol: str, principal: PrincipalDep, platform: PlatformDep) -> QuotePublic:
-    """The live quote from Redis (counts toward ``cache_hit_ratio``), else the newest stored tick."""
+    """The live quote from Redis (counts toward ``cache_hit_ratio``), else the newest stored quote and trade."""
     instrument = await instrument_of(platform, symbol)
     cached = await platform.cache.get_cached(market_data_key(symbol))
     if cached is not None:
         data = orjson.loads(cached)
         return QuotePublic(**{k: data.get(k) for k in QuotePublic.model_fields if k != "source"}, source="cache")
     async with platform.db.connection("marketdata.quote") as conn:
-        row = await sql.latest_tick(conn, instrument.instrument_id)
+        row = await sql.latest_quote(conn, instrument.instrument_id)
     if row is None:
         raise NotFound(f"no market data for {symbol} yet", code="no_market_data")
     return QuotePublic(

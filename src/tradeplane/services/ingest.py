@@ -72,6 +72,10 @@ from tradeplane.adapters.cache import REDIS_ERRORS, TTL_MARKET_DATA, Cache
 from tradeplane.adapters.db import marketdata as sql
 from tradeplane.adapters.db.marketdata import ListedInstrument, TickColumns, TickCopyEncoder
 from tradeplane.adapters.db.timeseries import (
+    ARCHIVING_SUFFIX,
+    detach_partitions_older_than_async,
+    detached_partitions_async,
+    drop_detached_async,
     drop_partitions_older_than_async,
     ensure_daily_partitions_async,
     storage_kind_async,
@@ -1138,8 +1142,13 @@ def _last_per_group(
 
 @dataclass(frozen=True, slots=True)
 class RetentionResult:
+    #: Partitions (chunks) dropped, by their partition name.
     dropped: list[str]
+    #: Archive files written.
     archived: list[Path]
+    #: Detached ``ticks`` partitions (``<partition>_archiving``) kept because their archive failed: nothing
+    #: of them is lost, and the next run with an archive folder archives and drops them.
+    pending: list[str] = field(default_factory=list)
 
 
 RETAINED_TABLES: tuple[str, ...] = ("ticks", "spreads", "depth_snapshots")
@@ -1155,43 +1164,74 @@ async def apply_retention(
 ) -> RetentionResult:
     """Drop market data partitions (chunks) wholly older than ``retention_days`` before ``today`` (UTC).
 
-    With ``archive_dir`` and native partitions, each expired ``ticks`` partition is first written to
-    ``<archive_dir>/<partition>.parquet`` in the replay format; a partition whose archive fails is kept.
-    Candles are kept: they are small and outlive the raw ticks.
+    With ``archive_dir`` and native partitions, each expired ``ticks`` partition is first detached (which
+    waits for writers in flight; no row can enter it afterwards), then written to
+    ``<archive_dir>/<partition>.parquet`` in the replay format (``<partition>.<n>.parquet`` when a late row
+    made the day's partition anew after an earlier archive: an archive is never overwritten), then dropped.
+    A partition whose archive fails stays detached, is logged and listed in ``pending``, and is archived
+    and dropped by a later run. Candles are kept: they are small and outlive the raw ticks.
     """
     if retention_days < 1:
         raise ValueError("retention_days must be >= 1")
     cutoff = (today or datetime.now(UTC).date()) - timedelta(days=retention_days)
     archived: list[Path] = []
     dropped: list[str] = []
+    pending: list[str] = []
     async with db.connection("marketdata.retention") as conn:
-        kinds = await storage_kind_async(conn)
-        if archive_dir is not None and kinds["ticks"] == "partitioned":
-            for name in await expired_partitions(conn, "ticks", cutoff):
-                target = archive_dir / f"{name}.parquet"
-                rows = await sql.archive_tick_partition(conn, name, target, instruments)
-                log.info("archived %s (%d ticks) to %s", name, rows, target)
-                archived.append(target)
-        for table in RETAINED_TABLES:
+        tables = RETAINED_TABLES
+        if (await storage_kind_async(conn))["ticks"] == "partitioned":
+            left_over = await detached_partitions_async(conn, "ticks")
+            if archive_dir is not None:
+                tables = tuple(table for table in RETAINED_TABLES if table != "ticks")
+                # First what an earlier run detached but could not archive, so those days can be detached again.
+                for detached in left_over:
+                    await _archive_detached(conn, detached, archive_dir, instruments, archived, dropped, pending)
+                for detached in await detach_partitions_older_than_async(conn, "ticks", cutoff):
+                    await _archive_detached(conn, detached, archive_dir, instruments, archived, dropped, pending)
+            elif left_over:
+                log.warning(
+                    "detached ticks partitions %s wait for an archive, but no archive folder is set: kept",
+                    ", ".join(left_over),
+                )
+                pending += left_over
+        for table in tables:
             dropped += await drop_partitions_older_than_async(conn, table, cutoff)
-    return RetentionResult(dropped, archived)
+    return RetentionResult(dropped, archived, pending)
 
 
-async def expired_partitions(conn: asyncpg.Connection, table: str, cutoff: date) -> list[str]:
-    """Our daily partitions of ``table`` lying wholly before ``cutoff`` 00:00Z, oldest first."""
-    rows = await conn.fetch(
-        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-        " WHERE i.inhparent = to_regclass($1) ORDER BY 1",
-        table,
-    )
-    out = []
-    for (name,) in rows:
-        suffix = name.removeprefix(f"{table}_p")
-        if suffix != name and len(suffix) == 8 and suffix.isdigit():
-            day = date(int(suffix[:4]), int(suffix[4:6]), int(suffix[6:]))
-            if day < cutoff:
-                out.append(name)
-    return out
+async def _archive_detached(
+    conn: asyncpg.Connection,
+    detached: str,
+    archive_dir: Path,
+    instruments: Sequence[ListedInstrument],
+    archived: list[Path],
+    dropped: list[str],
+    pending: list[str],
+) -> None:
+    """Archive a detached ``ticks`` partition, then drop it; if the archive cannot be written, keep the table
+    (listed in ``pending``) for a later run."""
+    partition = detached.removesuffix(ARCHIVING_SUFFIX)
+    target = archive_dir / f"{partition}.parquet"
+    try:
+        copies = 0
+        while target.exists():  # the day came back (a late row) after an earlier archive: keep that archive
+            copies += 1
+            target = archive_dir / f"{partition}.{copies}.parquet"
+        rows = await sql.archive_tick_partition(conn, detached, target, instruments)
+    except Exception as exc:  # any failure (folder, disk, data): the rows stay in the table, never lost
+        log.error(
+            "could not archive %s to %s (%s): its rows are kept in %s for the next run",
+            partition,
+            target,
+            exc,
+            detached,
+        )
+        pending.append(detached)
+        return
+    await drop_detached_async(conn, "ticks", detached)
+    log.info("archived %s (%d ticks) to %s", partition, rows, target)
+    archived.append(target)
+    dropped.append(partition)
 
 
 __all__ = [

@@ -6,7 +6,11 @@ with one partition per UTC day named ``<table>_pYYYYMMDD`` covering ``[day 00:00
 There is deliberately no DEFAULT partition: a row for a day without a partition fails loudly instead of
 piling up where retention cannot drop it, so writers call :func:`ensure_daily_partitions` ahead of time
 (the migration creates yesterday .. 7 days ahead) and for the days of any replayed history. Retention
-drops whole partitions (:func:`drop_partitions_older_than`), which is instant and leaves no bloat.
+drops whole partitions (:func:`drop_partitions_older_than`), which is instant and leaves no bloat. Retention
+that archives first detaches each expired partition and renames it ``<partition>_archiving``
+(:func:`detach_partitions_older_than_async`): no row can enter it any more, so its archive is complete; it is
+dropped once archived (:func:`drop_detached_async`), and one whose archive failed stays until a later run
+(:func:`detached_partitions_async`).
 
 TimescaleDB layout: the same tables are hypertables with 1-day chunks; ensuring partitions is a no-op
 and retention calls ``drop_chunks``.
@@ -51,6 +55,13 @@ _PARTITIONS_SQL = (
     " WHERE i.inhparent = to_regclass($1) ORDER BY 1"
 )
 _LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext($1))"
+#: Tables of this schema, not partitions, named like a detached partition waiting for its archive.
+_DETACHED_SQL = (
+    "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition"
+    " AND c.relname LIKE '%\\_archiving' ORDER BY 1"
+)
+_EXISTS_SQL = "SELECT to_regclass($1) IS NOT NULL"
 _DROP_CHUNKS_SQL = (
     "SELECT CAST(drop_chunks(CAST(CAST($1 AS text) AS regclass), older_than => CAST($2 AS timestamptz)) AS text)"
 )
@@ -65,6 +76,14 @@ def _checked(table: str) -> str:
 
 def partition_name(table: str, day: date) -> str:
     return f"{_checked(table)}_p{day:%Y%m%d}"
+
+
+#: Suffix of a partition detached by retention and waiting for its archive (see module docstring).
+ARCHIVING_SUFFIX = "_archiving"
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _utc_midnight(day: date) -> datetime:
@@ -91,6 +110,12 @@ def _partition_day(table: str, name: str) -> date | None:
     """The day of a partition we named, or None for a partition someone else attached."""
     match = re.fullmatch(re.escape(table) + r"_p(\d{8})", name)
     return datetime.strptime(match.group(1), "%Y%m%d").date() if match else None
+
+
+def _detached_day(table: str, name: str) -> date | None:
+    """The day of a partition retention detached for its archive (``<table>_pYYYYMMDD_archiving``), or None."""
+    stem = name.removesuffix(ARCHIVING_SUFFIX)
+    return _partition_day(table, stem) if stem != name else None
 
 
 def _expired(table: str, names: Sequence[str], cutoff: date) -> list[str]:
@@ -258,3 +283,49 @@ async def drop_partitions_older_than_async(conn: asyncpg.Connection, table: str,
     if dropped:
         log.info("retention dropped %s", ", ".join(dropped))
     return dropped
+
+
+async def detach_partitions_older_than_async(conn: asyncpg.Connection, table: str, cutoff: date) -> list[str]:
+    """Retention with an archive: detach every partition of ``table`` wholly before ``cutoff`` 00:00Z and
+    rename it ``<partition>_archiving``, in one transaction; returns the new names, oldest first.
+
+    The plain DETACH (not CONCURRENTLY, which cannot share a transaction with the rename) takes ACCESS
+    EXCLUSIVE on the parent, as DROP of a partition does, so it waits for writers in flight and afterwards
+    no row can enter the detached table: its archive is complete. Parent then partition is the order writers
+    lock in, so no deadlock. The rename frees the day's name in the same transaction: a late row for that
+    day gets a new partition (:func:`ensure_daily_partitions_async`; ``CREATE TABLE IF NOT EXISTS`` would
+    silently skip a detached table still holding the name), archived by a later run. A day whose previously
+    detached table is still there (its archive failed) stays attached until that one is gone.
+    Native partitions only: returns [] for a hypertable or a plain table.
+    """
+    if (await storage_kind_async(conn))[_checked(table)] != "partitioned":
+        return []
+    detached: list[str] = []
+    async with conn.transaction():
+        await conn.execute(_LOCK_SQL, f"tradeplane.partitions.{table}")
+        names = [row[0] for row in await conn.fetch(_PARTITIONS_SQL, table)]
+        for name in _expired(table, names, cutoff):
+            target = name + ARCHIVING_SUFFIX
+            if await conn.fetchval(_EXISTS_SQL, _quoted(target)):
+                log.warning("retention keeps %s attached: %s is still waiting for its archive", name, target)
+                continue
+            await conn.execute(f"ALTER TABLE {_quoted(table)} DETACH PARTITION {_quoted(name)}")
+            await conn.execute(f"ALTER TABLE {_quoted(name)} RENAME TO {_quoted(target)}")
+            detached.append(target)
+    if detached:
+        log.info("retention detached %s", ", ".join(detached))
+    return detached
+
+
+async def detached_partitions_async(conn: asyncpg.Connection, table: str) -> list[str]:
+    """The partitions of ``table`` that retention detached and has not yet archived and dropped, oldest first."""
+    _checked(table)
+    return [row[0] for row in await conn.fetch(_DETACHED_SQL) if _detached_day(table, row[0]) is not None]
+
+
+async def drop_detached_async(conn: asyncpg.Connection, table: str, name: str) -> None:
+    """Drop a partition of ``table`` that retention detached (and the caller archived)."""
+    if _detached_day(table, name) is None:
+        raise ValueError(f"{name!r} is not a detached partition of {_checked(table)}")
+    await conn.execute(f"DROP TABLE {_quoted(name)}")
+    log.info("retention dropped %s", name)

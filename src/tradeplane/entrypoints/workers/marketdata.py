@@ -347,6 +347,12 @@ async def run_marketdata(
             pipeline.forget_days_before(today - timedelta(days=settings.md_retention_days))
             if result.dropped:
                 log.info("market data retention dropped %s", ", ".join(result.dropped))
+            if result.pending:
+                log.warning(
+                    "market data retention kept %s detached: not archived yet (see the error above; the next run"
+                    " tries again)",
+                    ", ".join(result.pending),
+                )
             await pause(stop, HOUSEKEEPING_INTERVAL_S)
 
     supervise("housekeeping", housekeeping)

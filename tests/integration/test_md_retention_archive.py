@@ -30,15 +30,21 @@ PARTITION = "ticks_p20050101"
 DETACHED = "ticks_p20050101_archiving"
 
 
+async def old_day(platform: Platform, make_pipeline: Any, minutes: int) -> tuple[Any, Any]:
+    """A listed instrument with ``minutes`` one-minute ticks stored on 2005-01-01, and its running pipeline."""
+    a = await list_instrument(platform)
+    pipeline = await make_pipeline([a])
+    await pipeline.submit([Tick(OLD + i * 60 * SECOND, a.symbol, 100, 101, 1, 1, 100, 1) for i in range(minutes)])
+    await pipeline.flush()
+    return a, pipeline
+
+
 async def test_a_row_committed_while_retention_runs_is_archived_before_its_partition_is_dropped(
     platform: Platform,
     pipeline_factory: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    a = await list_instrument(platform)
-    pipeline = await pipeline_factory([a])
-    await pipeline.submit([Tick(OLD + i * 60 * SECOND, a.symbol, 100, 101, 1, 1, 100, 1) for i in range(30)])
-    await pipeline.flush()
+    a, _ = await old_day(platform, pipeline_factory, 30)
     async with platform.db.connection("test.late-writer") as writer, platform.db.connection("test.locks") as watcher:
         late = writer.transaction()
         await late.start()  # a writer is inserting into the old day as retention starts
@@ -70,10 +76,7 @@ async def test_a_failed_archive_drops_nothing_and_a_later_run_finishes_the_job(
     pipeline_factory: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    a = await list_instrument(platform)
-    pipeline = await pipeline_factory([a])
-    await pipeline.submit([Tick(OLD + i * 60 * SECOND, a.symbol, 100, 101, 1, 1, 100, 1) for i in range(5)])
-    await pipeline.flush()
+    a, _ = await old_day(platform, pipeline_factory, 5)
     not_a_folder = tmp_path / "archive"
     not_a_folder.write_text("a file where the archive folder should be")
     failed = await apply_retention(
@@ -103,10 +106,7 @@ async def test_a_late_tick_for_an_archived_day_is_stored_and_archived_without_ov
     pipeline_factory: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    a = await list_instrument(platform)
-    pipeline = await pipeline_factory([a])
-    await pipeline.submit([Tick(OLD + i * 60 * SECOND, a.symbol, 100, 101, 1, 1, 100, 1) for i in range(30)])
-    await pipeline.flush()
+    a, pipeline = await old_day(platform, pipeline_factory, 30)
     await retention(platform, [a], tmp_path)
     # A replayed (or very late) tick for the archived day gets a new partition for it...
     await pipeline.submit([Tick(OLD + 12 * 3600 * SECOND, a.symbol, 123, 124, 1, 1, None, 0)])
@@ -125,10 +125,7 @@ async def test_ticks_ingested_while_retention_detaches_their_day_are_stored_not_
     pipeline_factory: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    a = await list_instrument(platform)
-    pipeline = await pipeline_factory([a])
-    await pipeline.submit([Tick(OLD + i * 60 * SECOND, a.symbol, 100, 101, 1, 1, 100, 1) for i in range(30)])
-    await pipeline.flush()
+    a, pipeline = await old_day(platform, pipeline_factory, 30)
     async with platform.db.connection("test.reader") as reader, platform.db.connection("test.locks") as watcher:
         read = reader.transaction()
         await read.start()

@@ -35,9 +35,9 @@ async def settle_published(desk: Desk) -> None:
         desk.consumed += await desk.worker.step()
 
 
-async def bid(desk: Desk, trader: Trader, qty: str, price: str) -> RiskRejection | None:
-    """POST /orders through the real order entry (pre-trade risk and its funds check): a post-only limit buy."""
-    terms = OrderTerms(Side.BUY, OrderType.LIMIT, D(qty), D(price), post_only=True)
+async def post_only(desk: Desk, trader: Trader, side: Side, qty: str, price: str) -> RiskRejection | None:
+    """POST /orders through the real order entry (pre-trade risk and its funds check): a post-only limit order."""
+    terms = OrderTerms(side, OrderType.LIMIT, D(qty), D(price), post_only=True)
     async with desk.db.transaction("test.place") as conn:
         placement = await OrderEntry(desk.cache, shards=1).place_order(
             conn,
@@ -47,43 +47,32 @@ async def bid(desk: Desk, trader: Trader, qty: str, price: str) -> RiskRejection
     return placement.rejection
 
 
-async def holds(trader: Trader) -> D:
-    """The trader's active holds in USD."""
+async def bid(desk: Desk, trader: Trader, qty: str, price: str) -> RiskRejection | None:
+    return await post_only(desk, trader, Side.BUY, qty, price)
+
+
+async def ask(desk: Desk, trader: Trader, qty: str, price: str) -> RiskRejection | None:
+    return await post_only(desk, trader, Side.SELL, qty, price)
+
+
+async def holds(trader: Trader, asset: str = "USD") -> D:
+    """The trader's active holds in ``asset`` (BTC: what its cash-account sells keep aside)."""
     return D(
         await trader.desk.value(
-            "SELECT coalesce(sum(amount), 0) FROM holds WHERE account_id = $1 AND asset = 'USD'"
-            " AND released_at IS NULL",
+            "SELECT coalesce(sum(amount), 0) FROM holds WHERE account_id = $1 AND asset = $2 AND released_at IS NULL",
             trader.account_id,
+            asset,
         )
     )
+
+
+async def base_holds(trader: Trader) -> D:
+    return await holds(trader, "BTC")
 
 
 async def relay_one(desk: Desk) -> None:
     """Publish only the oldest unpublished outbox row: the engine will see it and nothing committed after it."""
     desk.published += await OutboxRelay(desk.db, desk.bus, batch_size=1).publish_pending()
-
-
-async def ask(desk: Desk, trader: Trader, qty: str, price: str) -> RiskRejection | None:
-    """POST /orders through the real order entry: a post-only limit sell."""
-    terms = OrderTerms(Side.SELL, OrderType.LIMIT, D(qty), D(price), post_only=True)
-    async with desk.db.transaction("test.place") as conn:
-        placement = await OrderEntry(desk.cache, shards=1).place_order(
-            conn,
-            Principal(trader.user_id, f"user{trader.user_id}", Role.TRADER),
-            OrderRequest(trader.account_id, desk.symbol, terms),
-        )
-    return placement.rejection
-
-
-async def base_holds(trader: Trader) -> D:
-    """The trader's active holds in the base asset (what its cash-account sells keep aside)."""
-    return D(
-        await trader.desk.value(
-            "SELECT coalesce(sum(amount), 0) FROM holds WHERE account_id = $1 AND asset = 'BTC'"
-            " AND released_at IS NULL",
-            trader.account_id,
-        )
-    )
 
 
 async def test_a_fill_settled_before_a_quantity_rise_keeps_the_rise_reserved(desk: Desk) -> None:

@@ -192,6 +192,25 @@ async def test_a_redelivered_placement_places_one_order(
     assert [r["client_order_id"] for r in await order_rows(amqp_platform)] == ["amqp-msg-42"]
 
 
+async def placed_together(
+    platform: Platform, amqp_url: str, commands: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], OrderQueueWorker]:
+    """Send every command to order_placement, then start the worker: they all wait in the queue, so it places
+    them together. The replies, in the commands' order, and the worker."""
+    async with open_requester(platform, amqp_url) as requester:
+        calls = [asyncio.ensure_future(requester.call("order.place", command)) for command in commands]
+        await asyncio.sleep(0.5)
+        worker = OrderQueueWorker(platform)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            replies: list[dict[str, Any]] = await asyncio.gather(*calls)
+        finally:
+            stop.set()
+            await running
+    return replies, worker
+
+
 async def test_a_burst_of_placements_shares_transactions_with_one_by_one_answers(
     amqp_platform: Platform, amqp_url: str
 ) -> None:
@@ -208,17 +227,7 @@ async def test_a_burst_of_placements_shares_transactions_with_one_by_one_answers
     commands[5] = placement(trader, side="sideways")  # refused before it is queued
     commands[9] = placement(trader, quantity="0.01", price="65000.00", client_order_id="b-3")  # the same order
     commands[12] = placement(trader, quantity="0.02", price="65000.00", client_order_id="b-3")  # other terms
-    async with open_requester(amqp_platform, amqp_url) as requester:
-        calls = [asyncio.ensure_future(requester.call("order.place", command)) for command in commands]
-        await asyncio.sleep(0.5)  # all of them wait in the queue before the worker starts
-        worker = OrderQueueWorker(amqp_platform)
-        stop = asyncio.Event()
-        running = asyncio.create_task(worker.run(stop))
-        try:
-            replies = await asyncio.gather(*calls)
-        finally:
-            stop.set()
-            await running
+    replies, worker = await placed_together(amqp_platform, amqp_url, commands)
     statuses = [reply["status"] for reply in replies]
     assert statuses[5] == 422 and replies[5]["error"] == "validation_error"
     assert (statuses[9], replies[9]["order"]["id"]) == (200, replies[3]["order"]["id"])
@@ -294,3 +303,20 @@ async def test_position_changes_are_published_to_position_updates(
         assert ours == [{"user_id": trader.user_id, **event}]
     finally:
         await connection.close()
+
+
+async def test_bad_placements_in_a_burst_refuse_only_themselves(amqp_platform: Platform, amqp_url: str) -> None:
+    """A message whose numbers the database cannot hold is refused alone; the placements it shares a
+    transaction with are placed."""
+    trader = await make_actor(amqp_platform, "erin", Role.TRADER, with_account=True)
+    async with amqp_platform.db.transaction("test.funds") as conn:
+        await accounts.deposit(conn, trader.account_id, Decimal("100000.00"))
+    commands: list[dict[str, Any]] = [placement(trader, quantity="0.01", client_order_id=f"ok-{k}") for k in range(6)]
+    commands[1] = placement(trader, quantity="1e40", client_order_id="huge")
+    commands[3] = placement(trader, type="stop_limit", stop_price="1e25", client_order_id="huge-stop")
+    commands[4] = placement(trader, quantity="0.01000000000000000001", client_order_id="too-fine")
+    replies, _ = await placed_together(amqp_platform, amqp_url, commands)
+    assert [r["status"] for r in replies] == [201, 422, 201, 422, 422, 201]
+    assert {replies[k]["error"] for k in (1, 3, 4)} == {"validation_error"}
+    stored = [r["client_order_id"] for r in await order_rows(amqp_platform)]
+    assert stored == ["ok-0", "ok-2", "ok-5"]

@@ -47,15 +47,24 @@ def generation_key(key: str) -> str:
     return f"{key}:gen"
 
 
+# KEYS: the values to drop; ARGV: the generations' TTL. One command for any number of keys (EVAL, not EVALSHA:
+# redis-py checks a pipeline's scripts with an extra round trip; Redis caches the compiled text by its hash).
+_INVALIDATE = """
+for _, key in ipairs(KEYS) do
+    redis.call('DEL', key)
+    local generation = key .. ':gen'  -- generation_key
+    redis.call('INCR', generation)
+    redis.call('EXPIRE', generation, ARGV[1])
+end
+return #KEYS
+"""
+
+
 def invalidate(pipe: Pipeline, *keys: str) -> None:
     """Queue on ``pipe`` the invalidation of read-through ``keys`` after a commit that changed what they hold:
     drop the values and bump their generations, so a read already under way does not fill them with the old."""
-    if not keys:
-        return
-    pipe.delete(*keys)
-    for key in keys:
-        pipe.incr(generation_key(key))
-        pipe.expire(generation_key(key), GENERATION_TTL)
+    if keys:
+        pipe.eval(_INVALIDATE, len(keys), *keys, GENERATION_TTL)
 
 
 class Cache:

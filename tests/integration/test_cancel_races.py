@@ -10,18 +10,13 @@ from decimal import Decimal
 import pytest
 
 from tests.integration import test_engine
-from tests.integration.test_engine import Desk, Trader
+from tests.integration.test_engine import Desk
 from tradeplane.errors import Conflict
-from tradeplane.services.identity import Principal, Role
 from tradeplane.services.orders import OrderEntry
 
 desk = test_engine.desk  # the engine tests' fixture: database, Redis, a namespaced bus, relay and engine
 
 D = Decimal
-
-
-def _principal(trader: Trader) -> Principal:
-    return Principal(trader.user_id, f"user{trader.user_id}", Role.TRADER)
 
 
 async def test_cancel_all_racing_a_fill_cancels_only_what_is_still_open(desk: Desk) -> None:
@@ -35,7 +30,7 @@ async def test_cancel_all_racing_a_fill_cancels_only_what_is_still_open(desk: De
     await buyer.place("buy", "1", "100.00")
     await buyer.place("buy", "0.4", "102.00")  # takes 101 first: 0.4 of `far`
     async with desk.db.transaction("test.cancel_all") as conn:
-        moved = await OrderEntry(desk.cache, shards=1).cancel_all(conn, _principal(seller), seller.account_id)
+        moved = await OrderEntry(desk.cache, shards=1).cancel_all(conn, seller.principal, seller.account_id)
     assert sorted(o.id for o in moved) == [near, far, half]
     assert {o.status for o in moved} == {"pending_cancel"}
     await desk.pump()
@@ -60,10 +55,10 @@ async def test_canceling_a_filled_order_is_a_conflict_and_changes_nothing(desk: 
     outbox_before = await desk.value("SELECT count(*) FROM outbox")
     with pytest.raises(Conflict) as refused:
         async with desk.db.transaction("test.cancel") as conn:
-            await OrderEntry(desk.cache, shards=1).cancel_order(conn, _principal(seller), ask)
+            await OrderEntry(desk.cache, shards=1).cancel_order(conn, seller.principal, ask)
     assert (refused.value.status_code, refused.value.code) == (409, "order_not_open")
     assert (await desk.order(ask))["status"] == "filled"
     assert await desk.value("SELECT count(*) FROM outbox") == outbox_before
     # cancel-all finds nothing to cancel in the account either
     async with desk.db.transaction("test.cancel_all") as conn:
-        assert await OrderEntry(desk.cache, shards=1).cancel_all(conn, _principal(seller), seller.account_id) == []
+        assert await OrderEntry(desk.cache, shards=1).cancel_all(conn, seller.principal, seller.account_id) == []

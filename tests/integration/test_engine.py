@@ -370,8 +370,16 @@ class Desk:
 
     async def pump(self) -> None:
         """Relay every outbox row, then let the engine apply them all (one batch at a time)."""
+        await self.relay_all()
+        await self.settle_published()
+
+    async def relay_all(self) -> None:
+        """Publish every committed outbox row to the bus; the engine has not run them yet."""
         while published := await self.relay.publish_pending():
             self.published += published
+
+    async def settle_published(self) -> None:
+        """Let the engine apply what is on the bus now, and nothing committed to the outbox since."""
         while self.consumed < self.published:
             self.consumed += await self.worker.step()
 
@@ -407,6 +415,10 @@ class Trader:
     user_id: int
     account_id: int
 
+    @property
+    def principal(self) -> Principal:
+        return Principal(self.user_id, f"user{self.user_id}", Role.TRADER)
+
     async def place(self, side: str, qty: str, price: str | None = None, **options: Any) -> int:
         async with self.desk.db.transaction("test.place") as conn:
             return await submit_order(
@@ -433,10 +445,9 @@ class Trader:
             stop_price=None if stop_price is None else D(stop_price),
             time_in_force=TimeInForce(tif),
         )
-        principal = Principal(self.user_id, f"user{self.user_id}", Role.TRADER)
         async with self.desk.db.transaction("test.submit") as conn:
             placement = await OrderEntry(self.desk.cache, shards=1).place_order(
-                conn, principal, OrderRequest(self.account_id, self.desk.symbol, terms)
+                conn, self.principal, OrderRequest(self.account_id, self.desk.symbol, terms)
             )
         assert placement.rejection is None and placement.order is not None, placement.rejection
         return placement.order.id

@@ -13,46 +13,20 @@ from decimal import Decimal as D
 
 from tests.integration import test_engine
 from tests.integration.test_engine import Desk, Trader, cash_buy_hold
-from tests.integration.test_modify_pending import counters, patch, post_only_bid
-from tradeplane.domain.orders import OrderType, Side
-from tradeplane.domain.risk import OrderTerms, RiskReason, RiskRejection
-from tradeplane.services.identity import Principal, Role
-from tradeplane.services.orders import OrderEntry, OrderRequest
+from tests.integration.test_modify_pending import counters, patch, post_only, post_only_bid
+from tradeplane.domain.orders import Side
+from tradeplane.domain.risk import RiskReason, RiskRejection
 from tradeplane.services.relay import OutboxRelay
 
 desk = test_engine.desk  # the engine tests' fixture: database, Redis, a namespaced bus, relay and engine
 
 
-async def relay(desk: Desk) -> None:
-    """Publish every committed outbox row to the bus; the engine has not run them yet."""
-    while published := await desk.relay.publish_pending():
-        desk.published += published
-
-
-async def settle_published(desk: Desk) -> None:
-    """Let the engine apply what is on the bus now, and nothing committed to the outbox since."""
-    while desk.consumed < desk.published:
-        desk.consumed += await desk.worker.step()
-
-
-async def post_only(desk: Desk, trader: Trader, side: Side, qty: str, price: str) -> RiskRejection | None:
-    """POST /orders through the real order entry (pre-trade risk and its funds check): a post-only limit order."""
-    terms = OrderTerms(side, OrderType.LIMIT, D(qty), D(price), post_only=True)
-    async with desk.db.transaction("test.place") as conn:
-        placement = await OrderEntry(desk.cache, shards=1).place_order(
-            conn,
-            Principal(trader.user_id, f"user{trader.user_id}", Role.TRADER),
-            OrderRequest(trader.account_id, desk.symbol, terms),
-        )
-    return placement.rejection
-
-
 async def bid(desk: Desk, trader: Trader, qty: str, price: str) -> RiskRejection | None:
-    return await post_only(desk, trader, Side.BUY, qty, price)
+    return (await post_only(desk, trader, Side.BUY, qty, price)).rejection
 
 
 async def ask(desk: Desk, trader: Trader, qty: str, price: str) -> RiskRejection | None:
-    return await post_only(desk, trader, Side.SELL, qty, price)
+    return (await post_only(desk, trader, Side.SELL, qty, price)).rejection
 
 
 async def holds(trader: Trader, asset: str = "USD") -> D:
@@ -86,10 +60,10 @@ async def test_a_fill_settled_before_a_quantity_rise_keeps_the_rise_reserved(des
     assert await desk.held(order) == cash_buy_hold("10", "100.00")
 
     await seller.place("sell", "2", "100.00")
-    await relay(desk)  # the sell is on the bus ahead of the modify
+    await desk.relay_all()  # the sell is on the bus ahead of the modify
     assert await patch(desk, buyer, order, quantity="20") is None
     assert await desk.held(order) == cash_buy_hold("20", "100.00") == D("2001.00")
-    await settle_published(desk)  # the fill of 2, the modify still in the outbox
+    await desk.settle_published()  # the fill of 2, the modify still in the outbox
 
     row = await desk.order(order)
     assert (row["quantity"], row["filled_quantity"], row["status"]) == (D(10), D(2), "partially_filled")
@@ -123,10 +97,10 @@ async def test_a_refused_modify_settled_before_a_quantity_rise_keeps_the_rise_re
     await desk.pump()
 
     assert await patch(desk, buyer, order, price="106.00") is None
-    await relay(desk)  # the reprice is on the bus ahead of the quantity modify
+    await desk.relay_all()  # the reprice is on the bus ahead of the quantity modify
     assert await patch(desk, buyer, order, quantity="10") is None
     assert await desk.held(order) == cash_buy_hold("10", "106.00") == D("1060.53")
-    await settle_published(desk)  # the reprice, refused: post-only would take
+    await desk.settle_published()  # the reprice, refused: post-only would take
 
     row = await desk.order(order)
     assert (row["quantity"], row["price"], row["reject_reason"]) == (D(1), D("100.00"), "post_only_would_take")
@@ -159,11 +133,11 @@ async def test_a_fill_settled_before_two_modifies_keeps_what_the_larger_one_was_
     await desk.pump()
 
     await seller.place("sell", "2", "100.00")
-    await relay(desk)  # the sell is on the bus ahead of both modifies
+    await desk.relay_all()  # the sell is on the bus ahead of both modifies
     assert await patch(desk, buyer, order, quantity="20") is None
     assert await patch(desk, buyer, order, quantity="15") is None
     assert await desk.held(order) == cash_buy_hold("20", "100.00") == D("2001.00")  # the api never lowers it
-    await settle_published(desk)  # the fill of 2, both modifies still in the outbox
+    await desk.settle_published()  # the fill of 2, both modifies still in the outbox
 
     row = await desk.order(order)
     assert (row["quantity"], row["filled_quantity"], row["status"]) == (D(10), D(2), "partially_filled")
@@ -177,7 +151,7 @@ async def test_a_fill_settled_before_two_modifies_keeps_what_the_larger_one_was_
     assert rejection is not None and rejection.reason is RiskReason.INSUFFICIENT_FUNDS
 
     await relay_one(desk)  # the engine applies the first modify only
-    await settle_published(desk)
+    await desk.settle_published()
     row = await desk.order(order)
     assert (row["quantity"], row["filled_quantity"]) == (D(20), D(2))
     assert await counters(desk, order) == (2, 1)
@@ -206,11 +180,11 @@ async def test_a_fill_settled_before_two_modifies_of_a_sell_keeps_the_base_asset
     assert await desk.held(order) == D(2)
 
     await buyer.place("buy", "1", "100.00")
-    await relay(desk)  # the buy is on the bus ahead of both modifies
+    await desk.relay_all()  # the buy is on the bus ahead of both modifies
     assert await patch(desk, seller, order, quantity="4") is None
     assert await patch(desk, seller, order, quantity="3") is None
     assert await desk.held(order) == D(4)
-    await settle_published(desk)  # the fill of 1
+    await desk.settle_published()  # the fill of 1
 
     assert (await desk.order(order))["filled_quantity"] == D(1)
     assert await counters(desk, order) == (2, 0)
@@ -222,7 +196,7 @@ async def test_a_fill_settled_before_two_modifies_of_a_sell_keeps_the_base_asset
     assert rejection is not None and rejection.reason is RiskReason.INSUFFICIENT_POSITION
 
     await relay_one(desk)  # the first modify only
-    await settle_published(desk)
+    await desk.settle_published()
     assert ((await desk.order(order))["quantity"], await counters(desk, order)) == (D(4), (2, 1))
     assert await desk.held(order) == D(3)
     await desk.check()
@@ -249,7 +223,7 @@ async def test_a_modify_after_one_was_applied_is_priced_at_the_reprice_still_in_
     assert await patch(desk, buyer, order, price="109.00") is None
     assert await desk.held(order) == cash_buy_hold("11", "109.00") == D("1199.60")
     await relay_one(desk)
-    await settle_published(desk)  # the quantity modify; the reprice still in the outbox
+    await desk.settle_published()  # the quantity modify; the reprice still in the outbox
 
     row = await desk.order(order)
     assert (row["quantity"], row["price"], row["hold_price"]) == (D(11), D("100.00"), D("109.00"))

@@ -15,21 +15,23 @@ from tests.integration.test_engine import Desk, Trader, cash_buy_hold
 from tests.integration.test_reduce_only import go_long, place
 from tradeplane.domain.orders import OrderType, Side
 from tradeplane.domain.risk import OrderTerms, RiskReason, RiskRejection
-from tradeplane.services.identity import Principal, Role
-from tradeplane.services.orders import OrderEntry, OrderRequest
+from tradeplane.services.orders import OrderEntry, OrderRequest, Placement
 
 desk = test_engine.desk  # the engine tests' fixture: database, Redis, a namespaced bus, relay and engine
 
 
-async def post_only_bid(desk: Desk, trader: Trader, qty: str, price: str) -> int:
-    """POST /orders through the real order entry: a post-only limit buy."""
-    terms = OrderTerms(Side.BUY, OrderType.LIMIT, D(qty), D(price), post_only=True)
+async def post_only(desk: Desk, trader: Trader, side: Side, qty: str, price: str) -> Placement:
+    """POST /orders through the real order entry (pre-trade risk and its funds check): a post-only limit order."""
+    terms = OrderTerms(side, OrderType.LIMIT, D(qty), D(price), post_only=True)
     async with desk.db.transaction("test.place") as conn:
-        placement = await OrderEntry(desk.cache, shards=1).place_order(
-            conn,
-            Principal(trader.user_id, f"user{trader.user_id}", Role.TRADER),
-            OrderRequest(trader.account_id, desk.symbol, terms),
+        return await OrderEntry(desk.cache, shards=1).place_order(
+            conn, trader.principal, OrderRequest(trader.account_id, desk.symbol, terms)
         )
+
+
+async def post_only_bid(desk: Desk, trader: Trader, qty: str, price: str) -> int:
+    """A post-only limit buy that risk accepts: its order id."""
+    placement = await post_only(desk, trader, Side.BUY, qty, price)
     assert placement.rejection is None and placement.order is not None, placement.rejection
     return placement.order.id
 
@@ -41,7 +43,7 @@ async def patch(
     async with desk.db.transaction("test.modify") as conn:
         amendment = await OrderEntry(desk.cache, shards=1).modify_order(
             conn,
-            Principal(trader.user_id, f"user{trader.user_id}", Role.TRADER),
+            trader.principal,
             order_id,
             quantity=None if quantity is None else D(quantity),
             price=None if price is None else D(price),

@@ -558,13 +558,7 @@ class MarketDataPipeline:
         in_order = bool((cols.ts_ns[1:] >= cols.ts_ns[:-1]).all())  # the usual case: no late tick in the chunk
         sided = (cols.bid > 0) | (cols.ask > 0)
         if bool(sided.any()):
-            rows, group, first = _by_instrument(cols.instrument, sided)
-            held = np.array([quotes[int(cols.instrument[r])].quote_ts_ns for r in rows[first]], dtype=np.int64)
-            # Applied: not older than the quote held when it arrives, the stored one or any earlier row's.
-            ts = cols.ts_ns[rows]
-            applied = ts >= held[group]
-            if not in_order:
-                applied &= _newest_so_far(ts, group)
+            rows, group, first, applied = _applied(cols, sided, quotes, "quote_ts_ns", in_order)
             for index in cols.instrument[rows[first]].tolist():
                 quotes[index].external_seen = now  # only external feeds carry sides
             bids = _last_per_group(cols.instrument, rows, group, applied & (cols.bid[rows] > 0))
@@ -580,12 +574,7 @@ class MarketDataPipeline:
                 dirty.add(index)
         traded = cols.last > 0
         if bool(traded.any()):
-            rows, group, first = _by_instrument(cols.instrument, traded)
-            held = np.array([quotes[int(cols.instrument[r])].last_ts_ns for r in rows[first]], dtype=np.int64)
-            ts = cols.ts_ns[rows]
-            applied = ts >= held[group]
-            if not in_order:
-                applied &= _newest_so_far(ts, group)
+            rows, group, _, applied = _applied(cols, traded, quotes, "last_ts_ns", in_order)
             for index, row in _last_per_group(cols.instrument, rows, group, applied).items():
                 q = quotes[index]
                 q.last_ts_ns = int(cols.ts_ns[row])
@@ -1110,6 +1099,21 @@ def _by_instrument(
     keys = instrument[rows]
     starts = np.r_[True, keys[1:] != keys[:-1]]
     return rows, np.cumsum(starts) - 1, np.flatnonzero(starts)
+
+
+def _applied(
+    cols: TickColumns, mask: np.ndarray[Any, Any], quotes: list[_Quote], held: str, in_order: bool
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The rows where ``mask``, grouped by instrument (``_by_instrument``), and which of them apply when fed one at
+    a time: not older than the time their instrument's quote already holds (its attribute ``held``) nor than
+    any earlier row of their group (checked only when the chunk is not ``in_order``)."""
+    rows, group, first = _by_instrument(cols.instrument, mask)
+    held_ts = np.array([getattr(quotes[int(cols.instrument[r])], held) for r in rows[first]], dtype=np.int64)
+    ts = cols.ts_ns[rows]
+    applied = ts >= held_ts[group]
+    if not in_order:
+        applied &= _newest_so_far(ts, group)
+    return rows, group, first, applied
 
 
 def _newest_so_far(ts: np.ndarray[Any, Any], group: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

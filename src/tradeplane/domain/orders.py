@@ -56,6 +56,10 @@ class OrderType(StrEnum):
     STOP_LIMIT = "stop_limit"
 
 
+#: Order types with a limit price of their own; a market or stop order's hold price is a protection price.
+PRICED_TYPES: frozenset[OrderType] = frozenset({OrderType.LIMIT, OrderType.STOP_LIMIT})
+
+
 class TimeInForce(StrEnum):
     """``day`` expires at the instrument's session close, ``gtd`` at the order's own ``expire_at``."""
 

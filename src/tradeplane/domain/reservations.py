@@ -12,7 +12,7 @@ import zlib
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 
-from tradeplane.domain.orders import OrderType, Side
+from tradeplane.domain.orders import PRICED_TYPES, OrderType, Side
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,6 @@ def modify_hold_price(order_type: OrderType, hold_price: Decimal, new_price: Dec
     price is its protection price, which a modify does not change. The api prices a modify's hold with it, and
     settlement keeps that hold, less what fills use, until the engine has processed the modify.
     """
-    if new_price is not None and order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
+    if new_price is not None and order_type in PRICED_TYPES:
         return max(hold_price, new_price)
     return hold_price

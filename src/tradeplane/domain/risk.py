@@ -23,14 +23,14 @@ from datetime import UTC, datetime, time, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Context, Decimal
 from enum import StrEnum
 
-from tradeplane.domain.orders import OrderType, SelfTradePrevention, Side, TimeInForce
+from tradeplane.domain.orders import PRICED_TYPES, OrderType, SelfTradePrevention, Side, TimeInForce
 from tradeplane.domain.reservations import Reservation, reservation
 
 DEFAULT_MAX_ORDERS_PER_SECOND = 50
 """Order rate allowed per account when no risk_limits row sets ``max_orders_per_second``."""
 
 _HUNDRED = Decimal(100)
-_PRICED = frozenset({OrderType.LIMIT, OrderType.STOP_LIMIT})
+_PRICED = PRICED_TYPES
 _STOPPED = frozenset({OrderType.STOP, OrderType.STOP_LIMIT})
 _EXPIRING = frozenset({TimeInForce.DAY, TimeInForce.GTD})
 # Prices and quantities are stored in NUMERIC(38, 18): below 10**20, at most 18 decimals. Arithmetic on values

@@ -46,6 +46,7 @@ from tradeplane.adapters.cache import REDIS_ERRORS, Cache
 from tradeplane.adapters.postgres import GENERIC_PLANS, Database
 from tradeplane.domain.orders import (
     OPEN_STATUSES,
+    PRICED_TYPES,
     OrderStatus,
     OrderType,
     SelfTradePrevention,
@@ -756,7 +757,7 @@ class OrderEntry:
         order = order_from_row(row)
         if OrderStatus(order.status) not in _CANCELABLE:
             raise Conflict(f"order {order_id} is {order.status}", code="order_not_open")
-        if price is not None and OrderType(order.type) not in (OrderType.LIMIT, OrderType.STOP_LIMIT):
+        if price is not None and OrderType(order.type) not in PRICED_TYPES:
             raise InvalidRequest(f"a {order.type} order has no limit price to change", code="validation_error")
         if quantity is not None and quantity <= order.filled_quantity:
             raise InvalidRequest(

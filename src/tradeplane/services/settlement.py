@@ -51,6 +51,7 @@ from tradeplane.domain.matching import (
 )
 from tradeplane.domain.orders import (
     OPEN_STATUSES,
+    PRICED_TYPES,
     OrderStatus,
     OrderType,
     Side,
@@ -65,9 +66,6 @@ log = logging.getLogger("tradeplane.settlement")
 
 #: Scale of every NUMERIC(38, 18) column: averages are rounded here so Python and PostgreSQL agree.
 AMOUNT_QUANTUM = Decimal(1).scaleb(-18)
-
-#: Order types with a limit price of their own (the others' hold price is a protection price no modify changes).
-_LIMITED: frozenset[OrderType] = frozenset({OrderType.LIMIT, OrderType.STOP_LIMIT})
 
 #: Cancel reasons kept in ``orders.reject_reason``: every cancel the engine made on its own (self-trade prevention
 #: canceling a resting order, an IOC/FOK/market remainder, a reduce-only order left nothing to reduce, a modify
@@ -429,7 +427,7 @@ def hold_amount(row: OrderRow, info: InstrumentInfo) -> Decimal:
         return Decimal(0)
     if row.modifies_requested <= row.modifies_done:
         return _reserved(row, info, leaves, row.hold_price)
-    price = row.price if row.order_type in _LIMITED and row.price is not None else row.hold_price
+    price = row.price if row.order_type in PRICED_TYPES and row.price is not None else row.hold_price
     # reservation rounds up; of minus the quantity, it is minus the reservation of the quantity rounded down
     used = -_reserved(row, info, -row.batch_filled, price)
     return max(_reserved(row, info, leaves, price), row.held - used)
@@ -556,7 +554,7 @@ class _Settler:
             m: OrderModified = ev  # type: ignore[assignment]
             row.quantity = info.spec.lots_to_qty(m.qty)
             # A stop's engine price is its protection, not a limit: its row keeps no price and its hold price.
-            if m.price is not None and row.order_type in _LIMITED:
+            if m.price is not None and row.order_type in PRICED_TYPES:
                 row.price = info.spec.ticks_to_price(m.price)
                 _hold_price_after_modify(row)
             row.sequence = m.priority
@@ -572,7 +570,7 @@ class _Settler:
             # kept its old terms, so its hold goes back to what they need once no other modify is in flight: a
             # limit price is its own hold price, a market or stop order's protection price was never changed by
             # a modify.
-            if row.order_type in _LIMITED and row.price is not None:
+            if row.order_type in PRICED_TYPES and row.price is not None:
                 _hold_price_after_modify(row)
             if row.status in OPEN_STATUSES:  # a finished order keeps the outcome it already reported
                 row.reject_reason = ev.reason  # type: ignore[union-attr]

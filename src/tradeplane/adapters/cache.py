@@ -151,9 +151,3 @@ class Cache:
         except REDIS_ERRORS as exc:
             raise InfrastructureUnavailable(f"Redis unavailable: {exc}") from exc
         return bool(stored)
-
-    async def set_cached(self, key: str, value: bytes, ttl: int) -> None:
-        try:
-            await self.client.set(key, value, ex=ttl)
-        except REDIS_ERRORS as exc:
-            raise InfrastructureUnavailable(f"Redis unavailable: {exc}") from exc

@@ -267,22 +267,19 @@ async def check_invariants(conn: asyncpg.Connection, seeds: dict[tuple[int, int]
     for o in orders:
         assert o["fill_qty"] == o["filled_quantity"], f"order {o['id']}: fills do not add up to filled_quantity"
         if OrderStatus(o["status"]) in OPEN_STATUSES and o["modifies_requested"] > o["modifies_done"]:
-            # Client modifies in flight: the engine will apply each in turn with no funds check, and until then
-            # fills come at the current terms. The hold covers every one of those terms at its own price (the
-            # limit, or a market or stop order's protection), whatever it keeps beyond that meanwhile.
+            # Client modifies in flight: the engine will apply or refuse each in turn with no funds check, and
+            # until then fills come at the current terms. Whichever it refuses, the order ends with a quantity
+            # and a price among those of its terms now and of the modifies: the hold covers the largest of each
+            # (a price is the limit, or a market or stop order's protection), whatever it keeps beyond that.
             modifies = in_flight.get(o["id"], [])
             assert [m["modify_no"] for m in modifies] == list(
                 range(o["modifies_done"] + 1, o["modifies_requested"] + 1)
             ), f"order {o['id']}: the outbox does not hold its modifies in flight"
-            qty, price = o["quantity"], o["price"] or o["hold_price"]
-            needs = [(qty, price, _reserved(o, qty - o["filled_quantity"], price))]
-            for m in modifies:
-                qty = qty if m["new_qty"] is None else D(m["new_qty"])
-                price = price if m["new_price"] is None else D(m["new_price"])
-                needs.append((qty, price, _reserved(o, max(qty - o["filled_quantity"], D(0)), price)))
-            assert all(o["held"] >= need for _, _, need in needs), (
-                f"order {o['id']} holds {o['held']} with modifies in flight; (quantity, price, reservation) of"
-                f" its terms now and after each: {needs}"
+            qty = max([o["quantity"], *(D(m["new_qty"]) for m in modifies if m["new_qty"] is not None)])
+            price = max([o["price"] or o["hold_price"], *(D(m["new_price"]) for m in modifies if m["new_price"])])
+            need = _reserved(o, max(qty - o["filled_quantity"], D(0)), price)
+            assert o["held"] >= need, (
+                f"order {o['id']} holds {o['held']} with modifies in flight; {qty} at {price} reserves {need}"
             )
         else:  # at rest: exactly what the order's terms reserve, nothing once it is finished
             expected = D(0)

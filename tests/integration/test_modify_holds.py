@@ -240,3 +240,54 @@ async def test_a_modify_after_one_was_applied_is_priced_at_the_reprice_still_in_
     assert await counters(desk, order) == (2, 2)
     assert await holds(buyer) == await desk.held(order) == D("1199.60")
     await desk.check()
+
+
+async def test_a_refused_modify_between_two_others_cannot_leave_the_order_unfunded(desk: Desk) -> None:
+    """BUY 10 at 100 (post-only): quantity to 20, then 5 at a crossing 105, then price 101, all before the engine
+    runs. The middle one is refused (post-only would take), so the order ends at 20 at 101, not the 5 at 101 the
+    latest target says. Any modify in flight may be refused, so the api funds the largest quantity they can
+    leave at the hold price: 20 at 105 (2101.05) from the second on. Funded for the target's 5, it kept only
+    what 20 at 100 needs (2001.00), left 108.95 free for another bid, and the engine then grew the hold to
+    2021.01 with no funds check: holds above cash."""
+    seller = await desk.trader("seller", base="5")
+    buyer = await desk.trader("buyer", cash="2110")
+    await seller.place("sell", "1", "105.00")
+    order = await post_only_bid(desk, buyer, "10", "100.00")
+    await desk.pump()
+
+    assert await patch(desk, buyer, order, quantity="20") is None
+    assert await patch(desk, buyer, order, quantity="5", price="105.00") is None
+    assert await patch(desk, buyer, order, price="101.00") is None
+    assert await desk.held(order) == cash_buy_hold("20", "105.00") == D("2101.05")
+    await desk.check()
+
+    # free: 2110 - 2101.05 = 8.95; funded for 5 at 105, 108.95 would have funded this
+    rejection = await bid(desk, buyer, "1", "100.00")
+    assert rejection is not None and rejection.reason is RiskReason.INSUFFICIENT_FUNDS
+
+    await desk.pump()
+    row = await desk.order(order)
+    assert (row["quantity"], row["price"]) == (D(20), D("101.00"))
+    assert await counters(desk, order) == (3, 3)
+    assert await holds(buyer) == await desk.held(order) == cash_buy_hold("20", "101.00") <= await buyer.cash()
+    await desk.check()
+
+
+async def test_a_reprice_after_a_cut_in_flight_is_funded_for_the_quantity_before_the_cut(desk: Desk) -> None:
+    """BUY 20 at 100 cut to 5, then repriced to 102, both in flight: if the engine applies the reprice, the cut
+    may have been refused (here it is not, but the api cannot know), so the reprice is funded for 20 at 102.
+    The buyer has the cash; once both are processed the hold is what 5 at 102 needs."""
+    buyer = await desk.trader("buyer", cash="2100")
+    order = await post_only_bid(desk, buyer, "20", "100.00")
+    await desk.pump()
+
+    assert await patch(desk, buyer, order, quantity="5") is None
+    assert await patch(desk, buyer, order, price="102.00") is None
+    assert await desk.held(order) == cash_buy_hold("20", "102.00") == D("2041.02")
+    await desk.check()
+
+    await desk.pump()
+    row = await desk.order(order)
+    assert (row["quantity"], row["price"]) == (D(5), D("102.00"))
+    assert await holds(buyer) == await desk.held(order) == cash_buy_hold("5", "102.00")
+    await desk.check()

@@ -331,7 +331,7 @@ SELECT * FROM o
 
 _LOCK_ORDER = f"""
 SELECT {ORDER_COLUMNS}, o.instrument_id, o.hold_price, o.modifies_requested, o.modifies_done, o.target_quantity,
-       o.target_price, a.user_id, a.kind AS account_kind
+       o.target_price, o.max_target_quantity, a.user_id, a.kind AS account_kind
 FROM orders o JOIN accounts a ON a.id = o.account_id LEFT JOIN instruments i ON i.id = o.instrument_id
 WHERE o.id = $1
 FOR NO KEY UPDATE OF a, o
@@ -766,11 +766,14 @@ class OrderEntry:
             )
         # Earlier modifies the engine has not processed yet still count: the order is headed for their target,
         # overridden by what this request changes (None: the order's own value, no modify in flight changes it).
-        pending_qty, pending_price = _pending_target(row)
+        pending_qty, pending_price, pending_max_qty = _pending_target(row)
         target_qty = pending_qty if quantity is None else quantity
         target_price = pending_price if price is None else price
         new_qty = order.quantity if target_qty is None else target_qty
         new_price = order.price if target_price is None else target_price
+        # The engine may refuse any of them, this one too, so the order can end with any quantity asked for
+        # since it was last at rest: the hold covers the largest.
+        max_qty = max(new_qty, order.quantity, pending_max_qty or order.quantity)
         rules = await self.catalog.by_id(conn, row["instrument_id"])
         side = Side(order.side)
         state = await conn.fetchrow(
@@ -809,7 +812,7 @@ class OrderEntry:
         if rejection is None and order.reduce_only:
             rejection = check_reduce_only(side, new_qty - order.filled_quantity, exposure)
         needed = reserve(
-            side, new_qty - order.filled_quantity, hold_price, rules, row["account_kind"], reduce_only=order.reduce_only
+            side, max_qty - order.filled_quantity, hold_price, rules, row["account_kind"], reduce_only=order.reduce_only
         )
         increase = needed.amount - current_hold
         if rejection is None and increase > 0:
@@ -850,12 +853,13 @@ class OrderEntry:
         # applied or refused the modify, which ends this target (the row lock orders the numbers).
         fresh = await conn.fetchrow(
             "UPDATE orders SET hold_price = $2, updated_at = $3, modifies_requested = modifies_requested + 1,"
-            " target_quantity = $4, target_price = $5 WHERE id = $1 RETURNING *",
+            " target_quantity = $4, target_price = $5, max_target_quantity = $6 WHERE id = $1 RETURNING *",
             order_id,
             hold_price,
             now,
             target_qty,
             target_price,
+            max_qty,
         )
         payload = {
             "type": "modify",
@@ -979,8 +983,9 @@ class OrderEntry:
         )
 
 
-def _pending_target(row: asyncpg.Record) -> tuple[Decimal | None, Decimal | None]:
-    """The quantity and price the modifies in flight will give the order (None: they leave it as it is).
+def _pending_target(row: asyncpg.Record) -> tuple[Decimal | None, Decimal | None, Decimal | None]:
+    """The quantity and price the modifies in flight will give the order if all are applied (None: they leave
+    it as it is), and the largest quantity they can give it whichever are refused (None: none in flight).
 
     A modify is in flight from the api's commit until the engine has applied or refused it (``modifies_done``
     reaches its number). Once none is, the order's own terms are the target: a refused modify's terms are not
@@ -989,8 +994,8 @@ def _pending_target(row: asyncpg.Record) -> tuple[Decimal | None, Decimal | None
     processed, which can only overstate the hold for that while, never understate it.
     """
     if row["modifies_requested"] > row["modifies_done"]:
-        return row["target_quantity"], row["target_price"]
-    return None, None
+        return row["target_quantity"], row["target_price"], row["max_target_quantity"]
+    return None, None, None
 
 
 def _request_problem(request: OrderRequest, now: datetime) -> str | None:

@@ -415,6 +415,13 @@ orders = Table(
     Column(
         "target_price", Amount, nullable=True, comment="limit price the modifies in flight ask for (NULL: unchanged)"
     ),
+    # Any modify in flight may be refused (migration 0014): the api funds the largest quantity they can leave.
+    Column(
+        "max_target_quantity",
+        Amount,
+        nullable=True,
+        comment="largest quantity the modifies in flight can leave the order with (NULL: none in flight yet)",
+    ),
     UniqueConstraint("account_id", "client_order_id"),
     one_of("side", SIDES, "side"),
     one_of("type", ORDER_TYPES, "type"),

@@ -42,5 +42,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("uvicorn.access", "aio_pika", "aiormq", "nats", "alembic.runtime.migration"):
+    # Per-request and per-step chatter: the demo traders' HTTP client alone logs dozens of lines a second.
+    noisy_loggers = ("uvicorn.access", "httpx", "httpcore", "aio_pika", "aiormq", "nats", "alembic.runtime")
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

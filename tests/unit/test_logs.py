@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
-from tradeplane.logs import JsonFormatter
+import pytest
+
+from tradeplane.logs import JsonFormatter, configure_logging
 
 
 def test_log_line_has_seed_fields() -> None:
@@ -34,3 +36,20 @@ def test_exceptions_stay_on_one_line() -> None:
     line = JsonFormatter("api").format(record)
     assert "\n" not in line
     assert "ValueError: boom" in json.loads(line)["exception"]
+
+
+def test_per_request_client_chatter_stays_out_of_the_log(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tradeplane up`'s demo traders talk to the API over httpx, which logs every request at INFO: dozens of
+    lines a second that bury the platform's own. Only their warnings get through; ours still do at INFO."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("tradeplane")
+        logging.getLogger("httpx").info("HTTP Request: POST http://127.0.0.1:8000/api/v1/orders")
+        logging.getLogger("httpx").warning("connection pool is full")
+        logging.getLogger("tradeplane.demo").info("demo market maker started")
+        lines = [json.loads(line)["message"] for line in capsys.readouterr().err.splitlines()]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert lines == ["connection pool is full", "demo market maker started"]

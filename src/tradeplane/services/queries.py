@@ -37,6 +37,8 @@ log = logging.getLogger("tradeplane.queries")
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 100
+MAX_ROW_ID = 2**63 - 1
+"""Row ids are PostgreSQL bigints: a larger id names nothing, and the driver refuses to send one."""
 BOOK_MAX_LEVELS = 50
 INSTRUMENT_TTL_S = 10.0
 
@@ -352,9 +354,13 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         when, _, row_id = raw.partition("|")
-        return datetime.fromisoformat(when), int(row_id)
+        created_at, position = datetime.fromisoformat(when), int(row_id)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest("cursor is not one this server issued", code="validation_error") from None
+        created_at, position = None, 0
+    # encode_cursor writes an aware time and a row id; anything else was not made here
+    if created_at is None or created_at.tzinfo is None or not 1 <= position <= MAX_ROW_ID:
+        raise InvalidRequest("cursor is not one this server issued", code="validation_error")
+    return created_at, position
 
 
 class _Where:
@@ -449,13 +455,15 @@ async def list_orders(
     *,
     account_id: int | None = None,
     instrument_id: int | None = None,
+    unlisted_symbol: str | None = None,
     statuses: Sequence[str] = (),
     start: datetime | None = None,
     end: datetime | None = None,
     limit: int = DEFAULT_PAGE,
     cursor: str | None = None,
 ) -> Page[OrderRecord]:
-    """Orders newest first. ``statuses`` may contain ``open`` for every open status; ``end`` is exclusive."""
+    """Orders newest first. ``statuses`` may contain ``open`` for every open status; ``end`` is exclusive;
+    ``unlisted_symbol`` selects the rejected orders for a symbol no instrument had."""
     limit = _page_limit(limit)
     where = _Where()
     _scope(where, principal, "o")
@@ -463,6 +471,8 @@ async def list_orders(
         where.add("o.account_id = {}", account_id)
     if instrument_id is not None:
         where.add("o.instrument_id = {}", instrument_id)
+    if unlisted_symbol is not None:
+        where.add("o.instrument_id IS NULL AND o.unlisted_symbol = {}", unlisted_symbol)
     if statuses:
         wanted: set[str] = set()
         for status in statuses:

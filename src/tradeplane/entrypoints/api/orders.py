@@ -7,12 +7,12 @@ JSON-shaped) to keep the acknowledgement path short; the pydantic models documen
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
+from pydantic import AwareDatetime
 
 from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
 from tradeplane.entrypoints.api.schemas import (
@@ -45,6 +45,13 @@ from tradeplane.services.orders import (
 from tradeplane.services.queries import OrderRecord, sees_all_accounts
 
 router = APIRouter(prefix="/api/v1", tags=["trading"])
+
+# Ids are bigints: beyond that range a request names nothing and is refused (422) before any query is sent.
+IdPath = Annotated[int, Path(ge=1, le=queries.MAX_ROW_ID)]
+IdQuery = Annotated[int, Query(ge=1, le=queries.MAX_ROW_ID)]
+IdFilter = Annotated[int | None, Query(ge=1, le=queries.MAX_ROW_ID)]
+# Instants only: a time without a UTC offset would be read in whatever zone the api process runs in.
+Instant = Annotated[AwareDatetime | None, Query(description="with a UTC offset, e.g. 2026-01-01T00:00:00Z")]
 
 _REJECTED: dict[int | str, dict[str, Any]] = {
     422: {"model": RiskRejectedBody, "description": "risk_rejected (stored) or validation_error"}
@@ -120,11 +127,11 @@ def _batch_item(outcome: Placement | TradeplaneError) -> dict[str, Any]:
 async def list_orders(
     principal: PrincipalDep,
     platform: PlatformDep,
-    account_id: int | None = None,
+    account_id: IdFilter = None,
     symbol: str | None = None,
     status: Annotated[list[str] | None, Query(description="repeatable; 'open' means every open status")] = None,
-    start: datetime | None = None,
-    end: datetime | None = None,
+    start: Instant = None,
+    end: Instant = None,
     limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = queries.DEFAULT_PAGE,
     cursor: str | None = None,
 ) -> JSONResponse:
@@ -137,14 +144,17 @@ async def list_orders(
             cached = await queries.open_orders_of_user(conn, platform.cache, principal.user_id)
             if len(cached) <= limit:
                 return JSONResponse({"items": [o.to_json() for o in cached], "next_cursor": None})
-        instrument_id = None
+        instrument_id = unlisted_symbol = None
         if symbol is not None:
-            instrument_id = (await order_entry(platform).catalog.require(conn, symbol)).instrument_id
+            rules = await order_entry(platform).catalog.get(conn, symbol)
+            # no instrument: the orders stored as rejected (unknown_instrument) under the symbol asked for
+            instrument_id, unlisted_symbol = (None, symbol) if rules is None else (rules.instrument_id, None)
         page = await queries.list_orders(
             conn,
             principal,
             account_id=account_id,
             instrument_id=instrument_id,
+            unlisted_symbol=unlisted_symbol,
             statuses=status or (),
             start=start,
             end=end,
@@ -155,14 +165,16 @@ async def list_orders(
 
 
 @router.get("/orders/{order_id}", response_model=OrderPublic)
-async def get_order(order_id: int, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
+async def get_order(order_id: IdPath, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
     async with platform.db.connection("orders.get") as conn:
         order = await queries.get_order(conn, principal, order_id)
     return _order_response(order, 200)
 
 
 @router.patch("/orders/{order_id}", response_model=OrderPublic, responses=_REJECTED)
-async def modify_order(order_id: int, body: OrderAmend, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
+async def modify_order(
+    order_id: IdPath, body: OrderAmend, principal: PrincipalDep, platform: PlatformDep
+) -> JSONResponse:
     """Change quantity and/or price; the engine applies it (a price change or a larger quantity loses time
     priority). The response is the order as stored now; the change shows once the engine has applied it."""
     entry = order_entry(platform)
@@ -175,7 +187,7 @@ async def modify_order(order_id: int, body: OrderAmend, principal: PrincipalDep,
 
 
 @router.delete("/orders/{order_id}", response_model=OrderPublic)
-async def cancel_order(order_id: int, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
+async def cancel_order(order_id: IdPath, principal: PrincipalDep, platform: PlatformDep) -> JSONResponse:
     """Request a cancel: the order becomes pending_cancel; the engine cancels it (or it fills first)."""
     entry = order_entry(platform)
     async with platform.db.transaction("orders.cancel") as conn:
@@ -187,7 +199,7 @@ async def cancel_order(order_id: int, principal: PrincipalDep, platform: Platfor
 
 @router.delete("/orders", response_model=list[OrderPublic])
 async def cancel_all_orders(
-    account_id: int, principal: PrincipalDep, platform: PlatformDep, symbol: str | None = None
+    account_id: IdQuery, principal: PrincipalDep, platform: PlatformDep, symbol: str | None = None
 ) -> JSONResponse:
     """Cancel every open order of the account (optionally one symbol); returns the orders now pending_cancel."""
     entry = order_entry(platform)
@@ -203,11 +215,11 @@ async def cancel_all_orders(
 async def list_fills(
     principal: PrincipalDep,
     platform: PlatformDep,
-    account_id: int | None = None,
+    account_id: IdFilter = None,
     symbol: str | None = None,
-    order_id: int | None = None,
-    start: datetime | None = None,
-    end: datetime | None = None,
+    order_id: IdFilter = None,
+    start: Instant = None,
+    end: Instant = None,
     limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = queries.DEFAULT_PAGE,
     cursor: str | None = None,
 ) -> FillPage:
@@ -233,7 +245,7 @@ async def list_fills(
 
 @router.get("/positions", response_model=list[PositionPublic])
 async def list_positions(
-    principal: PrincipalDep, platform: PlatformDep, account_id: int | None = None, symbol: str | None = None
+    principal: PrincipalDep, platform: PlatformDep, account_id: IdFilter = None, symbol: str | None = None
 ) -> list[PositionPublic]:
     async with platform.db.connection("positions.list") as conn:
         instrument_id = None
@@ -246,7 +258,7 @@ async def list_positions(
 
 
 @router.get("/accounts/{account_id}", response_model=AccountPublic)
-async def get_account(account_id: int, principal: PrincipalDep, platform: PlatformDep) -> AccountPublic:
+async def get_account(account_id: IdPath, principal: PrincipalDep, platform: PlatformDep) -> AccountPublic:
     """Cash, holds, free funds, equity, margin in use, realized and unrealized P&L (positions marked at the last
     trade). Free is cash - holds for a cash account, equity - margin_used - holds for a margin account."""
     async with platform.db.connection("accounts.summary") as conn:
@@ -256,7 +268,7 @@ async def get_account(account_id: int, principal: PrincipalDep, platform: Platfo
 
 @router.patch("/accounts/{account_id}", response_model=AccountPublic)
 async def update_account(
-    account_id: int, body: AccountUpdate, principal: PrincipalDep, platform: PlatformDep
+    account_id: IdPath, body: AccountUpdate, principal: PrincipalDep, platform: PlatformDep
 ) -> AccountPublic:
     """Set the account's self-trade prevention for orders that name none (open orders keep theirs)."""
     async with platform.db.transaction("accounts.update") as conn:

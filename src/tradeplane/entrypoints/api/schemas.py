@@ -13,15 +13,17 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerialize
 from tradeplane.domain.orders import OrderType, SelfTradePrevention, Side, TimeInForce
 from tradeplane.domain.risk import OrderTerms
 from tradeplane.services.orders import MAX_BATCH
-from tradeplane.services.queries import decimal_text
+from tradeplane.services.queries import MAX_ROW_ID, decimal_text
 
 DecimalText = Annotated[Decimal, PlainSerializer(decimal_text, return_type=str)]
+RowId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
+"""An id in a request body: a positive bigint, as every id column is (a larger one is a 422, not a 500)."""
 
 
 class OrderCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    account_id: int
+    account_id: RowId
     symbol: str = Field(min_length=1, max_length=32)
     side: Side
     type: OrderType

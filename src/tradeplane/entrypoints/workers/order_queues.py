@@ -38,18 +38,18 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Strict, ValidationError
 
 from tradeplane.adapters.bus.rabbitmq import RabbitMqBus
 from tradeplane.adapters.pubsub import PubSubFanout
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.risk import RiskRejection
-from tradeplane.entrypoints.api.schemas import OrderAmend, OrderCreate
+from tradeplane.entrypoints.api.schemas import OrderAmend, OrderCreate, RowId
 from tradeplane.errors import AuthenticationFailed, ConfigError, InfrastructureUnavailable, TradeplaneError
 from tradeplane.services import queries
 from tradeplane.services.identity import Principal, Role
@@ -90,11 +90,17 @@ class _Identity(BaseModel):
     user: str | None = None
 
 
+class _Modify(OrderAmend):
+    """OrderAmend plus the order it amends. Ids are strict: JSON true is not order 1."""
+
+    order_id: Annotated[RowId, Strict()]
+
+
 class _Cancel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    order_id: int | None = None
-    account_id: int | None = None
+    order_id: Annotated[RowId, Strict()] | None = None
+    account_id: Annotated[RowId, Strict()] | None = None
     symbol: str | None = None
 
 
@@ -291,13 +297,12 @@ class OrderQueueWorker:
         return OrderRequest(order.account_id, order.symbol, order.terms(), client_order_id)
 
     async def modify(self, principal: Principal, body: dict[str, Any], message_id: str) -> Reply:
-        order_id = body.pop("order_id", None)
-        if not isinstance(order_id, int):
-            return _fail(422, "validation_error", "order_id must be an integer")
-        amend = OrderAmend.model_validate(body)
+        amend = _Modify.model_validate(body)
         entry = order_entry(self.platform)
         async with self.platform.db.transaction("orders.modify") as conn:
-            amendment = await entry.modify_order(conn, principal, order_id, quantity=amend.quantity, price=amend.price)
+            amendment = await entry.modify_order(
+                conn, principal, amend.order_id, quantity=amend.quantity, price=amend.price
+            )
         if amendment.rejection is not None:
             return _risk_rejected(amendment.rejection, amendment.order)
         await queries.after_order_commit(self.platform.cache, amendment.owner_user_id)

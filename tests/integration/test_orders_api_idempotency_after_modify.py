@@ -1,25 +1,20 @@
 """Idempotency (issue 3): a retry of POST /orders with the same client_order_id and the same parameters returns the
 original order. "The same parameters" are the ones the original request sent: a modify the engine has applied
 since (new price or quantity on the row) does not make the retry a different request.
-
-Known defect in services/orders.py (terms_of_row compares the retry with the row's current quantity and price),
-left to the owner of that file: marked xfail(strict) so it turns into a failure once fixed, to drop the marker.
 """
 
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from tests.integration import test_orders_api
 from tests.integration.conftest import Actor
-from tests.integration.test_orders_api import post, sql
+from tests.integration.test_orders_api import body, post, sql
 from tradeplane.bootstrap import Platform
 
 alice = test_orders_api.alice  # a funded trader with a random high id
 
 
-@pytest.mark.xfail(strict=True, reason="services/orders.py compares a retry with the order's modified terms")
 async def test_a_retry_after_the_order_was_modified_returns_the_original_order(
     client: httpx.AsyncClient, platform: Platform, alice: Actor
 ) -> None:
@@ -38,3 +33,13 @@ async def test_a_retry_after_the_order_was_modified_returns_the_original_order(
     retry = await post(client, alice, client_order_id="retry-me")  # the original request, byte for byte
     assert retry.status_code == 200, retry.text
     assert retry.json()["id"] == order_id
+
+    # through the batch endpoint too; and a request with the order's new price is not the original request
+    batch = await client.post(
+        "/api/v1/orders/batch", json={"orders": [body(alice, client_order_id="retry-me")]}, headers=alice.headers
+    )
+    assert batch.status_code == 200, batch.text
+    assert batch.json()["results"][0]["order"]["id"] == order_id, batch.text
+    modified = await post(client, alice, client_order_id="retry-me", price="64000.00")
+    assert modified.status_code == 409, modified.text
+    assert modified.json()["error"] == "duplicate_client_order_id"

@@ -166,6 +166,20 @@ def terms_of_row(row: asyncpg.Record) -> OrderTerms:
     )
 
 
+async def _placed_quantity_and_price(
+    conn: asyncpg.Connection, order_ids: Sequence[int]
+) -> dict[int, tuple[Decimal, Decimal | None]]:
+    """The quantity and limit price the orders were placed with, from their placement's audit row: what a
+    retry of the placement request is compared with (a retry is the same request, whatever happened since)."""
+    rows = await conn.fetch(
+        "SELECT entity_id::bigint AS order_id, details->>'quantity' AS quantity, details->>'price' AS price"
+        " FROM audit_log WHERE entity = 'order' AND entity_id = ANY($1::text[])"
+        " AND action IN ('order.place', 'order.reject')",
+        [str(order_id) for order_id in order_ids],
+    )
+    return {r["order_id"]: (Decimal(r["quantity"]), None if r["price"] is None else Decimal(r["price"])) for r in rows}
+
+
 def _rejection_of(order: OrderRecord) -> RiskRejection | None:
     if order.status != OrderStatus.REJECTED:
         return None
@@ -543,9 +557,13 @@ class OrderEntry:
                 [order_id for _, order_id in replays],
             )
             by_id = {r["id"]: r for r in rows}
+            placed = await _placed_quantity_and_price(conn, [order_id for _, order_id in replays])
             for index, order_id in replays:
                 row = by_id[order_id]
-                outcomes[index] = self._replayed(requests[index], order_from_row(row), terms_of_row(row), accounts)
+                # a modify, or the engine's cut of a reduce-only order, may have changed these on the row since
+                quantity, price = placed.get(order_id, (row["quantity"], row["price"]))
+                terms = replace(terms_of_row(row), quantity=quantity, price=price)
+                outcomes[index] = self._replayed(requests[index], order_from_row(row), terms, accounts)
 
     def _replayed(
         self,

@@ -12,12 +12,16 @@ Data flow and who owns what::
       committed external trade prints -> PUBLISH tp:trades:<symbol>
 
 Candles published. Each commit publishes, per symbol and timeframe, the newest candle its ticks touched, as
-stored by that commit: what ``/candles`` returns for the bucket at that moment. Natively that is the row the
-candle upsert returns. On TimescaleDB the continuous aggregates own candles (the ingester keeps none), so
-the commit reads those buckets back through ``tp_candles`` (``sql.touched_candles``) in its own transaction,
-after its ticks are written: real-time aggregation already counts them, and the candle is the aggregate's own,
-ties at one microsecond included. A bucket below an aggregate's refresh watermark reads as materialized (as
-``/candles`` serves it) until the next refresh.
+stored by that commit: what ``/candles`` returns for the bucket at that moment; and before it every other candle
+it touched that was published before and can still change (its bucket ends within the out-of-order tolerance
+of the newest one published): the last trades of a minute committed with the first of the next, or a late tick
+that is the new low of a candle already sent, reach subscribers as that candle's corrected state. An older
+bucket never published (history replayed in one commit) stays conflated into the newest. Natively the candles
+are the rows the candle upsert returns. On TimescaleDB the continuous aggregates own candles (the ingester
+keeps none), so the commit reads those buckets back through ``tp_candles`` (``sql.touched_candles``) in its own
+transaction, after its ticks are written: real-time aggregation already counts them, and the candle is the
+aggregate's own, ties at one microsecond included. A bucket below an aggregate's refresh watermark reads as
+materialized (as ``/candles`` serves it) until the next refresh.
 
 External trade prints. A batch marked ``external_prints`` (the bus feed: a venue's trades as they happen)
 has each committed trade (``last`` and ``volume`` > 0) announced on ``tp:trades:<symbol>`` in the engine's
@@ -196,8 +200,8 @@ class _Chunk:
     ticks: list[Tick] = field(default_factory=list)  # the encoded ticks, for the InfluxDB sink after commit
     on_stored: OnStored | None = None
     offset: ConsumerOffset | None = None
-    # TimescaleDB path: instrument index -> newest trade ts in the chunk (the candles to read back and publish)
-    newest_trade: dict[int, int] = field(default_factory=dict)
+    # TimescaleDB path: instrument index -> (oldest, newest) trade ts in the chunk (the candles to read back)
+    trade_range: dict[int, tuple[int, int]] = field(default_factory=dict)
     # external trade prints to announce after commit: (instrument index, ts ns, price ticks, volume lots)
     prints: list[tuple[int, int, int, int]] = field(default_factory=list)
 
@@ -248,7 +252,15 @@ class MarketDataPipeline:
             max_future_ns=max_future_ns,
         )
         self.influx = influx
-        self._influx_series = {i.symbol: TickSeries(i.symbol, i.tick_size, i.lot_size) for i in self.instruments}
+        # A symbol no InfluxDB tag can hold (a trailing backslash, a line break) is left out of the sink only.
+        self._influx_series: dict[str, TickSeries] = {}
+        self._influx_skips = False
+        for i in self.instruments if influx is not None else ():
+            try:
+                self._influx_series[i.symbol] = TickSeries(i.symbol, i.tick_size, i.lot_size)
+            except ValueError as exc:
+                self._influx_skips = True
+                log.warning("market data of %r is not written to InfluxDB: %s", i.symbol, exc)
         self.aggregator = CandleAggregator(max_out_of_order_ns=max_out_of_order_ns)
         self.stats = IngestStats()
         self.chunk_rows = chunk_rows
@@ -281,7 +293,10 @@ class MarketDataPipeline:
         self._books: list[_BookTop | None] = [None] * len(self.instruments)
         self._refresh_quotes: set[int] = set()
         self._book_quoted: set[int] = set()  # published with the book's sides
-        self._pending_candles: dict[tuple[str, str], dict[str, Any]] = {}
+        # (timeframe, symbol) -> bucket start ns -> the committed candle to publish (see the module docstring),
+        # and the buckets published that can still change (pruned past the out-of-order tolerance).
+        self._pending_candles: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+        self._sent_candles: dict[tuple[str, str], set[int]] = {}
         self._pending_prints: dict[int, deque[tuple[int, int, int]]] = {}
         # Print text as the engine writes trades: the grids' own exponents (tick 0.01 -> "100.50").
         self._print_grids = [(PriceScale(i.tick_size.normalize()), i.lot_size.normalize()) for i in self.instruments]
@@ -503,7 +518,7 @@ class MarketDataPipeline:
         kept = ticks if self.influx is not None else []  # held until commit only when the sink wants them
         chunk = _Chunk(data, len(cols), candles, spans, spreads, days, newest_by_index, kept)
         if self.candles_from_aggregates:
-            chunk.newest_trade = _newest_trades(cols, len(self.instruments))
+            chunk.trade_range = _trade_ranges(cols, len(self.instruments))
         return chunk, cols
 
     async def ensure_days(self, days: Sequence[date]) -> None:
@@ -688,10 +703,20 @@ class MarketDataPipeline:
         attempt = 0
         returned: list[asyncpg.Record] = []
         writes: list[sql.CandleWrite] = []
+        # The last attempt's transaction (id, backend pid) once it reached its COMMIT: when the connection is lost
+        # there, whether it committed is unknown, and a retry of a commit that happened would store its ticks
+        # and candle deltas twice. So the next attempt asks the server first (``_committed``).
+        reached_commit: tuple[int, int] | None = None
         while True:
             attempt += 1
             try:
+                if reached_commit is not None:
+                    if await self._committed(*reached_commit):
+                        log.warning("a market data commit whose acknowledgement was lost had committed: not retried")
+                        break
+                    reached_commit = None
                 async with self.db.transaction("marketdata.ingest") as conn:
+                    xact = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
                     if attempt == 1:
                         rows = await sql.copy_tick_rows(conn, source)
                     else:
@@ -705,6 +730,7 @@ class MarketDataPipeline:
                     spreads = [row for chunk in chunks for row in chunk.spreads]
                     await sql.insert_spreads(conn, spreads)
                     await sql.record_consumer_offsets(conn, _highest_offsets(chunks))
+                    reached_commit = (xact, conn.get_server_pid())
                 break
             except _RETRYABLE as exc:
                 if loop.time() - started > self.retry_for_s:
@@ -747,13 +773,32 @@ class MarketDataPipeline:
                 except Exception as exc:  # an ack failing must not lose the committed ticks' bookkeeping
                     log.warning("after-commit callback failed: %s", exc)
 
+    async def _committed(self, xact: int, pid: int) -> bool:
+        """Whether transaction ``xact`` (run by backend ``pid``, whose COMMIT may or may not have arrived)
+        committed. While it is still in progress its backend is terminated, so that it cannot commit after a
+        retry wrote the same rows (it has not yet noticed the lost connection, or is just committing), and
+        this raises for the caller to ask again."""
+        async with self.db.connection("marketdata.ingest") as conn:
+            status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", str(xact))
+            if status != "in progress":
+                return bool(status == "committed")
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_xid::text = $2",
+                pid,
+                str(xact % 2**32),
+            )
+        raise InfrastructureUnavailable("a market data commit whose acknowledgement was lost is still in progress")
+
     def _write_influx(self, chunks: Sequence[_Chunk]) -> None:
         """Committed ticks to the sink's ``market_data`` measurement: appended to its bounded buffer (the
         oldest points beyond it dropped and counted there), never waited for."""
         assert self.influx is not None
         for chunk in chunks:
-            if chunk.ticks:
-                self.influx.write_ticks(chunk.ticks, self._influx_series)
+            ticks = chunk.ticks
+            if ticks and self._influx_skips:
+                ticks = [tick for tick in ticks if tick.symbol in self._influx_series]
+            if ticks:
+                self.influx.write_ticks(ticks, self._influx_series)
             chunk.ticks = []
 
     def _candle_writes(self, chunks: Sequence[_Chunk]) -> list[sql.CandleWrite]:
@@ -808,20 +853,18 @@ class MarketDataPipeline:
                 del book[key]
 
     def _note_candles(self, rows: Sequence[asyncpg.Record]) -> None:
-        """Keep the newest committed candle per (timeframe, symbol) for the publisher."""
+        """Keep the committed candles to publish: per (timeframe, symbol) the newest bucket, and the buckets
+        already published that these rows changed (see the module docstring)."""
         if self.cache is None or not rows:
             return
         by_id = {i.instrument_id: i for i in self.instruments}
+        touched: set[tuple[str, str]] = set()
         for row in rows:
-            instrument = by_id[row["instrument_id"]]
-            key = (row["timeframe"], instrument.symbol)
-            current = self._pending_candles.get(key)
-            bucket = _iso(row["bucket"])
-            if current is not None and current["bucket"] > bucket:
-                continue
-            self._pending_candles[key] = {
+            key = (row["timeframe"], by_id[row["instrument_id"]].symbol)
+            touched.add(key)
+            self._pending_candles.setdefault(key, {})[sql.datetime_to_ns(row["bucket"])] = {
                 "timeframe": row["timeframe"],
-                "bucket": bucket,
+                "bucket": _iso(row["bucket"]),
                 # as /candles writes them (trim_scale): 100.00 is "100", never "1E+2"
                 "open": _plain(row["open"]),
                 "high": _plain(row["high"]),
@@ -830,17 +873,32 @@ class MarketDataPipeline:
                 "volume": _plain(row["volume"]),
                 "tick_count": row["tick_count"],
             }
+        for key in touched:
+            pending = self._pending_candles[key]
+            newest = max(pending)
+            sent = self._sent_candles.get(key, set())
+            for bucket in [b for b in pending if b != newest and b not in sent]:
+                del pending[bucket]  # never published: conflated into the newest
         self._publish_wanted.set()
 
     def _touched_buckets(self, chunks: Sequence[_Chunk]) -> list[sql.CandleBucket]:
         """TimescaleDB path: per instrument with trades in ``chunks`` and per timeframe, the bucket of its
-        newest trade: the candle the native path would publish for this commit (newest bucket per key)."""
-        newest: dict[int, int] = {}
+        newest trade, and the published buckets that can still change within the span of its trades: the
+        candles the native path would publish for this commit."""
+        spans: dict[int, tuple[int, int]] = {}
         for chunk in chunks:
-            for index, ts in chunk.newest_trade.items():
-                if ts > newest.get(index, -1):
-                    newest[index] = ts
-        return candle_buckets({self.instruments[index].instrument_id: ts for index, ts in newest.items()})
+            for index, (lo, hi) in chunk.trade_range.items():
+                seen = spans.get(index)
+                spans[index] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
+        buckets = candle_buckets({self.instruments[index].instrument_id: hi for index, (_, hi) in spans.items()})
+        for index, (lo, hi) in sorted(spans.items()):
+            instrument = self.instruments[index]
+            for tf in Timeframe:
+                newest = tf.bucket_start(hi)
+                for start in sorted(self._sent_candles.get((tf.value, instrument.symbol), ())):
+                    if start != newest and start + tf.width_ns > lo and start <= hi:
+                        buckets.append(sql.CandleBucket(instrument.instrument_id, tf, start, start + tf.width_ns))
+        return buckets
 
     def _note_prints(self, chunks: Sequence[_Chunk]) -> None:
         """Queue the committed external trade prints of ``chunks`` for the publisher (bounded per symbol)."""
@@ -1014,9 +1072,16 @@ class MarketDataPipeline:
             # One message per symbol, like the engine's trades: the envelope alone, or a JSON array in order.
             payload = orjson.dumps(envelopes[0] if len(envelopes) == 1 else envelopes)
             pipe.publish(trades_channel(self.instruments[index].symbol), payload)
-        for (timeframe, symbol), data in candles.items():
-            envelope = {"channel": f"candles:{timeframe}", "symbol": symbol, "data": data}
-            pipe.publish(candles_channel(timeframe, symbol), orjson.dumps(envelope))
+        for (timeframe, symbol), by_bucket in candles.items():
+            sent = self._sent_candles.setdefault((timeframe, symbol), set())
+            for bucket in sorted(by_bucket):  # oldest first: the newest candle is the last a subscriber gets
+                envelope = {"channel": f"candles:{timeframe}", "symbol": symbol, "data": by_bucket[bucket]}
+                pipe.publish(candles_channel(timeframe, symbol), orjson.dumps(envelope))
+                sent.add(bucket)
+            # A bucket ending before the newest published start minus the tolerance can take no late tick.
+            horizon = max(sent) - self._tolerance_ns
+            width = Timeframe(timeframe).width_ns
+            sent.difference_update([b for b in sent if b + width <= horizon])
         try:
             await pipe.execute()
         except REDIS_ERRORS as exc:
@@ -1060,14 +1125,18 @@ def _trade_prints(cols: TickColumns) -> list[tuple[int, int, int, int]]:
     )
 
 
-def _newest_trades(cols: TickColumns, instruments: int) -> dict[int, int]:
-    """instrument index -> newest ts among the ticks of ``cols`` that carry a trade (``last``)."""
+def _trade_ranges(cols: TickColumns, instruments: int) -> dict[int, tuple[int, int]]:
+    """instrument index -> (oldest, newest) ts among the ticks of ``cols`` that carry a trade (``last``)."""
     trade = cols.last > 0
     if not bool(trade.any()):
         return {}
+    oldest = np.full(instruments, np.iinfo(np.int64).max, dtype=np.int64)
     newest = np.full(instruments, -1, dtype=np.int64)
+    np.minimum.at(oldest, cols.instrument[trade], cols.ts_ns[trade])
     np.maximum.at(newest, cols.instrument[trade], cols.ts_ns[trade])
-    return {index: ts for index, ts in enumerate(newest.tolist()) if ts >= 0}
+    return {
+        index: (lo, hi) for index, (lo, hi) in enumerate(zip(oldest.tolist(), newest.tolist(), strict=True)) if hi >= 0
+    }
 
 
 def candle_buckets(newest_trade: dict[int, int]) -> list[sql.CandleBucket]:

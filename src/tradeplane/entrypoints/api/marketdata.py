@@ -207,7 +207,8 @@ async def candles(
     limit: Annotated[int, Query(ge=1, le=MAX_CANDLES)] = 1000,
 ) -> Response:
     """Candles with ``start <= bucket < end``; empty buckets are absent unless ``fill=previous``, which
-    carries the last close forward (volume 0, tick_count 0), never before the first real candle."""
+    carries the last close forward (volume 0, tick_count 0), never before the first real candle nor past the
+    bucket in progress."""
     instrument = await instrument_of(platform, symbol)
     width = timedelta(microseconds=timeframe.width_ns // 1000)
     lower, upper = _range(start, end, width * 1000)
@@ -265,7 +266,13 @@ def _filled(
         raise InvalidRequest(f"cannot fill {instrument.symbol}: {exc}", code="fill_unavailable") from None
     if len(rows) == limit:  # the page ends before `upper`: fill only up to its last bucket
         upper = real[-1]["bucket"] + timedelta(microseconds=timeframe.width_ns // 1000)
-    filled = fill_previous(domain, sql.datetime_to_ns(lower), sql.datetime_to_ns(upper), timeframe, limit=limit)
+    # Nothing is carried into buckets that have not begun: the fill ends with the bucket in progress (or the
+    # last real candle, whose ticks may be stamped a little ahead of this clock).
+    begun = timeframe.bucket_start(time.time_ns()) + timeframe.width_ns
+    if real:
+        begun = max(begun, sql.datetime_to_ns(real[-1]["bucket"]) + timeframe.width_ns)
+    end_ns = min(sql.datetime_to_ns(upper), begun)
+    filled = fill_previous(domain, sql.datetime_to_ns(lower), end_ns, timeframe, limit=limit)
     out = []
     for candle in filled:
         moment = sql.ns_to_datetime(candle.bucket_start_ns)

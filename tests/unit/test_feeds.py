@@ -244,12 +244,6 @@ def test_a_file_without_the_tick_columns_is_refused(tmp_path: Path) -> None:
         list(ReplayFeed(path, gate(), LOT_SIZES).iter_batches())
 
 
-def test_an_empty_file_yields_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "empty.csv"
-    path.write_text("")
-    assert list(ReplayFeed(path, gate(), LOT_SIZES).iter_batches()) == []
-
-
 async def test_csv_round_trip_through_the_async_iterator(tmp_path: Path) -> None:
     ticks = SimulatedFeed(simulated(), seed=3, start_ns=T0).next_ticks(2500)
     path = tmp_path / "sim.csv"

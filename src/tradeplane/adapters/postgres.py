@@ -5,11 +5,14 @@ cheap Decimal/NUMERIC decoding) and is the fastest Python driver. SQLAlchemy is 
 schema metadata and Alembic migrations.
 
 Connection loss maps to InfrastructureUnavailable (HTTP 503). The pool replaces broken connections on
-the next acquire, so service resumes by itself when the server returns.
+the next acquire, so service resumes by itself when the server returns. Only errors that mean the server
+cannot be reached are mapped: an error of the caller's own inside a connection scope (a full disk while it
+writes an archive there) stays what it is.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +26,8 @@ from tradeplane.metrics import DATABASE_ERRORS, DATABASE_QUERY_DURATION
 
 log = logging.getLogger("tradeplane.db")
 
+# Opening a connection: any OSError means the server cannot be reached (refused, no route to the host, a name
+# that does not resolve, a Unix socket that is not there), as do a timeout and the server refusing connections.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -31,6 +36,22 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
+# Inside a connection scope, a lost connection is one of asyncpg's connection errors, a timeout, or an OSError
+# of the network: a ConnectionError (reset, aborted, broken pipe) or one of _NETWORK_ERRNOS. Any other OSError
+# there is the caller's: a file it writes or reads in the scope (disk full, permission, no such folder), not
+# PostgreSQL being away.
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    *(error for error in CONNECTION_ERRORS if error is not OSError),
+)
+_NETWORK_ERRNOS = frozenset(
+    (errno.ENETDOWN, errno.ENETUNREACH, errno.ENETRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENOTCONN)
+)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while a connection was in use, means PostgreSQL cannot be reached."""
+    return isinstance(exc, _CONNECTION_LOST) or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS)
 
 
 # For a transaction whose statements take arrays (``unnest($1::bigint[])``, ``= ANY($1)``): PostgreSQL plans
@@ -98,10 +119,14 @@ class Database:
     async def connection(self, operation: str) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection; its time and failures are recorded under `operation`."""
         started = time.perf_counter()
+        acquired = False
         try:
-            async with self.pool.acquire(timeout=self._timeout) as conn:
+            async with self.pool.acquire(timeout=self._timeout) as conn:  # may open a connection
+                acquired = True
                 yield conn
         except CONNECTION_ERRORS as exc:
+            if acquired and not _connection_lost(exc):
+                raise  # the caller's own OSError inside the scope, not an outage
             DATABASE_ERRORS.labels(operation).inc()
             raise InfrastructureUnavailable(f"PostgreSQL unavailable: {exc.__class__.__name__}") from exc
         except asyncpg.PostgresError:

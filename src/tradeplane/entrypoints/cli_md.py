@@ -7,7 +7,9 @@
 
 Both apply the migrations first (idempotent), use the configured servers or start the embedded ones (the
 `servers(...)` helper of the main CLI), and end with rows read, stored and dropped by reason. Bad rows are a
-result, not a failure: the exit code is 0 unless the run itself failed. `run_marketdata_command` is the
+result, not a failure: the exit code is 0 unless the run itself failed. A file that is not a tick file at all
+(empty, without the tick columns, named .parquet but not Parquet) is a one-line error and exit code 1; a CSV
+with only its header is a replay of nothing, and the summary says so. `run_marketdata_command` is the
 `tradeplane run marketdata` worker command, registered by the main CLI.
 """
 
@@ -174,6 +176,9 @@ def replay(
                 pipeline, pipeline.run_feed(feed, validated=True), total, f"replaying {file.name}"
             )
         _report(pipeline.stats, elapsed)
+        if pipeline.stats.rows_read == 0:  # a file with no header at all was refused before this
+            only = "schema" if feed.file_format == "parquet" else "header"
+            out.print(f"{file.name} has no data rows (its {only} only): nothing was replayed")
 
     with _servers() as settings:
         asyncio.run(_connected(settings, work))

@@ -7,10 +7,11 @@ Message format: UTF-8 JSON, one tick object or an array of them::
      "bid": "65000.00", "ask": "65000.50", "bid_size": "0.5", "ask_size": "1.2",
      "last": "65000.25", "volume": "0.01"}
 
-Prices are decimals (strings, or JSON numbers read exactly as decimals) on the instrument's tick grid;
-sizes and volume are quantities in the instrument's units, whole multiples of its lot size. Absent or null
-fields are an absent side (prices) or 0 (quantities). Every row goes through the ``TickValidator``; a
-message that is not JSON, or a row that is not an object, is one ``malformed_row`` drop. Nothing raises.
+Prices are decimals (strings, read as a tick file's fields are, or JSON numbers read exactly as decimals) on
+the instrument's tick grid; sizes and volume are quantities in the instrument's units, whole multiples of its
+lot size. Absent or null fields are an absent side (prices) or 0 (quantities). Every row goes through the
+``TickValidator``; a message that is not JSON, or a row that is not an object, is one ``malformed_row`` drop.
+Nothing raises.
 
 Trade prints: a row with ``last`` and a ``volume`` above 0 is a trade on the publisher's venue. Batches are
 ``external_prints``, so once stored those trades are also announced on the public ``trades`` channel
@@ -41,7 +42,7 @@ from typing import Any
 
 from tradeplane.adapters.bus import MD_TICKS_ALL, Delivery, MessageBus
 from tradeplane.adapters.feeds import ConsumerOffset, FeedBatch
-from tradeplane.adapters.feeds.replay import MalformedValue, parse_ts_ns, to_lots
+from tradeplane.adapters.feeds.replay import MalformedValue, decimal_text, parse_ts_ns, to_lots
 from tradeplane.domain.ticks import DropReason, Tick, TickValidator
 
 
@@ -69,10 +70,7 @@ def _price(value: object) -> Decimal | None:
     if isinstance(value, Decimal | int):
         return Decimal(value)
     if isinstance(value, str):
-        try:
-            return Decimal(value.strip())
-        except InvalidOperation as exc:
-            raise MalformedValue(f"not a price: {value!r}") from exc
+        return decimal_text(value)  # what a tick file's field may hold: no ``1_000``, ASCII digits only
     raise MalformedValue(f"not a price: {value!r}")
 
 

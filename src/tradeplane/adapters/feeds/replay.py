@@ -4,9 +4,14 @@
 - ``ts`` is ISO 8601 with an offset or ``Z`` (up to nanosecond fractions), or integer UTC epoch nanoseconds.
   A timestamp without an offset is a malformed row unless ``naive_is_utc=True``: guessing a zone would
   silently shift the data.
-- Prices are read as ``Decimal`` (Parquet: decimal, string or integer columns; a float column is read through
-  each value's shortest repr, so it must still land on the tick grid) and converted to integer ticks by the
-  instrument's ``PriceScale``. An empty price is an absent side.
+- Prices are read as ``Decimal`` and converted to integer ticks by the instrument's ``PriceScale``; an empty
+  price is an absent side. A number in text (CSV, or a Parquet string column) is ASCII: an optional sign,
+  digits with an optional point and exponent, or NaN/Infinity (dropped as ``non_finite_price``), surrounding
+  spaces ignored. What else ``Decimal()`` reads, digit grouping (``1_000``) and other scripts' digits
+  (Arabic-Indic, full-width), no feed writes: such a field is a ``malformed_row``. Parquet decimal and integer
+  columns are exact; a float column is read as the shortest decimal that is the same value at the column's
+  own width (a float32 1.1, stored as 1.10000002384185791015625, is 1.1), so an intended on-grid value lands
+  on the grid and one that is off the grid is still ``off_tick_grid``, never rounded onto it.
 - ``bid_size``, ``ask_size`` and ``volume`` are quantities in the instrument's units, read the same way as
   prices, and must be whole multiples of its lot size (0.003 for three lots of 0.001): the units ``/ticks``
   returns and the bus feed (``md.ticks.<symbol>``) reads, so a file exported from the API, or archived by
@@ -17,7 +22,8 @@
   split, a ``.parquet`` file that is not Parquet (or a damaged row group). In a CSV, a row with bytes that are
   not UTF-8, or that ``csv`` cannot split (a field over its field size limit, a quote left open to the end of
   the file), is one ``malformed_row`` and the replay goes on with the next line. A leading UTF-8 byte order
-  mark is skipped; an empty file has no rows.
+  mark is skipped. A CSV with no header at all (an empty file) is not a tick file either; one with only its
+  header is a replay of no rows.
 
 Iterate with ``async for batch in ReplayFeed(...)`` (yields to the event loop between batches) or
 ``iter_batches()`` from synchronous code.
@@ -42,8 +48,9 @@ from tradeplane.errors import InvalidRequest
 COLUMNS: tuple[str, ...] = ("ts", "symbol", "bid", "ask", "bid_size", "ask_size", "last", "volume")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_INTEGER = re.compile(r"-?\d+\Z")
-_SECONDS_FRACTION = re.compile(r"(\d\d:\d\d:\d\d)[.,](\d+)")
+# ASCII digits only: \d alone also matches other scripts' digits, which int() would read.
+_INTEGER = re.compile(r"-?\d+\Z", re.ASCII)
+_SECONDS_FRACTION = re.compile(r"(\d\d:\d\d:\d\d)[.,](\d+)", re.ASCII)
 # Quantity <-> lots conversions are exact or raise: a quotient that needs rounding is refused, not rounded.
 _EXACT = decimal.Context(prec=60, traps=[decimal.InvalidOperation, decimal.Inexact, decimal.Overflow])
 
@@ -98,8 +105,24 @@ def _datetime_ns(moment: datetime, extra_ns: int, naive_is_utc: bool) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000 + extra_ns
 
 
+def decimal_text(text: str) -> Decimal:
+    """A number written in text by a feed (see the module docstring); anything else raises ``MalformedValue``.
+
+    ``Decimal()`` ignores surrounding whitespace itself, and reads ``NaN``/``Infinity`` (the validator drops
+    those by their own reason); what it reads beyond a feed's numbers is refused first.
+    """
+    if "_" in text or not text.isascii():  # digit grouping, other scripts' digits or spaces
+        raise MalformedValue(f"not a decimal number: {text!r}")
+    try:
+        return Decimal(text)
+    except InvalidOperation as exc:
+        raise MalformedValue(f"not a decimal number: {text!r}") from exc
+
+
 def _price(value: object) -> Decimal | None:
-    if value is None or value == "":
+    if isinstance(value, str):  # first: every CSV field is one
+        return None if value == "" else decimal_text(value)
+    if value is None:
         return None
     if isinstance(value, Decimal):
         return value
@@ -107,35 +130,33 @@ def _price(value: object) -> Decimal | None:
         raise MalformedValue(f"not a price: {value!r}")
     if isinstance(value, int | float):
         return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-    if isinstance(value, str):
-        try:
-            return Decimal(value.strip())
-        except InvalidOperation as exc:
-            raise MalformedValue(f"not a price: {value!r}") from exc
     raise MalformedValue(f"not a price: {value!r}")
 
 
 def to_lots(value: object, lot_size: Decimal) -> int:
     """A quantity in instrument units as a whole number of lots of ``lot_size``; empty (None, "") is 0.
 
-    Accepts a ``Decimal``, an int, a decimal string or a float (through its shortest repr); anything else, a
-    non-finite value, or a quantity that is not a whole number of lots raises ``MalformedValue``.
+    Accepts a ``Decimal``, an int, a number in text (``decimal_text``) or a float (through its shortest repr);
+    anything else, a non-finite value, or a quantity that is not a whole number of lots raises
+    ``MalformedValue``.
     """
-    if value is None or value == "":
+    if isinstance(value, str):  # first: every CSV field is one
+        if value == "":
+            return 0
+        quantity = decimal_text(value)
+    elif value is None:
         return 0
-    if isinstance(value, bool):
+    elif isinstance(value, bool):
+        raise MalformedValue(f"not a quantity: {value!r}")
+    elif isinstance(value, Decimal):
+        quantity = value
+    elif isinstance(value, int):
+        quantity = Decimal(value)
+    elif isinstance(value, float):
+        quantity = Decimal(repr(value))
+    else:
         raise MalformedValue(f"not a quantity: {value!r}")
     try:
-        if isinstance(value, Decimal):
-            quantity = value
-        elif isinstance(value, int):
-            quantity = Decimal(value)
-        elif isinstance(value, float):
-            quantity = Decimal(repr(value))
-        elif isinstance(value, str):
-            quantity = Decimal(value.strip())
-        else:
-            raise MalformedValue(f"not a quantity: {value!r}")
         if not quantity.is_finite():
             raise MalformedValue(f"not a quantity: {value!r}")
         lots, remainder = _EXACT.divmod(quantity, lot_size)
@@ -244,8 +265,8 @@ class ReplayFeed:
                 header = next(reader, None)
             except csv.Error as exc:
                 raise InvalidRequest(f"{self.path}: not a tick file, unreadable header: {exc}") from None
-            if header is None:  # an empty file: nothing to replay
-                return
+            if header is None:  # not even a header: whatever this was meant to be, it holds no ticks
+                raise InvalidRequest(f"{self.path}: not a tick file: it is empty (no header row)")
             order = _column_order([name.strip() for name in header], self.path)
             identity = order == list(range(len(COLUMNS))) and len(header) == len(COLUMNS)
             width = len(header)
@@ -288,6 +309,8 @@ class ReplayFeed:
                 column = record_batch.column(name)
                 if pa.types.is_timestamp(column.type):
                     columns.append(_timestamp_ns(pa, column, self.naive_is_utc))
+                elif name in _NUMBER_COLUMNS and pa.types.is_floating(column.type):
+                    columns.append(_shortest_decimals(pa, column))
                 else:
                     columns.append(column.to_pylist())
             yield from (list(row) for row in zip(*columns, strict=True))
@@ -313,6 +336,23 @@ def _column_order(header: Sequence[str], path: Path) -> list[int]:
 
 
 _UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+_NUMBER_COLUMNS = frozenset(COLUMNS[2:])
+
+
+def _shortest_decimals(pa: Any, column: Any) -> list[str | None]:
+    """A float column's values as text: for each, the shortest decimal that reads back as that value at the
+    column's own width. A float32 1.1 is 1.10000002384185791015625, which ``to_pylist`` widens to the float64
+    1.100000023841858 (off any 0.1 grid); the shortest float32 decimal is 1.1, what the writer meant. A value
+    whose shortest decimal is off the grid (189.905 on a 0.01 grid) stays off it: dropped, never rounded.
+    """
+    if column.type.bit_width == 16:  # Arrow's cast writes a half float's exact value: numpy knows the width
+        import numpy as np
+
+        return [
+            None if value is None else np.format_float_positional(np.float16(value), unique=True, trim="-")
+            for value in column.to_pylist()
+        ]
+    return list(column.cast(pa.string()).to_pylist())  # float32 and float64: shortest at their width
 
 
 def _timestamp_ns(pa: Any, column: Any, naive_is_utc: bool) -> list[int | None]:

@@ -1,7 +1,7 @@
 """The outbox relay: publishes committed outbox rows to the bus, in id order, at least once.
 
-Rows are read and marked published in one transaction that holds an advisory lock, so any number of relay
-processes may run and exactly one is active. Each message carries `outbox-<id>` as its de-duplication id:
+Rows are read and marked published by one statement in a transaction that holds an advisory lock, so any number
+of relay processes may run and exactly one is active. Each message carries `outbox-<id>` as its de-duplication id:
 if the relay dies after publishing but before its transaction commits, the rows are published again and the
 bus (JetStream Nats-Msg-Id) or the consumer (RabbitMQ message_id, engine offsets) drops the copy. A batch goes
 out with one `publish_many`, pipelined rather than a round trip per row; if it raises, no row of the batch is
@@ -55,20 +55,20 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         """Publish one batch; returns how many rows were published (0 if idle or another relay is active)."""
         async with self.db.transaction("relay.batch") as conn:
-            # the lock is a one-time filter of the read (one round trip): no rows unless this relay holds it
+            # One round trip reads and marks the batch: the marks commit only if the publish below returns, as
+            # the transaction rolls back when it raises. The lock is a one-time filter of the read: no rows unless
+            # this relay holds it. The ids go in as an array, so the marks are primary-key lookups.
             rows = await conn.fetch(
-                "SELECT id, stream, payload::text AS payload FROM outbox"
-                " WHERE published_at IS NULL AND (SELECT pg_try_advisory_xact_lock($2)) ORDER BY id LIMIT $1",
+                "UPDATE outbox SET published_at = now() WHERE id = ANY(ARRAY("
+                "SELECT id FROM outbox WHERE published_at IS NULL AND (SELECT pg_try_advisory_xact_lock($2))"
+                " ORDER BY id LIMIT $1)) RETURNING id, stream, payload::text AS payload",
                 self.batch_size,
                 RELAY_LOCK_ID,
             )
             if rows:
+                rows.sort(key=lambda row: row["id"])  # RETURNING keeps no order: publish in id order
                 await self.bus.publish_many(
                     [(row["stream"], row["payload"].encode(), outbox_message_id(row["id"])) for row in rows]
-                )
-                await conn.execute(
-                    "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
-                    [r["id"] for r in rows],
                 )
         return len(rows)
 

@@ -718,15 +718,23 @@ class _Settler:
             for fill in self.result.fills:
                 fill.id = ids[fill.fill_id]
         if self.positions:
-            await conn.executemany(
+            # One statement for every position of the batch (a statement per row cost a round of executor
+            # work each), in the (account, instrument) order _load_positions locked them in.
+            positions = [self.positions[key] for key in sorted(self.positions)]
+            await conn.execute(
                 "INSERT INTO positions (account_id, instrument_id, net_quantity, average_price, realized_pnl,"
-                " updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_id, instrument_id) DO UPDATE"
+                " updated_at) SELECT p.account_id, p.instrument_id, p.net_quantity, p.average_price,"
+                " p.realized_pnl, $6 FROM unnest($1::bigint[], $2::bigint[], $3::numeric[], $4::numeric[],"
+                " $5::numeric[]) WITH ORDINALITY AS p(account_id, instrument_id, net_quantity, average_price,"
+                " realized_pnl, k) ORDER BY p.k ON CONFLICT (account_id, instrument_id) DO UPDATE"
                 " SET net_quantity = EXCLUDED.net_quantity, average_price = EXCLUDED.average_price,"
                 " realized_pnl = EXCLUDED.realized_pnl, updated_at = EXCLUDED.updated_at",
-                [
-                    (p.account_id, p.instrument_id, p.net_quantity, p.average_price, p.realized_pnl, now)
-                    for p in self.positions.values()
-                ],
+                [p.account_id for p in positions],
+                [p.instrument_id for p in positions],
+                [p.net_quantity for p in positions],
+                [p.average_price for p in positions],
+                [p.realized_pnl for p in positions],
+                now,
             )
             for p in self.positions.values():
                 p.mark_price = self.last_prices.get(p.instrument_id)
@@ -744,18 +752,11 @@ class _Settler:
 
         Every shard's trades move the shared fee account's balance, so while one shard holds these locks the
         others wait; taking them after every other write keeps that window to the ledger rows and the commit.
-        The balances are locked in one (account, asset) order, so two shards queue instead of deadlocking.
+        ``ledger.post_many`` moves (so locks) the balances in one (account, asset) order, so two shards queue
+        instead of deadlocking.
         """
-        if not self.ledger_txs:
-            return
-        legs = sorted({(e.account_id, e.asset) for tx in self.ledger_txs for e in tx.entries})
-        await self.conn.execute(
-            "SELECT 1 FROM balances b JOIN unnest($1::bigint[], $2::text[]) AS k(account_id, asset)"
-            " USING (account_id, asset) ORDER BY b.account_id, b.asset FOR UPDATE OF b",
-            [leg[0] for leg in legs],
-            [leg[1] for leg in legs],
-        )
-        await ledger.post_many(self.conn, self.ledger_txs)
+        if self.ledger_txs:
+            await ledger.post_many(self.conn, self.ledger_txs)
 
     async def _write_orders(self) -> None:
         conn = self.conn
@@ -765,17 +766,22 @@ class _Settler:
             return
         for row in dirty:
             row.updated_at = now
-        # One statement per kind of change, whatever the batch size (every row is already locked by
-        # load_order_rows, so the order the rows are visited in cannot deadlock).
+        # One statement for the order rows and their holds, whatever the batch size (every order row is already
+        # locked by load_order_rows, so the order the rows are visited in cannot deadlock). Each changed order's
+        # hold is resized to what it still reserves, or released (0) once the order is finished.
         await conn.execute(
-            "UPDATE orders o SET status = u.status, filled_quantity = u.filled_quantity,"
+            "WITH o AS (UPDATE orders o SET status = u.status, filled_quantity = u.filled_quantity,"
             " average_fill_price = u.average_fill_price, sequence = u.sequence, quantity = u.quantity,"
             " price = u.price, hold_price = u.hold_price, reject_reason = u.reject_reason, updated_at = $10,"
             " modifies_done = u.modifies_done"
             " FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[], $5::bigint[], $6::numeric[],"
             " $7::numeric[], $8::numeric[], $9::text[], $11::integer[]) AS u(id, status, filled_quantity,"
             " average_fill_price, sequence, quantity, price, hold_price, reject_reason, modifies_done)"
-            " WHERE o.id = u.id",
+            " WHERE o.id = u.id)"
+            " UPDATE holds h SET amount = CASE WHEN u.amount > 0 THEN u.amount ELSE h.amount END,"
+            " released_at = CASE WHEN u.amount > 0 THEN NULL ELSE $10::timestamptz END"
+            " FROM unnest($1::bigint[], $12::numeric[]) AS u(order_id, amount)"
+            " WHERE h.order_id = u.order_id AND h.released_at IS NULL AND (u.amount = 0 OR h.amount <> u.amount)",
             [r.order_id for r in dirty],
             [r.status.value for r in dirty],
             [r.filled_quantity for r in dirty],
@@ -787,16 +793,7 @@ class _Settler:
             [r.reject_reason for r in dirty],
             now,
             [r.modifies_done for r in dirty],
-        )
-        # Each changed order's hold: resized to what it still reserves, or released (0) once it is finished.
-        await conn.execute(
-            "UPDATE holds h SET amount = CASE WHEN u.amount > 0 THEN u.amount ELSE h.amount END,"
-            " released_at = CASE WHEN u.amount > 0 THEN NULL ELSE $3::timestamptz END"
-            " FROM unnest($1::bigint[], $2::numeric[]) AS u(order_id, amount)"
-            " WHERE h.order_id = u.order_id AND h.released_at IS NULL AND (u.amount = 0 OR h.amount <> u.amount)",
-            [row.order_id for row in dirty],
             [hold_amount(row, self.by_id[row.instrument_id]) for row in dirty],
-            now,
         )
         self.result.orders.extend(dirty)
         self.result.symbols.update(r.symbol for r in dirty)
@@ -820,10 +817,14 @@ async def settle(
     settler = _Settler(conn, instruments, rows if rows is not None else {}, now)
     result = await settler.run(events)
     if offsets:
-        await conn.executemany(
-            "INSERT INTO engine_offsets (consumer, last_sequence, updated_at) VALUES ($1, $2, $3)"
-            " ON CONFLICT (consumer) DO UPDATE SET last_sequence = EXCLUDED.last_sequence,"
-            " updated_at = EXCLUDED.updated_at",
-            [(consumer, value, now) for consumer, value in offsets.items()],
+        consumers = sorted(offsets)
+        await conn.execute(
+            "INSERT INTO engine_offsets (consumer, last_sequence, updated_at)"
+            " SELECT c.consumer, c.last_sequence, $3 FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY"
+            " AS c(consumer, last_sequence, k) ORDER BY c.k ON CONFLICT (consumer) DO UPDATE"
+            " SET last_sequence = EXCLUDED.last_sequence, updated_at = EXCLUDED.updated_at",
+            consumers,
+            [offsets[consumer] for consumer in consumers],
+            now,
         )
     return result

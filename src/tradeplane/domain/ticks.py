@@ -209,6 +209,10 @@ class TickValidator:
     def max_out_of_order_ns(self) -> int:
         return self._tolerance_ns
 
+    def add_instrument(self, instrument: PricedInstrument) -> None:
+        """Accept ticks of an instrument listed after this validator was made (a known symbol is left as is)."""
+        self._scales.setdefault(instrument.symbol, PriceScale(instrument.tick_size))
+
     @property
     def max_future_ns(self) -> int | None:
         return self._max_future_ns

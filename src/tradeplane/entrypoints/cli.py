@@ -45,11 +45,15 @@ db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 users_app = typer.Typer(help="Users and roles.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Trading accounts and deposits.", no_args_is_help=True)
+instruments_app = typer.Typer(
+    help="List instruments and change their status and trading parameters.", no_args_is_help=True
+)
 run_app = typer.Typer(help="Run one platform process in the foreground.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(accounts_app, name="accounts")
+app.add_typer(instruments_app, name="instruments")
 app.add_typer(run_app, name="run")
 app.add_typer(md_app, name="md")
 run_app.command("marketdata")(run_marketdata_command)
@@ -660,6 +664,203 @@ def accounts_deposit(
     with servers("database_url") as settings:
         result = run_async(lambda: _with_db(settings, lambda c: deposit(c, account_id, parsed, asset), "deposit"))
     out.print(f"deposited {parsed} to account {account_id}; balance now {result.balance}")
+
+
+# ---------------------------------------------------------------- instruments
+
+_DecimalOption = Annotated[str | None, typer.Option(help="Exact decimal.")]
+
+
+def _decimal(text: str | None, name: str) -> Decimal | None:
+    from tradeplane.services.instruments import parse_decimal
+
+    return None if text is None else parse_decimal(text, name)
+
+
+def _instrument_line(view: Any) -> list[str]:
+    from tradeplane.services.queries import decimal_text
+
+    t = view.terms
+
+    def text(value: Decimal | None) -> str:
+        return "-" if value is None else decimal_text(value)
+
+    return [
+        t.symbol,
+        f"{t.base_asset}/{t.quote_asset}",
+        t.status,
+        text(t.tick_size),
+        text(t.lot_size),
+        f"{text(t.min_qty)}..{text(t.max_qty)}",
+        f"{text(t.price_band_pct)}%",
+        text(t.reference_price),
+        text(view.last_price),
+        f"{text(t.maker_fee_rate)}/{text(t.taker_fee_rate)}",
+        text(t.margin_rate),
+        "-" if t.session_close_utc is None else t.session_close_utc.isoformat(),
+        str(view.open_orders),
+    ]
+
+
+@instruments_app.command("add")
+def instruments_add(
+    symbol: Annotated[str, typer.Argument(help="e.g. SOL-USD: A-Z, 0-9, '.', '_', '-', up to 32 characters.")],
+    base: Annotated[str, typer.Option(help="Base asset code (what is bought and sold).")],
+    quote: Annotated[str, typer.Option(help="Quote asset code (what prices, cash and fees are in).")],
+    tick_size: Annotated[str, typer.Option(help="Price step.")],
+    lot_size: Annotated[str, typer.Option(help="Quantity step.")],
+    min_qty: Annotated[str, typer.Option(help="Smallest order quantity (a multiple of the lot size).")],
+    max_qty: Annotated[str, typer.Option(help="Largest order quantity (a multiple of the lot size).")],
+    band: Annotated[str, typer.Option(help="Price band in percent around the last (or reference) price.")],
+    reference_price: Annotated[str | None, typer.Option(help="Band centre before the first trade.")] = None,
+    maker_fee: Annotated[
+        str, typer.Option(help="Maker fee rate, a fraction (0.0002 = 0.02%; negative = rebate).")
+    ] = "0",
+    taker_fee: Annotated[str, typer.Option(help="Taker fee rate, a fraction.")] = "0",
+    margin_rate: Annotated[str, typer.Option(help="Initial margin fraction, above 0 and at most 1.")] = "1",
+    status: Annotated[str, typer.Option(help="open, halted or closed.")] = "open",
+    session_close: Annotated[str | None, typer.Option(help="HH:MM UTC when DAY orders expire.")] = None,
+    base_scale: Annotated[
+        int | None, typer.Option(help="Decimal places of a new base asset (default: the lot size's).")
+    ] = None,
+    quote_scale: Annotated[
+        int | None, typer.Option(help="Decimal places of a new quote asset (default: the tick size's).")
+    ] = None,
+) -> None:
+    """List a new instrument (creating its assets if they do not exist). Running processes pick it up."""
+    from tradeplane.services.instruments import (
+        InstrumentTerms,
+        list_instrument,
+        parse_decimal,
+        parse_session_close,
+        parse_status,
+    )
+
+    terms = InstrumentTerms(
+        symbol=symbol,
+        base_asset=base,
+        quote_asset=quote,
+        tick_size=parse_decimal(tick_size, "tick size"),
+        lot_size=parse_decimal(lot_size, "lot size"),
+        min_qty=parse_decimal(min_qty, "min quantity"),
+        max_qty=parse_decimal(max_qty, "max quantity"),
+        price_band_pct=parse_decimal(band, "price band"),
+        reference_price=_decimal(reference_price, "reference price"),
+        maker_fee_rate=parse_decimal(maker_fee, "maker fee rate"),
+        taker_fee_rate=parse_decimal(taker_fee, "taker fee rate"),
+        margin_rate=parse_decimal(margin_rate, "margin rate"),
+        status=parse_status(status),
+        session_close_utc=None if session_close is None else parse_session_close(session_close),
+    )
+    with servers("database_url") as settings:
+        instrument_id = run_async(
+            lambda: _with_db(
+                settings,
+                lambda c: list_instrument(c, terms, base_scale=base_scale, quote_scale=quote_scale),
+                "instruments.add",
+            )
+        )
+    out.print(f"instrument {symbol} listed with id {instrument_id} ({status})")
+
+
+@instruments_app.command("list")
+def instruments_list() -> None:
+    """Every instrument with its parameters and open order count."""
+    from tradeplane.services.instruments import list_instruments
+
+    with servers("database_url") as settings:
+        views = run_async(lambda: _with_db(settings, list_instruments, "instruments.list"))
+    table = Table(
+        "symbol",
+        "assets",
+        "status",
+        "tick",
+        "lot",
+        "qty",
+        "band",
+        "ref",
+        "last",
+        "maker/taker",
+        "margin",
+        "close",
+        "open orders",
+    )
+    for view in views:
+        table.add_row(*_instrument_line(view))
+    out.print(table)
+
+
+@instruments_app.command("set")
+def instruments_set(
+    symbol: str,
+    status: Annotated[str | None, typer.Option(help="open, halted or closed.")] = None,
+    band: _DecimalOption = None,
+    reference_price: _DecimalOption = None,
+    min_qty: _DecimalOption = None,
+    max_qty: _DecimalOption = None,
+    maker_fee: _DecimalOption = None,
+    taker_fee: _DecimalOption = None,
+    margin_rate: _DecimalOption = None,
+    session_close: Annotated[str | None, typer.Option(help="HH:MM UTC when DAY orders expire.")] = None,
+    no_session_close: Annotated[bool, typer.Option(help="DAY orders expire at the end of the UTC day.")] = False,
+    tick_size: Annotated[str | None, typer.Option(help="Only while the instrument has no open orders.")] = None,
+    lot_size: Annotated[str | None, typer.Option(help="Only while the instrument has no open orders.")] = None,
+) -> None:
+    """Change SYMBOL's status or trading parameters. Fees change only while it is halted or closed with
+    no open orders (restart its engine shard before reopening); tick and lot size only with no open orders (restart
+    the engine shard and the market data worker after)."""
+    from tradeplane.services.instruments import (
+        InstrumentChanges,
+        adjust_instrument,
+        parse_session_close,
+        parse_status,
+        set_status,
+    )
+
+    wanted = None if status is None else parse_status(status)
+    changes = InstrumentChanges(
+        tick_size=_decimal(tick_size, "tick size"),
+        lot_size=_decimal(lot_size, "lot size"),
+        min_qty=_decimal(min_qty, "min quantity"),
+        max_qty=_decimal(max_qty, "max quantity"),
+        price_band_pct=_decimal(band, "price band"),
+        reference_price=_decimal(reference_price, "reference price"),
+        maker_fee_rate=_decimal(maker_fee, "maker fee rate"),
+        taker_fee_rate=_decimal(taker_fee, "taker fee rate"),
+        margin_rate=_decimal(margin_rate, "margin rate"),
+        session_close_utc=None if session_close is None else parse_session_close(session_close),
+        clear_session_close=no_session_close,
+    )
+    if wanted is None and changes.is_empty():
+        raise ConfigError("nothing to change: give --status or a parameter (see --help)")
+
+    async def work(conn: Any) -> list[str]:
+        done: list[str] = []
+        # Halting comes first and reopening last, so one command can halt, raise a fee, or change and reopen.
+        if wanted is not None and wanted != "open":
+            previous = await set_status(conn, symbol, wanted)
+            done.append(f"status {previous} -> {wanted}")
+        if not changes.is_empty():
+            await adjust_instrument(conn, symbol, changes)
+            done.append("parameters updated")
+        if wanted == "open":
+            previous = await set_status(conn, symbol, wanted)
+            done.append(f"status {previous} -> {wanted}")
+        return done
+
+    with servers("database_url") as settings:
+        done = run_async(lambda: _with_db(settings, work, "instruments.set"))
+        views = run_async(lambda: _with_db(settings, _list_for_print, "instruments.list"))
+    out.print(f"{symbol}: {', '.join(done)}")
+    for view in views:
+        if view.terms.symbol == symbol:
+            out.print("  " + "  ".join(_instrument_line(view)[2:]))
+
+
+async def _list_for_print(conn: Any) -> Any:
+    from tradeplane.services.instruments import list_instruments
+
+    return await list_instruments(conn)
 
 
 def _use_uvloop() -> None:

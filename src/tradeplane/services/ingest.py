@@ -366,6 +366,53 @@ class MarketDataPipeline:
             # simple protocol, no transaction block: the procedure commits between timeframes
             await conn.execute(f"CALL tp_refresh_candles('{start.isoformat()}', '{end.isoformat()}')")
 
+    async def adopt(self, instruments: Sequence[ListedInstrument]) -> list[ListedInstrument]:
+        """Take on the instruments of ``instruments`` listed since this pipeline was made; returns those added.
+
+        New instruments get the next indexes, so the per-instrument state of the others (quotes, books, spread
+        samples, candle keys, chunks already queued) keeps its meaning. Done under the submit lock: no chunk is
+        being encoded meanwhile. A known symbol whose grid changed keeps the grid it has (its candles and
+        watermarks are in its old ticks): a warning asks for a restart.
+        """
+        async with self._submit_lock:
+            known = {i.symbol: i for i in self.instruments}
+            added: list[ListedInstrument] = []
+            for instrument in instruments:
+                current = known.get(instrument.symbol)
+                if current is not None:
+                    if (current.tick_size, current.lot_size) != (instrument.tick_size, instrument.lot_size):
+                        log.warning(
+                            "%s changed its grid to tick %s, lot %s: restart the market data worker to use it",
+                            instrument.symbol,
+                            instrument.tick_size,
+                            instrument.lot_size,
+                        )
+                    continue
+                known[instrument.symbol] = instrument
+                added.append(instrument)
+            if not added:
+                return []
+            for instrument in added:
+                self.instruments.append(instrument)
+                self.validator.add_instrument(_Grid(instrument.symbol, instrument.tick_size))
+                self._spread_last.append(-1)
+                self._quotes.append(_Quote())
+                self._books.append(None)
+                self._print_grids.append(
+                    (PriceScale(instrument.tick_size.normalize()), instrument.lot_size.normalize())
+                )
+                if self.influx is not None:
+                    try:
+                        self._influx_series[instrument.symbol] = TickSeries(
+                            instrument.symbol, instrument.tick_size, instrument.lot_size
+                        )
+                    except ValueError as exc:
+                        self._influx_skips = True
+                        log.warning("market data of %r is not written to InfluxDB: %s", instrument.symbol, exc)
+            self.encoder = TickCopyEncoder(self.instruments)
+            log.info("market data adopted %s", ", ".join(i.symbol for i in added))
+            return added
+
     @property
     def lot_sizes(self) -> dict[str, Decimal]:
         """symbol -> lot size of the listed instruments: what feeds need to read quantities in units."""

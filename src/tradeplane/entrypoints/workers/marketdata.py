@@ -25,6 +25,14 @@ Runs until ``stop`` is set:
   it shares the process, so the order path's Prometheus figures, with the api and engines. Run alone, the
   order placement fields are absent (that histogram lives in the api's process).
 
+Instruments listed after the start are adopted without a restart (``InstrumentDirectory``): every
+``INSTRUMENT_RELOAD_S``, and at once when a feed meets one it does not know. The engine trades feed then stops
+before that page (its cursor unmoved) and starts again with the instrument known, so the trade is stored once;
+the bus feed on NATS does the same before the message is acked (its stream sequences skip what was handed over
+already). On RabbitMQ, whose redeliveries are not deduplicated, the bus feed is not restarted for it: ticks of a
+symbol the worker has not seen listed yet are dropped as ``unknown_symbol`` until the reload, at most
+``INSTRUMENT_RELOAD_S`` after the listing. A changed tick or lot size needs a restart (``MarketDataPipeline.adopt``).
+
 Memory is bounded: the pipeline's queue is bounded, feeds fetch bounded batches, candle and quote state is
 per instrument and pruned past the out-of-order tolerance. A feed that fails (its server down) is restarted
 after a pause; the pipeline itself retries commits and only gives up after its retry window.
@@ -39,7 +47,7 @@ import random
 import resource
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -53,11 +61,11 @@ from tradeplane.adapters.db import marketdata as sql
 from tradeplane.adapters.db.marketdata import ListedInstrument
 from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
 from tradeplane.adapters.feeds.bus import BusTickFeed, FeedPosition
-from tradeplane.adapters.feeds.engine_trades import EngineTradesFeed, TradeCursor
+from tradeplane.adapters.feeds.engine_trades import EngineTradesFeed, TradeCursor, TradePrint
 from tradeplane.adapters.feeds.simulated import SimulatedFeed, SimulatedInstrument
 from tradeplane.adapters.influxdb import FieldValue, InfluxSink
 from tradeplane.bootstrap import Platform
-from tradeplane.domain.ticks import InstrumentGrid
+from tradeplane.domain.ticks import InstrumentGrid, Tick
 from tradeplane.errors import TradeplaneError
 from tradeplane.services.ingest import MarketDataPipeline, apply_retention
 from tradeplane.services.stopping import pause
@@ -71,6 +79,114 @@ CATCH_UP_WAIT_S = 30.0
 BOOK_CHANNEL_PREFIX = "tp:book:"
 #: How often performance and system_metrics points go to InfluxDB.
 INFLUX_REPORT_INTERVAL_S = 10.0
+#: How often the instruments table is read again for instruments listed since (see the module docstring).
+INSTRUMENT_RELOAD_S = 2.0
+#: A symbol found unlisted by a reload is not looked up again for this long (a feed of garbage symbols must not
+#: restart the feeds on every tick).
+UNLISTED_RECHECK_S = 1.0
+#: How many unlisted symbols are remembered.
+MAX_UNLISTED = 10_000
+
+
+class UnlistedInstrument(Exception):
+    """A feed met an instrument this worker has not adopted: reload the instruments, then restart the feed."""
+
+    def __init__(self, key: str | int) -> None:
+        super().__init__(f"instrument {key!r} is not adopted yet")
+        self.key = key
+
+
+class InstrumentDirectory:
+    """The instruments this worker knows, shared by its feeds and tasks, growing as instruments are listed.
+
+    ``instruments``, ``by_id`` and ``lot_sizes`` are mutated in place, so every holder sees an adopted
+    instrument. ``must_check(key)``: should a feed that does not know ``key`` (a symbol or an instrument id) stop
+    for a reload (True), or drop what it holds (False: a reload found it unlisted within ``UNLISTED_RECHECK_S``)?
+    """
+
+    def __init__(self, platform: Platform, pipeline: MarketDataPipeline, instruments: list[ListedInstrument]) -> None:
+        self.platform = platform
+        self.pipeline = pipeline
+        self.instruments = instruments
+        self.by_id = {i.instrument_id: i for i in instruments}
+        self.lot_sizes = _LotSizes(self, {i.symbol: i.lot_size for i in instruments})
+        self.reload_wanted = asyncio.Event()
+        self._unlisted: dict[str | int, float] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def symbols(self) -> set[str]:
+        return set(self.lot_sizes)
+
+    def must_check(self, key: str | int) -> bool:
+        checked = self._unlisted.get(key)
+        return checked is None or time.monotonic() - checked >= UNLISTED_RECHECK_S
+
+    async def reload(self, missing: str | int | None = None) -> list[ListedInstrument]:
+        """Adopt every instrument listed since; ``missing``: the key a feed stopped for. Returns those adopted."""
+        async with self._lock:
+            started = time.monotonic()
+            async with self.platform.db.connection("marketdata.instruments") as conn:
+                listed = await sql.load_instruments(conn)
+            added = await self.pipeline.adopt(listed)
+            for instrument in added:
+                self.instruments.append(instrument)
+                self.by_id[instrument.instrument_id] = instrument
+                dict.__setitem__(self.lot_sizes, instrument.symbol, instrument.lot_size)
+            for instrument in added:
+                self._unlisted.pop(instrument.symbol, None)
+                self._unlisted.pop(instrument.instrument_id, None)
+            if missing is not None and missing not in self.by_id and missing not in self.lot_sizes:
+                if len(self._unlisted) >= MAX_UNLISTED:
+                    self._unlisted.clear()
+                self._unlisted[missing] = started
+            return added
+
+    async def run(self, stop: asyncio.Event, interval_s: float = INSTRUMENT_RELOAD_S) -> None:
+        """Reload every ``interval_s``, or sooner when a feed asks (``reload_wanted``)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reload_wanted.wait(), interval_s)
+            self.reload_wanted.clear()
+            if not stop.is_set():
+                await self.reload()
+
+
+class _LotSizes(dict[str, Decimal]):
+    """The bus feed's symbol -> lot size: a miss on a symbol not checked lately stops the feed for a reload
+    (``raise_unlisted``, NATS) or asks the directory for one and drops the tick (RabbitMQ)."""
+
+    def __init__(self, directory: InstrumentDirectory, lots: dict[str, Decimal]) -> None:
+        super().__init__(lots)
+        self.directory = directory
+        self.raise_unlisted = False
+
+    def get(self, symbol: str, default: Decimal | None = None) -> Decimal | None:  # type: ignore[override]
+        lot = super().get(symbol)
+        if lot is not None:
+            return lot
+        if isinstance(symbol, str) and self.directory.must_check(symbol):
+            if self.raise_unlisted:
+                raise UnlistedInstrument(symbol)
+            self.directory.reload_wanted.set()
+        return default
+
+
+class AdoptingEngineTradesFeed(EngineTradesFeed):
+    """The engine trades feed over the directory's instruments: a page with a trade of an instrument not adopted
+    yet stops the feed before anything of it is handed over (the cursor stays before the page)."""
+
+    def __init__(self, directory: InstrumentDirectory, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.directory = directory
+        self.instruments = directory.by_id
+
+    def _ticks(self, rows: Sequence[asyncpg.Record], prints: list[TradePrint] | None = None) -> list[Tick]:
+        for row in rows:
+            instrument_id: int = row["instrument_id"]
+            if instrument_id not in self.instruments and self.directory.must_check(instrument_id):
+                raise UnlistedInstrument(instrument_id)
+        return super()._ticks(rows, prints)
 
 
 def book_snapshot_key(symbol: str) -> str:
@@ -94,7 +210,7 @@ def book_top(raw: bytes | str) -> tuple[int, BookLevel | None, BookLevel | None]
 async def quote_engine_books(
     platform: Platform,
     pipeline: MarketDataPipeline,
-    instruments: list[ListedInstrument],
+    instruments: Sequence[ListedInstrument],
     stop: asyncio.Event,
     *,
     refresh_s: float = 1.0,
@@ -103,7 +219,7 @@ async def quote_engine_books(
     """Feed the engine's top of book to ``pipeline`` until ``stop``: a ``tp:book:<symbol>`` increment marks
     its symbol, whose snapshot is then read (conflated: one MGET for all marked symbols); every
     ``refresh_s`` every snapshot is read again (a missed increment) and the book quotes' TTLs refreshed."""
-    symbols = {i.symbol for i in instruments}
+    symbols = {i.symbol for i in instruments}  # grows with ``instruments`` (adopted ones), see the refresh
     marked: set[str] = set(symbols)
     wake = asyncio.Event()
     client = platform.cache.client
@@ -141,6 +257,8 @@ async def quote_engine_books(
             if listener.done():
                 listener.result()  # raise what stopped it: the supervisor restarts us
             if loop.time() >= next_refresh:
+                if len(symbols) != len(instruments):
+                    symbols.update(i.symbol for i in instruments)
                 marked.update(symbols)
                 pipeline.refresh_book_quotes()
                 next_refresh = loop.time() + refresh_s
@@ -238,9 +356,9 @@ async def run_marketdata(
         instruments = await sql.load_instruments(conn)
     if not instruments:
         raise TradeplaneError("no instruments are listed: load reference data first (tradeplane up loads a demo)")
-    lot_sizes = {i.symbol: i.lot_size for i in instruments}
     pipeline = MarketDataPipeline(platform.db, instruments, cache=platform.cache, influx=platform.influx)
     await pipeline.start()
+    directory = InstrumentDirectory(platform, pipeline, instruments)
     tasks: list[asyncio.Task[None]] = []
 
     def supervise(name: str, run: Callable[[], Awaitable[None]]) -> None:
@@ -251,6 +369,10 @@ async def run_marketdata(
                     return
                 except asyncio.CancelledError:
                     raise
+                except UnlistedInstrument as exc:
+                    # Stopped before handing anything of it over: adopt, then go on where it stopped.
+                    added = await directory.reload(exc.key)
+                    log.info("market data %s met %r; adopted %d instruments", name, exc.key, len(added))
                 except Exception as exc:
                     log.warning("market data %s failed (%s); restarting in %.0f s", name, exc, FEED_RESTART_DELAY_S)
                     await pause(stop, FEED_RESTART_DELAY_S)
@@ -264,7 +386,8 @@ async def run_marketdata(
         supervise(
             "engine trades",
             lambda: pipeline.run_feed(
-                EngineTradesFeed(
+                AdoptingEngineTradesFeed(
+                    directory,
                     platform.db,
                     platform.cache.client,
                     pipeline.validator,
@@ -288,20 +411,20 @@ async def run_marketdata(
         # JetStream's stream sequences let the feed skip redelivered messages whose ticks are already stored
         # (adapters.feeds.bus); RabbitMQ's do not, so there redelivery stays at least once.
         exactly_once = platform.bus.kind == "nats"
+        directory.lot_sizes.raise_unlisted = exactly_once  # see the module docstring
         position = FeedPosition()  # outlives each restarted feed, like the pipeline holding its ticks
 
         async def bus() -> None:
             await after_catch_up()
-            await pipeline.run_feed(
-                BusTickFeed(
-                    platform.bus,
-                    pipeline.validator,
-                    lot_sizes,
-                    committed_offset=pipeline.committed_offset if exactly_once else None,
-                    position=position,
-                ),
-                validated=True,
+            feed = BusTickFeed(
+                platform.bus,
+                pipeline.validator,
+                directory.lot_sizes,
+                committed_offset=pipeline.committed_offset if exactly_once else None,
+                position=position,
             )
+            feed.lot_sizes = directory.lot_sizes  # shared, not the feed's copy: it sees adopted instruments
+            await pipeline.run_feed(feed, validated=True)
 
         supervise("bus feed", bus)
     if engine_books:
@@ -356,6 +479,7 @@ async def run_marketdata(
             await pause(stop, HOUSEKEEPING_INTERVAL_S)
 
     supervise("housekeeping", housekeeping)
+    supervise("instrument reload", lambda: directory.run(stop))
     influx = platform.influx
     if influx is not None:
         supervise("influxdb figures", lambda: report_figures(influx, pipeline, stop, interval_s=influx_interval_s))

@@ -398,6 +398,12 @@ async def _visible_account(conn: asyncpg.Connection, principal: Principal, accou
     return row
 
 
+async def require_visible_account(conn: asyncpg.Connection, principal: Principal, account_id: int) -> None:
+    """Raise NotFound (account_not_found) unless `principal` may see the account: a filter on an account that
+    is not the caller's is refused, as GET /positions does, rather than answered with an empty list."""
+    await _visible_account(conn, principal, account_id)
+
+
 def _scope(where: _Where, principal: Principal, alias: str) -> None:
     """Restrict a query on rows with ``{alias}.account_id`` to the principal's accounts."""
     if not sees_all_accounts(principal):

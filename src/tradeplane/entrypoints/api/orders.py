@@ -144,6 +144,8 @@ async def list_orders(
             cached = await queries.open_orders_of_user(conn, platform.cache, principal.user_id)
             if len(cached) <= limit:
                 return JSONResponse({"items": [o.to_json() for o in cached], "next_cursor": None})
+        if account_id is not None:
+            await queries.require_visible_account(conn, principal, account_id)
         instrument_id = unlisted_symbol = None
         if symbol is not None:
             rules = await order_entry(platform).catalog.get(conn, symbol)
@@ -224,6 +226,8 @@ async def list_fills(
     cursor: str | None = None,
 ) -> FillPage:
     async with platform.db.connection("fills.list") as conn:
+        if account_id is not None:
+            await queries.require_visible_account(conn, principal, account_id)
         instrument_id = None
         if symbol is not None:
             instrument_id = (await order_entry(platform).catalog.require(conn, symbol)).instrument_id

@@ -42,8 +42,15 @@ Redis delivered, or a restarted engine numbering anew): a client replaces its bo
 
 Errors are `{"event": "error", "error": <code>, "detail": <text>}`, codes: `bad_json`, `unknown_op`,
 `not_authenticated`, `invalid_api_key`, `already_authenticated`, `unknown_channel`, `invalid_symbol`,
-`unknown_symbol`, `too_many_subscriptions`, `message_too_large`, `unavailable`. A failed `auth` closes the
-connection with code 4001, as does not authenticating within AUTH_TIMEOUT_S.
+`unknown_symbol`, `too_many_subscriptions`, `message_too_large`, `unavailable`, `credentials_revoked`. A failed
+`auth` closes the connection with code 4001, as does not authenticating within AUTH_TIMEOUT_S.
+
+Credentials are checked again while the connection lasts: every CREDENTIAL_CHECK_S (the REST principal cache's
+lifetime, services.identity.AUTH_CACHE_SECONDS) the hub looks up the keys of all its authenticated connections in
+one query. A connection whose key no longer authenticates (revoked, its user disabled or deleted) loses whatever
+is still queued for it, gets `{"event": "error", "error": "credentials_revoked", ...}` and is closed with code
+4401, reason "credentials revoked". While PostgreSQL cannot be asked, connections stay open and the next period
+asks again.
 
 Back-pressure: each connection has a bounded send queue and one writer task. Fan-out never waits for a client:
 when a client's queue is full it is closed with code 4008 and reason "slow consumer", and everyone else goes on
@@ -71,6 +78,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import orjson
 from fastapi import APIRouter, FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect
@@ -87,7 +95,7 @@ from tradeplane.entrypoints.api.ws_protocol import (
 )
 from tradeplane.errors import AuthenticationFailed, InfrastructureUnavailable
 from tradeplane.metrics import WEBSOCKET_CONNECTIONS, WEBSOCKET_MESSAGES_RECEIVED, WEBSOCKET_MESSAGES_SENT
-from tradeplane.services.identity import Principal
+from tradeplane.services.identity import AUTH_CACHE_SECONDS, Principal
 
 log = logging.getLogger("tradeplane.websocket")
 
@@ -99,9 +107,12 @@ AUTH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 10.0
 """How long a dropped client gets to take its close frame before the hub lets go of it."""
 BOOK_RESYNC_BACKOFF_S = 0.05
+CREDENTIAL_CHECK_S = AUTH_CACHE_SECONDS
+"""How often the keys of open connections are checked again: a revoked key stops on WS about when on REST."""
 
 CLOSE_UNAUTHENTICATED = 4001
 CLOSE_SLOW_CONSUMER = 4008
+CLOSE_CREDENTIALS_REVOKED = 4401
 
 PRIVATE_CHANNELS = frozenset({"orders", "fills", "positions"})
 SYMBOL_CHANNELS = frozenset({"trades", "quotes", "book"} | {f"candles:{tf.value}" for tf in Timeframe})
@@ -148,6 +159,7 @@ class ClientConnection:
         self.hub = hub
         self.websocket = websocket
         self.principal: Principal | None = None
+        self.key_digest: str | None = None  # of the key it authenticated with, to check it again
         self.queue_limit = send_queue_limit
         self.outbox: asyncio.Queue[str | _Close] = asyncio.Queue()  # `offer` applies the limit (see there)
         self._fresh = 0  # messages queued since the event loop last ran other tasks, the writer among them
@@ -235,8 +247,8 @@ class ClientConnection:
         self._set_direct(False)
         self.offer(text)
 
-    def close(self, code: int, reason: str, *, discard_pending: bool = False) -> None:
-        """Close after the queued messages (or instead of them); nothing more is queued after this."""
+    def close(self, code: int, reason: str, *, discard_pending: bool = False, last: str | None = None) -> None:
+        """Close after the queued messages (or instead of them) and `last`; nothing more is queued after this."""
         if self.closing.is_set():
             return
         self.closing.set()
@@ -245,6 +257,8 @@ class ClientConnection:
         if discard_pending or self.outbox.qsize() - self._fresh >= self.queue_limit:
             while not self.outbox.empty():
                 self.outbox.get_nowait()
+        if last is not None:
+            self.outbox.put_nowait(last)
         self.outbox.put_nowait(_Close(code, reason))
 
     async def write(self) -> None:
@@ -558,10 +572,16 @@ class WebSocketHub:
         *,
         send_queue_limit: int = SEND_QUEUE_LIMIT,
         max_subscriptions: int = MAX_SUBSCRIPTIONS,
+        credential_check_s: float = CREDENTIAL_CHECK_S,
     ) -> None:
         if send_queue_limit < 8:
             raise ValueError("send_queue_limit must be at least 8")
+        if credential_check_s <= 0:
+            raise ValueError("credential_check_s must be positive")
         self.platform = platform
+        self.credential_check_s = credential_check_s
+        self.credential_checks = 0  # completed checks, for tests and the curious
+        self._credential_watch: asyncio.Task[None] | None = None
         self.send_queue_limit = send_queue_limit
         self.max_subscriptions = max_subscriptions
         self.fanout = PubSubFanout(platform.cache.client, confirm_timeout=platform.settings.connect_timeout_s)
@@ -571,6 +591,10 @@ class WebSocketHub:
         self._known_symbols: set[str] = set()
 
     async def close(self) -> None:
+        if self._credential_watch is not None:
+            self._credential_watch.cancel()
+            await asyncio.gather(self._credential_watch, return_exceptions=True)
+            self._credential_watch = None
         for client in tuple(self.clients):
             client.close(1001, "server shutting down")
         await self.fanout.close()
@@ -594,6 +618,8 @@ class WebSocketHub:
     async def serve(self, websocket: WebSocket) -> None:
         """Run one connection from accept to close; returns when the client leaves or is dropped."""
         await websocket.accept()
+        if self._credential_watch is None or self._credential_watch.done():
+            self._credential_watch = asyncio.create_task(self._watch_credentials())
         client = ClientConnection(self, websocket, self.send_queue_limit)
         self.clients.add(client)
         WEBSOCKET_CONNECTIONS.inc()
@@ -703,9 +729,42 @@ class WebSocketHub:
             client.offer(_error("unavailable", exc.detail, **echo))
             return
         client.principal = principal
+        client.key_digest = self.platform.authenticator.digest(key)
         client.offer(
             _dumps({"event": "authenticated", "user_id": principal.user_id, "role": principal.role.value, **echo})
         )
+
+    # --- credentials, checked again while connections last -----------------------------------------------
+
+    async def _watch_credentials(self) -> None:
+        while True:
+            await asyncio.sleep(self.credential_check_s)
+            try:
+                await self.check_credentials()
+            except (InfrastructureUnavailable, asyncpg.PostgresError) as exc:
+                log.warning("could not check the credentials of WebSocket connections (%s); trying again", exc)
+            except Exception:  # a bug: keep watching, the next period may do better
+                log.exception("checking the credentials of WebSocket connections failed")
+
+    async def check_credentials(self) -> None:
+        """Close every authenticated connection whose key no longer authenticates; one query for all of them."""
+        watched: list[tuple[ClientConnection, str]] = [
+            (client, client.key_digest)
+            for client in self.clients
+            if client.key_digest is not None and not client.closing.is_set()
+        ]
+        if watched:
+            async with self.platform.db.connection("websocket.credentials") as conn:
+                valid = await self.platform.authenticator.still_valid(conn, {digest for _, digest in watched})
+            for client, digest in watched:
+                principal = valid.get(digest)
+                if principal is None:
+                    log.info("closing %r: its API key no longer authenticates", client)
+                    revoked = _error("credentials_revoked", "the API key was revoked or its user disabled")
+                    client.close(CLOSE_CREDENTIALS_REVOKED, "credentials revoked", discard_pending=True, last=revoked)
+                else:
+                    client.principal = principal  # the same user (a key never changes hands); maybe a new role
+        self.credential_checks += 1
 
     # --- subscriptions ----------------------------------------------------------------------------------
 

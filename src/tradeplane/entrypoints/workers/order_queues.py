@@ -21,14 +21,26 @@ Replies: when a message has `reply_to`, the result goes there (default exchange,
 `correlation_id`) as the REST status and body: {"status": 201, "order": {...}},
 {"status": 422, "error": "risk_rejected", "reason": ..., "detail": ..., "order": {...}},
 {"status": 404, "error": "order_not_found", "detail": ...}, {"status": 200, "orders": [...]} for cancel-all.
-A message is acked once its result is committed (and replied); an outage of PostgreSQL or Redis naks it for
-redelivery instead. Each queue is consumed in order. Modifications and cancellations run one message at a time;
-placements are queued in delivery order and the prefetched ones share a transaction, committed one after the
-other (group commit, as for REST), so a burst costs a few statements per batch rather than per order.
+A message is acked once its result is committed (and replied). Each queue is consumed in order. Modifications
+and cancellations run one message at a time; placements are decoded in delivery order and placed in groups
+that share a transaction, one group after the other (group commit, as for REST), so a burst costs a few
+statements per group rather than per order.
 
-Redelivery: RabbitMQ delivers at least once. A placement without a client_order_id gets
-`amqp-<message_id>` as one when the message has a message_id, so a redelivered placement returns the
-original order instead of placing a second one.
+Outages recover by themselves. When PostgreSQL or Redis fails a command, that queue's consumer stops taking
+messages, answers what was committed before the failure and closes its channel, which hands the failed
+message and every later one it had not acked back to RabbitMQ in queue order; it consumes again RETRY_DELAY_S
+later. Nothing delivered after the failed message is applied before it (see _PlacementFlow). When RabbitMQ
+goes away, aio-pika's robust connection reconnects and resumes the consumers; a reply or ack lost with the
+connection is logged, and a consumer that ends for any reason starts again on a new channel.
+
+Redelivery: RabbitMQ delivers at least once, and a message whose ack was lost comes again. A placement
+without a client_order_id gets `amqp-<message_id>` as one when the message has a message_id (aio-pika and
+aiormq publishers always set one), so a second copy returns the original order instead of placing another. A
+modification or cancellation with a message_id is recorded in the audit log (entity `amqp.<queue>`, its
+reply in the details) in the transaction that applies it, so a second copy gets the first one's reply and
+changes nothing. Copies delivered before a reconnection that aio-pika still holds are dropped: RabbitMQ has
+taken them back and delivers them again. A message with no message_id (and, for a placement, no
+client_order_id) whose ack is lost after its commit is applied again: give one.
 """
 
 from __future__ import annotations
@@ -37,12 +49,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import aio_pika
+import asyncpg
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import BaseModel, ConfigDict, Strict, ValidationError
 
 from tradeplane.adapters.bus.rabbitmq import RabbitMqBus
@@ -54,6 +68,7 @@ from tradeplane.errors import AuthenticationFailed, ConfigError, InfrastructureU
 from tradeplane.services import queries
 from tradeplane.services.identity import Principal, Role
 from tradeplane.services.orders import (
+    MAX_BATCH,
     OrderRequest,
     Placement,
     PlacementOutcome,
@@ -142,7 +157,6 @@ class OrderQueueWorker:
         self.handled = 0
         self.positions_published = 0
         self._positions: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue(POSITION_BACKLOG)
-        self._channels: list[AbstractChannel] = []
         self.ready = asyncio.Event()
         """Set once position events are subscribed to (commands wait in their queues until consumed anyway)."""
 
@@ -152,9 +166,13 @@ class OrderQueueWorker:
         await fanout.psubscribe("tp:user:*", self._on_user_event)
         self.ready.set()
         tasks = [
-            asyncio.create_task(self._consume_placements()),
-            asyncio.create_task(self._consume(MODIFICATION_QUEUE, self.modify)),
-            asyncio.create_task(self._consume(CANCELLATION_QUEUE, self.cancel)),
+            asyncio.create_task(self._keep_consuming(PLACEMENT_QUEUE, self._consume_placements)),
+            asyncio.create_task(
+                self._keep_consuming(MODIFICATION_QUEUE, lambda: self._consume(MODIFICATION_QUEUE, self.modify))
+            ),
+            asyncio.create_task(
+                self._keep_consuming(CANCELLATION_QUEUE, lambda: self._consume(CANCELLATION_QUEUE, self.cancel))
+            ),
             asyncio.create_task(self._publish_positions()),
         ]
         log.info("consuming %s, %s, %s", PLACEMENT_QUEUE, MODIFICATION_QUEUE, CANCELLATION_QUEUE)
@@ -163,67 +181,99 @@ class OrderQueueWorker:
             done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stopping:
-                    task.result()  # a consumer died: raise its error
+                    task.result()  # they run until cancelled: a bug, raise it
         finally:
             stopping.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await fanout.close()
-            for channel in self._channels:
-                with contextlib.suppress(Exception):
-                    await channel.close()
 
     # --- consuming -------------------------------------------------------------------------------------
 
+    async def _keep_consuming(self, queue_name: str, consume: Callable[[], Awaitable[None]]) -> None:
+        """Run `consume` again whenever it ends, until cancelled: RabbitMQ, PostgreSQL or Redis failing ends
+        one round (its channel closes, handing back in queue order every message it had not acked), and the next
+        starts RETRY_DELAY_S later, on a new channel, once RabbitMQ takes one."""
+        while True:
+            try:
+                await consume()
+                log.warning("%s: consuming stopped (RabbitMQ gone); starting again", queue_name)
+            except _Outage as outage:
+                log.warning("%s: %s; its messages go back to the queue, consuming again shortly", queue_name, outage)
+            except InfrastructureUnavailable as exc:
+                log.warning("%s: %s; consuming again shortly", queue_name, exc.detail)
+            except (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError) as exc:
+                log.warning(
+                    "%s: RabbitMQ failed (%s: %s); consuming again shortly", queue_name, type(exc).__name__, exc
+                )
+            except Exception:  # a bug, or aio-pika's way of saying the connection closed: log it, go on serving
+                log.exception("%s: consuming failed; consuming again shortly", queue_name)
+            await asyncio.sleep(RETRY_DELAY_S)
+
+    @contextlib.asynccontextmanager
+    async def _channel(self, queue_name: str, prefetch: int) -> AsyncIterator[tuple[AbstractChannel, AbstractQueue]]:
+        """A channel of its own for one round of consuming `queue_name`; closing it requeues what it has not
+        acked, in queue order."""
+        channel = await self.bus.connection.channel()
+        try:
+            await channel.set_qos(prefetch_count=prefetch)
+            yield channel, await channel.get_queue(self.bus.name(queue_name), ensure=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), self.platform.settings.connect_timeout_s)
+
     async def _consume(self, queue_name: str, handle: Handler) -> None:
-        channel, queue = await self._open(queue_name, self.prefetch)
-        async with queue.iterator() as messages:
+        """One message at a time, in delivery order. A message that meets an outage ends the round unacked, so
+        it comes back ahead of the ones after it (a requeue with those already delivered would reorder them)."""
+        async with self._channel(queue_name, self.prefetch) as (channel, queue), queue.iterator() as messages:
             async for message in messages:
+                if _stale(message):
+                    continue
                 reply = await self._replying(message, self._execute(message, handle))
+                if reply is None:
+                    raise _Outage("PostgreSQL or Redis is unavailable")
                 await self._finish(channel, queue_name, message, reply)
 
     async def _consume_placements(self) -> None:
-        """`order_placement`: each message is decoded, authenticated and queued in delivery order without
-        waiting for the one before it to commit, so the prefetched ones share a transaction
-        (PlacementQueue, one placement at a time: they also commit in delivery order). Each message is replied
-        to and acked once its own order is committed."""
-        channel, queue = await self._open(PLACEMENT_QUEUE, self.placement_prefetch)
-        finishing: set[asyncio.Task[None]] = set()
-        try:
-            async with queue.iterator() as messages:
-                async for message in messages:
-                    queueing = self._execute(message, self._queue_placement)
-                    queued = await self._replying(message, queueing)
-                    task = asyncio.create_task(self._finish_placement(channel, message, queued))
-                    finishing.add(task)
-                    task.add_done_callback(finishing.discard)
-        finally:  # placements under way commit: answer them before the channel closes
-            if finishing:
-                _, late = await asyncio.wait(finishing, timeout=RETRY_DELAY_S * 5)
-                for task in late:
+        """`order_placement`: each message is decoded and authenticated in delivery order and handed to a
+        _PlacementFlow, which places them in groups that share a transaction and answers each message once its
+        own order is committed. An outage ends the round once the groups before it are answered."""
+        async with self._channel(PLACEMENT_QUEUE, self.placement_prefetch) as (channel, queue):
+            flow = _PlacementFlow(self, channel)
+            reading = asyncio.create_task(self._read_placements(queue, flow))
+            outage = asyncio.create_task(flow.outage.wait())
+            try:
+                done, _ = await asyncio.wait({reading, outage}, return_when=asyncio.FIRST_COMPLETED)
+                if reading in done:
+                    reading.result()
+            finally:
+                for task in (reading, outage):
                     task.cancel()
+                await asyncio.gather(reading, outage, return_exceptions=True)
+                await flow.settle()  # placements under way commit: answer them before the channel closes
+            if flow.outage.is_set():
+                raise _Outage("PostgreSQL or Redis is unavailable")
 
-    async def _open(self, queue_name: str, prefetch: int) -> tuple[AbstractChannel, AbstractQueue]:
-        channel = await self.bus.connection.channel()
-        self._channels.append(channel)
-        await channel.set_qos(prefetch_count=prefetch)
-        return channel, await channel.get_queue(self.bus.name(queue_name), ensure=True)
-
-    async def _finish_placement(
-        self, channel: AbstractChannel, message: AbstractIncomingMessage, queued: Placing | Reply | None
-    ) -> None:
-        reply = await self._replying(message, self._placed(queued)) if isinstance(queued, asyncio.Future) else queued
-        await self._finish(channel, PLACEMENT_QUEUE, message, reply)
+    async def _read_placements(self, queue: AbstractQueue, flow: _PlacementFlow) -> None:
+        async with queue.iterator() as messages:
+            async for message in messages:
+                if _stale(message):
+                    continue
+                decoded = await self._replying(message, self._execute(message, self._decode_placement))
+                if decoded is None:
+                    flow.outage.set()
+                    return
+                if isinstance(decoded, dict):
+                    flow.answer(message, decoded)
+                else:
+                    flow.add(message, *decoded)
 
     async def _finish(
-        self, channel: AbstractChannel, queue_name: str, message: AbstractIncomingMessage, reply: Reply | None
+        self, channel: AbstractChannel, queue_name: str, message: AbstractIncomingMessage, reply: Reply
     ) -> None:
-        """Reply (if asked) and ack; None (PostgreSQL or Redis is down) sends the message back to its queue."""
-        if reply is None:
-            await asyncio.sleep(RETRY_DELAY_S)
-            await message.nack(requeue=True)
-            return
+        """Reply (if asked) and ack. Either may be lost with the connection: RabbitMQ then delivers the message
+        again, and applying it again changes nothing (see the module docstring)."""
         self.handled += 1
         if message.reply_to:
             try:
@@ -233,11 +283,19 @@ class OrderQueueWorker:
                     ),
                     routing_key=message.reply_to,
                 )
-            except Exception as exc:  # the requester went away: the command itself is done
+            except Exception as exc:  # the requester went away, or the connection: the command itself is done
                 log.warning("%s: could not reply to %s: %s", queue_name, message.reply_to, exc)
         elif reply["status"] >= 400:
             log.info("%s: command refused (%s): %s", queue_name, reply.get("error"), reply.get("detail"))
-        await message.ack()
+        try:
+            await message.ack()
+        except Exception as exc:
+            log.warning(
+                "%s: the ack was lost (%s: %s); RabbitMQ delivers the message again",
+                queue_name,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _replying(self, message: AbstractIncomingMessage, work: Awaitable[_T]) -> _T | Reply | None:
         """`work`'s result; a refused command as its reply; None when PostgreSQL or Redis is unavailable."""
@@ -281,8 +339,10 @@ class OrderQueueWorker:
 
     # --- the commands: the same service calls as the REST handlers ----------------------------------------
 
-    async def _queue_placement(self, principal: Principal, body: dict[str, Any], message_id: str) -> Placing:
-        return self.placements.submit(principal, self._request(body, message_id))
+    async def _decode_placement(
+        self, principal: Principal, body: dict[str, Any], message_id: str
+    ) -> tuple[Principal, OrderRequest]:
+        return principal, self._request(body, message_id)
 
     @staticmethod
     async def _placed(placing: Placing) -> Reply:
@@ -300,31 +360,45 @@ class OrderQueueWorker:
         amend = _Modify.model_validate(body)
         entry = order_entry(self.platform)
         async with self.platform.db.transaction("orders.modify") as conn:
+            earlier = await _reply_to_copy(conn, MODIFICATION_QUEUE, message_id)
+            if earlier is not None:
+                return earlier
             amendment = await entry.modify_order(
                 conn, principal, amend.order_id, quantity=amend.quantity, price=amend.price
             )
-        if amendment.rejection is not None:
-            return _risk_rejected(amendment.rejection, amendment.order)
-        await queries.after_order_commit(self.platform.cache, amendment.owner_user_id)
-        return {"status": 200, "order": amendment.order.to_json()}
+            if amendment.rejection is not None:
+                reply = _risk_rejected(amendment.rejection, amendment.order)
+            else:
+                reply = {"status": 200, "order": amendment.order.to_json()}
+            await _record_reply(conn, principal, MODIFICATION_QUEUE, message_id, reply)
+        if amendment.rejection is None:
+            await queries.after_order_commit(self.platform.cache, amendment.owner_user_id)
+        return reply
 
     async def cancel(self, principal: Principal, body: dict[str, Any], message_id: str) -> Reply:
         target = _Cancel.model_validate(body)
         entry = order_entry(self.platform)
-        if target.order_id is not None:
-            async with self.platform.db.transaction("orders.cancel") as conn:
+        if target.order_id is None and target.account_id is None:
+            return _fail(422, "validation_error", "give order_id, or account_id to cancel all its orders")
+        operation = "orders.cancel" if target.order_id is not None else "orders.cancel_all"
+        async with self.platform.db.transaction(operation) as conn:
+            earlier = await _reply_to_copy(conn, CANCELLATION_QUEUE, message_id)
+            if earlier is not None:
+                return earlier
+            reply: Reply
+            if target.order_id is not None:
                 order = await entry.cancel_order(conn, principal, target.order_id)
                 owner = await conn.fetchval("SELECT user_id FROM accounts WHERE id = $1", order.account_id)
+                reply, changed = {"status": 200, "order": order.to_json()}, True
+            else:
+                assert target.account_id is not None
+                orders = await entry.cancel_all(conn, principal, target.account_id, target.symbol)
+                owner = await conn.fetchval("SELECT user_id FROM accounts WHERE id = $1", target.account_id)
+                reply, changed = {"status": 200, "orders": [o.to_json() for o in orders]}, bool(orders)
+            await _record_reply(conn, principal, CANCELLATION_QUEUE, message_id, reply)
+        if changed:
             await queries.after_order_commit(self.platform.cache, owner)
-            return {"status": 200, "order": order.to_json()}
-        if target.account_id is None:
-            return _fail(422, "validation_error", "give order_id, or account_id to cancel all its orders")
-        async with self.platform.db.transaction("orders.cancel_all") as conn:
-            orders = await entry.cancel_all(conn, principal, target.account_id, target.symbol)
-            owner = await conn.fetchval("SELECT user_id FROM accounts WHERE id = $1", target.account_id)
-        if orders:
-            await queries.after_order_commit(self.platform.cache, owner)
-        return {"status": 200, "orders": [o.to_json() for o in orders]}
+        return reply
 
     # --- position updates --------------------------------------------------------------------------------
 
@@ -361,6 +435,122 @@ class OrderQueueWorker:
                 except InfrastructureUnavailable as exc:
                     log.warning("position_updates: %s; retrying", exc.detail)
                     await asyncio.sleep(RETRY_DELAY_S)
+
+
+async def _reply_to_copy(conn: asyncpg.Connection, queue_name: str, message_id: str) -> Reply | None:
+    """The reply recorded for message `message_id` of `queue_name` if it was applied already, else None; from
+    here to the end of the transaction no other copy of the message gets past this (an advisory lock)."""
+    if not message_id:
+        return None
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{queue_name}/{message_id}")
+    recorded = await conn.fetchval(
+        "SELECT details->'reply' FROM audit_log WHERE entity = $1 AND entity_id = $2 LIMIT 1",
+        f"amqp.{queue_name}",
+        message_id,
+    )
+    return None if recorded is None else dict(orjson.loads(recorded))
+
+
+async def _record_reply(
+    conn: asyncpg.Connection, principal: Principal, queue_name: str, message_id: str, reply: Reply
+) -> None:
+    """Note in the audit log, in the transaction that applied it, that message `message_id` was applied."""
+    if message_id:
+        await conn.execute(
+            "INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details)"
+            " VALUES ($1, 'amqp.command', $2, $3, jsonb_build_object('reply', $4::text::jsonb))",
+            principal.user_id,
+            f"amqp.{queue_name}",
+            message_id,
+            orjson.dumps(reply).decode(),
+        )
+
+
+class _Outage(Exception):
+    """PostgreSQL or Redis failed a command: this round of consuming its queue ends (_keep_consuming)."""
+
+
+def _stale(message: AbstractIncomingMessage) -> bool:
+    """Delivered on a channel that has closed since (aio-pika may still hold such copies after it reconnects):
+    RabbitMQ has requeued the message and delivers it again, so this copy is not to be applied."""
+    try:
+        message.channel  # noqa: B018 - raises once the channel it came on is closed
+    except ChannelInvalidStateError:
+        return True
+    return False
+
+
+class _PlacementFlow:
+    """order_placement's messages from decoding to ack, on one channel.
+
+    Placements go to the PlacementQueue one group at a time: the messages that arrive while a group is being
+    placed wait here and make up the next group once that one is settled (the PlacementQueue would have grouped
+    them so anyway). When a group fails for want of PostgreSQL, nothing delivered after it has been placed: the
+    round ends (`outage`), the groups before it are answered, and closing the channel hands the failed group and
+    everything after it back to RabbitMQ in queue order. Had the later ones been placed meanwhile, the failed
+    ones would come back after them: an account's orders committed out of the order they were sent in (time
+    priority, funds taken by the later order).
+    """
+
+    def __init__(self, worker: OrderQueueWorker, channel: AbstractChannel) -> None:
+        self.worker = worker
+        self.channel = channel
+        self.waiting: list[tuple[AbstractIncomingMessage, Principal, OrderRequest]] = []
+        self.outage = asyncio.Event()
+        self._placing: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def answer(self, message: AbstractIncomingMessage, reply: Reply) -> None:
+        self._spawn(self.worker._finish(self.channel, PLACEMENT_QUEUE, message, reply))
+
+    def add(self, message: AbstractIncomingMessage, principal: Principal, request: OrderRequest) -> None:
+        self.waiting.append((message, principal, request))
+        if self._placing is None or self._placing.done():
+            self._placing = asyncio.create_task(self._place())
+
+    async def _place(self) -> None:
+        while self.waiting and not self.outage.is_set() and not self._closed:
+            group, self.waiting = self.waiting[:MAX_BATCH], self.waiting[MAX_BATCH:]
+            submitted: list[Placing] = []
+            for message, principal, request in group:
+                if _stale(message):  # its channel closed while it waited: the copy delivered again is placed
+                    continue
+                try:
+                    placing = self.worker.placements.submit(principal, request)
+                except TradeplaneError as exc:  # refused before it was queued (a role that may not trade)
+                    self.answer(message, _fail(exc.status_code, exc.code, exc.detail))
+                    continue
+                submitted.append(placing)
+                self._spawn(self._finish_placement(message, placing))
+            if submitted:
+                await asyncio.wait(submitted)
+                if any(not p.cancelled() and isinstance(p.exception(), InfrastructureUnavailable) for p in submitted):
+                    self.outage.set()
+
+    async def _finish_placement(self, message: AbstractIncomingMessage, placing: Placing) -> None:
+        reply = await self.worker._replying(message, self.worker._placed(placing))
+        if reply is None:
+            self.outage.set()  # left unacked: it goes back to the queue with the channel
+            return
+        await self.worker._finish(self.channel, PLACEMENT_QUEUE, message, reply)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def settle(self) -> None:
+        """Place no more groups; wait (a while) for the one under way and the answers being sent."""
+        self._closed = True
+        pending: set[asyncio.Future[None]] = set(self._finishing)
+        if self._placing is not None:
+            pending.add(self._placing)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=RETRY_DELAY_S * 5)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
 
 async def run_order_queues(platform: Platform, stop: asyncio.Event) -> None:

@@ -75,6 +75,7 @@ from prometheus_client import Counter as MetricCounter
 from tradeplane.adapters.cache import REDIS_ERRORS, TTL_MARKET_DATA, Cache
 from tradeplane.adapters.db import marketdata as sql
 from tradeplane.adapters.db.marketdata import ListedInstrument, TickColumns, TickCopyEncoder
+from tradeplane.adapters.db.tables import TIMESERIES_TABLES
 from tradeplane.adapters.db.timeseries import (
     ARCHIVING_SUFFIX,
     detach_partitions_older_than_async,
@@ -754,6 +755,7 @@ class MarketDataPipeline:
         # there, whether it committed is unknown, and a retry of a commit that happened would store its ticks
         # and candle deltas twice. So the next attempt asks the server first (``_committed``).
         reached_commit: tuple[int, int] | None = None
+        recreated = 0  # times a day's partitions were made again after retention dropped them under us
         while True:
             attempt += 1
             try:
@@ -785,8 +787,11 @@ class MarketDataPipeline:
                 log.warning("market data commit failed (%s), retrying", exc)
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** min(attempt, 5)))
             except asyncpg.CheckViolationError as exc:
-                # "no partition of relation found": retention dropped a day under us; ensure and retry once.
-                if attempt > 1:
+                # "no partition of relation found": retention dropped a day under us; ensure and retry. Retention
+                # goes through the partitioned tables one after another, so the next one's day may go while the
+                # first is made again: once per table, then it is not a race.
+                recreated += 1
+                if recreated > len(TIMESERIES_TABLES):
                     raise
                 log.warning("ticks without a partition (%s): ensuring partitions and retrying", exc)
                 days = sorted({day for chunk in chunks for day in chunk.days})

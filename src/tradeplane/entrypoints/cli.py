@@ -806,9 +806,9 @@ def instruments_set(
     tick_size: Annotated[str | None, typer.Option(help="Only while the instrument has no open orders.")] = None,
     lot_size: Annotated[str | None, typer.Option(help="Only while the instrument has no open orders.")] = None,
 ) -> None:
-    """Change SYMBOL's status or trading parameters. Fees change only while it is halted or closed with
-    no open orders (restart its engine shard before reopening); tick and lot size only with no open orders (restart
-    the engine shard and the market data worker after)."""
+    """Change SYMBOL's status or trading parameters. Fees and margin rate change only while it is halted or closed
+    with no open orders (restart its engine shard before reopening); tick and lot size only with no open orders
+    (restart the engine shard and the market data worker after)."""
     from tradeplane.services.instruments import (
         InstrumentChanges,
         adjust_instrument,

@@ -133,15 +133,10 @@ class ApiKeyAuthenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        row = await conn_source.fetchrow(
-            "SELECT u.id, u.username, u.role FROM api_keys k JOIN users u ON u.id = k.user_id"
-            " WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND u.is_active",
-            digest,
-        )
-        if row is None:
+        principal = (await self.still_valid(conn_source, [digest])).get(digest)
+        if principal is None:
             self._cache.pop(digest, None)
             raise AuthenticationFailed("unknown or revoked API key", code="invalid_api_key")
-        principal = Principal(user_id=row["id"], username=row["username"], role=Role(row["role"]))
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (now + AUTH_CACHE_SECONDS, principal)

@@ -388,7 +388,9 @@ def _page_limit(limit: int) -> int:
     return limit
 
 
-async def _visible_account(conn: asyncpg.Connection, principal: Principal, account_id: int) -> asyncpg.Record:
+async def require_visible_account(conn: asyncpg.Connection, principal: Principal, account_id: int) -> asyncpg.Record:
+    """The account, or NotFound (account_not_found) unless `principal` may see it: a filter on an account that is
+    not the caller's is refused (GET /orders, /fills, /positions) rather than answered with an empty list."""
     row = await conn.fetchrow(
         "SELECT id, user_id, name, kind, currency, status FROM accounts WHERE id = $1 AND kind <> 'house'",
         account_id,
@@ -396,12 +398,6 @@ async def _visible_account(conn: asyncpg.Connection, principal: Principal, accou
     if row is None or (not sees_all_accounts(principal) and row["user_id"] != principal.user_id):
         raise NotFound(f"no account {account_id}", code="account_not_found")
     return row
-
-
-async def require_visible_account(conn: asyncpg.Connection, principal: Principal, account_id: int) -> None:
-    """Raise NotFound (account_not_found) unless `principal` may see the account: a filter on an account that
-    is not the caller's is refused, as GET /positions does, rather than answered with an empty list."""
-    await _visible_account(conn, principal, account_id)
 
 
 def _scope(where: _Where, principal: Principal, alias: str) -> None:
@@ -601,7 +597,7 @@ async def list_positions(
     move with every trade of anyone.
     """
     if account_id is not None:
-        await _visible_account(conn, principal, account_id)
+        await require_visible_account(conn, principal, account_id)
     rows: list[dict[str, Any]]
     if sees_all_accounts(principal):
         where = _Where()

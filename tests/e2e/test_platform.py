@@ -139,9 +139,11 @@ def data_dir_processes(data_dir: Path) -> list[psutil.Process]:
 
 
 def start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], Path]:
+    """`tradeplane up` with its banner in `<data_dir>-up.out` and its logs in `<data_dir>-up.log`."""
     out = data_dir.parent / f"{data_dir.name}-up.out"
+    logs = data_dir.parent / f"{data_dir.name}-up.log"
     env = clean_env(TRADEPLANE_DATA_DIR=str(data_dir), TRADEPLANE_API_PORT=str(port))
-    process = subprocess.Popen([*CLI, "up"], env=env, stdout=out.open("w"), stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen([*CLI, "up"], env=env, stdout=out.open("w"), stderr=logs.open("w"), text=True)
     return process, out
 
 
@@ -157,10 +159,17 @@ def test_up_serves_stops_cleanly_and_keeps_data(data_dir: Path) -> None:
         me = httpx.get(f"{base}/api/v1/me", headers={"Authorization": f"Bearer {key}"})
         assert me.status_code == 200 and me.json()["username"] == "demo-trader"
         assert status(f"{base}/docs") == 200
+        book = f"{base}/api/v1/book/BTC-USD"
+        headers = {"Authorization": f"Bearer {key}"}
+        eventually(lambda: bool(httpx.get(book, headers=headers).json()["bids"]), within=60, what="demo quotes")
     finally:
         process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     assert data_dir_processes(data_dir) == [], "embedded servers left running after SIGTERM"
+    logs = (data_dir / "data-up.log").read_text()
+    # The demo traders stop before the API does, so they cancel their quotes rather than fail to reach it.
+    assert "demo traders stopped and cancelled their resting orders" in logs, logs[-3000:]
+    assert "Server disconnected" not in logs
 
     process, out = start_up(data_dir / "data", port)
     try:

@@ -71,6 +71,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 SERVER_KINDS = {"database_url": "postgres", "redis_url": "redis", "bus_url": "nats"}
+DEMO_STOP_TIMEOUT_S = 10.0  # at shutdown, how long the demo traders get to cancel their orders
 
 
 @contextlib.contextmanager
@@ -147,7 +148,8 @@ async def _up(settings: Settings, *, demo: bool, demo_traders: bool) -> None:
             await platform.bus.setup(settings.engine_shards)
         demo_key = await _seed_demo(settings, platform) if demo else None
         _print_banner(settings, demo_key)
-        stop = asyncio.Event()
+        stop, demo_stop = asyncio.Event(), asyncio.Event()
+        traders: asyncio.Task[Any] | None = None
         workers: list[asyncio.Task[Any]] = [asyncio.create_task(_relay(platform, stop))]
         workers += [asyncio.create_task(worker.run(stop)) for worker in _engine_workers(settings, platform, None)]
         workers.append(asyncio.create_task(run_marketdata(platform, stop, simulate_rate=None)))
@@ -157,10 +159,20 @@ async def _up(settings: Settings, *, demo: bool, demo_traders: bool) -> None:
             async with platform.db.transaction("demo.participants") as conn:
                 bots = await create_demo_participants(conn, settings.secret_key.get_secret_value())
             base_url = f"http://{settings.api_host}:{settings.api_port}"
-            workers.append(asyncio.create_task(run_demo_traders(base_url, bots.api_keys, bots.account_ids, stop)))
+            traders = asyncio.create_task(run_demo_traders(base_url, bots.api_keys, bots.account_ids, demo_stop))
+            workers.append(traders)
+
+        async def stop_demo_traders() -> None:
+            """The traders cancel their resting orders through the API, so they stop while it still serves."""
+            demo_stop.set()
+            if traders is not None:
+                await asyncio.wait({traders}, timeout=DEMO_STOP_TIMEOUT_S)
+
         try:
-            await _serve_api(settings, platform)  # returns on Ctrl-C / SIGTERM (uvicorn handles both)
+            # Returns on Ctrl-C / SIGTERM (uvicorn handles both), after stop_demo_traders.
+            await _serve_api(settings, platform, before_exit=stop_demo_traders)
         finally:
+            demo_stop.set()
             stop.set()
             for outcome in await asyncio.gather(*workers, return_exceptions=True):
                 if isinstance(outcome, Exception):
@@ -218,8 +230,21 @@ def _listening_socket(host: str, port: int, *, shared: bool = True) -> socket.so
     return sock
 
 
-async def _serve_api(settings: Settings, platform: Any, *, reuse_port: bool = False) -> None:
+async def _serve_api(
+    settings: Settings,
+    platform: Any,
+    *,
+    reuse_port: bool = False,
+    before_exit: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until Ctrl-C / SIGTERM. `before_exit` runs after the signal while the API still answers."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def main_loop(self) -> None:
+            await super().main_loop()
+            if before_exit is not None:
+                await before_exit()
 
     from tradeplane.entrypoints.api.app import create_app
     from tradeplane.entrypoints.api.ws_protocol import FanoutWebSocketProtocol
@@ -234,7 +259,7 @@ async def _serve_api(settings: Settings, platform: Any, *, reuse_port: bool = Fa
         ws_per_message_deflate=False,  # compression doubles fan-out latency for small JSON frames
         ws=FanoutWebSocketProtocol,  # writes a market data frame encoded once to many clients
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     freeze_long_lived()
     sockets = [_listening_socket(settings.api_host, settings.api_port)] if reuse_port else None
     await server.serve(sockets=sockets)

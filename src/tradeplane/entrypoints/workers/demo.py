@@ -330,19 +330,29 @@ async def run_demo_traders(
         _Bot(base_url, key, account_id, stats, random.Random(rng.getrandbits(64)))
         for key, account_id in zip(api_keys, account_ids, strict=True)
     ]
+    api_answered = False
     try:
         if not await _wait_for_api(bots[0].http, stop):
             return stats
+        api_answered = True
         log.info("demo market maker and %d traders started on %s", len(bots) - 1, ", ".join(symbols))
         await asyncio.gather(
             _market_maker(bots[0], symbols, stop),
             *(_trader(bot, symbols, stop) for bot in bots[1:]),
         )
     finally:
-        for bot in bots:  # leave no demo orders resting behind
-            with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        left = 0
+        for bot in bots if api_answered else ():  # leave no demo orders resting behind
+            try:
                 await asyncio.wait_for(bot.cancel_all(), CLOSE_CANCEL_S)
+            except (httpx.HTTPError, TimeoutError):
+                left += 1
+        for bot in bots:
             await bot.close()
+        if left:
+            log.warning("demo traders stopped; %d of them could not cancel their resting orders", left)
+        elif api_answered:
+            log.info("demo traders stopped and cancelled their resting orders")
         log.info(
             "demo stopped: %d orders placed, %d accepted, %d rejected %s, %d failed calls",
             stats.placed,

@@ -100,6 +100,16 @@ def test_users_keys_accounts_and_deposit(server_env: dict[str, str], database_ur
     printed = key.stdout.strip()
     assert printed.startswith("tp_")
 
+    # A fresh database lists nothing: the account's currency must come from an instrument the operator lists,
+    # not from demo data loaded behind their back.
+    no_currency = run("accounts", "create", "--user", "carol", env=server_env)
+    assert no_currency.returncode == 1 and "tradeplane instruments add" in no_currency.stderr
+    listed = run(
+        "instruments", "add", "SOL-USD", "--base", "SOL", "--quote", "USD", "--tick-size", "0.01", "--lot-size", "1",
+        "--min-qty", "1", "--max-qty", "100", "--band", "10", "--reference-price", "150", env=server_env,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert run("instruments", "list", env=server_env).stdout.count("-USD") == 1, "demo instruments were loaded"
     created = run("accounts", "create", "--user", "carol", env=server_env)
     assert created.returncode == 0, created.stderr
     account_id = created.stdout.split()[1]

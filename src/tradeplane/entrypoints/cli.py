@@ -648,14 +648,12 @@ def accounts_create(
 ) -> None:
     """Create a trading account."""
     from tradeplane.services.accounts import create_account, parse_stp
-    from tradeplane.services.demo import load_reference_data
     from tradeplane.services.identity import user_id_by_name
 
     mode = parse_stp(stp)
     with servers("database_url") as settings:
 
         async def work(conn: Any) -> int:
-            await load_reference_data(conn)
             return await create_account(conn, await user_id_by_name(conn, user), name, kind, currency, mode)
 
         account_id = run_async(lambda: _with_db(settings, work, "accounts.create"))

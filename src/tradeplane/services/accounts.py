@@ -55,7 +55,11 @@ async def create_account(
     if kind not in ACCOUNT_KINDS:
         raise InvalidRequest(f"account kind must be one of {', '.join(ACCOUNT_KINDS)}", code="invalid_kind")
     if not await conn.fetchval("SELECT 1 FROM assets WHERE code = $1", currency):
-        raise NotFound(f"unknown currency {currency!r}", code="unknown_asset")
+        raise NotFound(
+            f"unknown currency {currency!r}: list an instrument quoted in it first"
+            " (`tradeplane instruments add` creates its assets)",
+            code="unknown_asset",
+        )
     try:
         account_id: int = await conn.fetchval(
             "INSERT INTO accounts (user_id, name, kind, currency, stp_mode) VALUES ($1, $2, $3, $4, $5) RETURNING id",

@@ -79,3 +79,68 @@ async def test_a_network_error_inside_the_scope_is_unavailable(database_url: str
                 raise error
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "args"),
+    [
+        ("SELECT $1::int + $2::int", (1,)),  # one argument short
+        ("SELECT 1", tuple(range(32_768))),  # more arguments than the protocol carries
+    ],
+    ids=["argument-count", "too-many-arguments"],
+)
+async def test_a_query_asyncpg_refuses_on_a_healthy_connection_is_not_unavailable(
+    database_url: str, query: str, args: tuple[int, ...]
+) -> None:
+    # asyncpg raises InterfaceError, as it does for a closed connection, but nothing is wrong with PostgreSQL: a
+    # 503 would send clients retrying a request that can never succeed.
+    db = Database(database_url, min_size=1, max_size=1)
+    await db.connect()
+    try:
+        with pytest.raises(asyncpg.InterfaceError) as raised:
+            async with db.connection("test.refused") as conn:
+                await conn.fetchval(query, *args)
+        assert not isinstance(raised.value, InfrastructureUnavailable)
+        async with db.connection("test.after") as conn:  # the same pooled connection, still fine
+            assert await conn.fetchval("SELECT 2") == 2
+    finally:
+        await db.close()
+
+
+async def test_a_parameter_asyncpg_cannot_encode_is_not_unavailable(database_url: str) -> None:
+    db = Database(database_url, min_size=1, max_size=1)
+    await db.connect()
+    try:
+        with pytest.raises(asyncpg.DataError, match="invalid input for query argument") as raised:
+            async with db.connection("test.data") as conn:
+                await conn.fetchval("SELECT $1::bigint", 2**63)  # refused by asyncpg before it is sent
+        assert not isinstance(raised.value, InfrastructureUnavailable)
+        # asyncpg documents this DataError as an InterfaceError; that class is never an outage either.
+        with pytest.raises(asyncpg.exceptions._base.DataError):
+            async with db.connection("test.data"):
+                raise asyncpg.exceptions._base.DataError("invalid input for query argument $1")
+    finally:
+        await db.close()
+
+
+async def test_a_query_on_a_connection_the_server_closed_is_unavailable(database_url: str) -> None:
+    db = Database(database_url, min_size=1, max_size=1)
+    await db.connect()
+    admin = await asyncpg.connect(database_url)
+    try:
+        with pytest.raises(InfrastructureUnavailable) as raised:
+            async with db.connection("test.closed") as conn:
+                assert await admin.fetchval(
+                    "SELECT pg_terminate_backend($1)", await conn.fetchval("SELECT pg_backend_pid()")
+                )
+                for _ in range(1000):  # until asyncpg has seen the connection end (bounded: 10 s)
+                    if conn.is_closed():
+                        break
+                    await asyncio.sleep(0.01)
+                await conn.fetchval("SELECT 1")  # asyncpg: InterfaceError, connection is closed
+        assert isinstance(raised.value.__cause__, asyncpg.InterfaceError)
+        async with db.connection("test.after") as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await admin.close()
+        await db.close()

@@ -28,7 +28,7 @@ from tests.conftest import UNDER_CI
 from tests.integration.test_ingest import list_instrument
 from tradeplane.adapters.db.marketdata import ns_to_datetime
 from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
-from tradeplane.adapters.influxdb import InfluxSink, Point
+from tradeplane.adapters.influxdb import UNATTRIBUTED, InfluxSink, Point
 from tradeplane.bootstrap import Platform, build_platform
 from tradeplane.config import Settings
 from tradeplane.domain.ticks import Tick
@@ -292,6 +292,80 @@ async def test_an_outage_keeps_the_newest_points_within_the_bound_and_counts_the
     rows = await query(influxdb, "SELECT seq FROM market_data WHERE symbol = 'OUT' ORDER BY time")
     assert [row["seq"] for row in rows] == [*range(10), *range(160, 210)]
     assert sink.stats.dropped == {"overflow": 150}
+
+
+# ------------------------------------------------------------------------------------------ partial writes
+
+
+def written(measurement: str) -> float:
+    return REGISTRY.get_sample_value("influxdb_points_written_total", {"measurement": measurement}) or 0.0
+
+
+def unconfirmed(measurement: str) -> float:
+    return REGISTRY.get_sample_value("influxdb_points_unconfirmed_total", {"measurement": measurement}) or 0.0
+
+
+async def test_a_field_type_conflict_drops_only_the_conflicting_points_of_a_batch(
+    influxdb: InfluxServer, sink: InfluxSink
+) -> None:
+    sink.write(Point("conflict", {"symbol": "C"}, {"x": 0}, T0))  # x is an integer field from now on
+    await settled(sink)
+    written_before, rejected_before = written("conflict"), dropped("conflict", "rejected")
+
+    conflicting = {2, 5, 7}
+    for i in range(1, 11):  # one batch (batch_size 10): InfluxDB writes 7 points and drops 3
+        sink.write(Point("conflict", {"symbol": "C"}, {"x": i + 0.5 if i in conflicting else i}, T0 + i))
+    await settled(sink)
+
+    rows = await query(influxdb, "SELECT x FROM conflict ORDER BY time")
+    assert [row["x"] for row in rows] == [i for i in range(11) if i not in conflicting]
+    assert (sink.stats.written, sink.stats.dropped) == (8, {"rejected": 3})
+    assert sink.stats.unconfirmed == 0
+    assert written("conflict") - written_before == 7
+    assert dropped("conflict", "rejected") - rejected_before == 3
+
+
+async def test_points_beyond_the_retention_policy_are_the_only_ones_counted_dropped(
+    influxdb: InfluxServer, sink: InfluxSink
+) -> None:
+    async with httpx.AsyncClient() as http:
+        for q in (
+            "CREATE DATABASE tp_test",
+            "CREATE RETENTION POLICY hour ON tp_test DURATION 1h REPLICATION 1 DEFAULT",
+        ):
+            (await http.post(f"{influxdb.url}/query", params={"q": q})).raise_for_status()
+    now = time.time_ns()
+    stamps = [T0, now, T0 + 1, now + 1, now + 2]  # T0 (2025) is far beyond an hour's retention
+    mixed = [Point("retained", {}, {"n": i}, ts) for i, ts in enumerate(stamps)]
+    mixed[2] = Point("trades", {}, {"n": 2}, T0 + 1)  # two measurements: InfluxDB does not say whose were dropped
+    for point in mixed:
+        sink.write(point)
+    unknown_before = dropped(UNATTRIBUTED, "rejected")
+    await settled(sink)
+
+    assert [row["n"] for row in await query(influxdb, "SELECT n FROM retained ORDER BY time")] == [1, 3, 4]
+    assert (sink.stats.written, sink.stats.dropped) == (3, {"rejected": 2})
+    assert dropped(UNATTRIBUTED, "rejected") - unknown_before == 2
+
+
+async def test_a_partial_write_that_does_not_count_its_drops_is_reported_unconfirmed_not_guessed(
+    influxdb: InfluxServer, sink: InfluxSink
+) -> None:
+    before = unconfirmed("parsed")
+    # InfluxDB cannot parse a timestamp past its range; it stores the other points and answers dropped=0.
+    for i, ts in enumerate([T0, 2**63 - 1, T0 + 2]):
+        sink.write(Point("parsed", {}, {"n": i}, ts))
+    await settled(sink)
+
+    assert [row["n"] for row in await query(influxdb, "SELECT n FROM parsed ORDER BY time")] == [0, 2]
+    assert (sink.stats.written, sink.stats.dropped) == (0, {})
+    assert sink.stats.unconfirmed == 3
+    assert unconfirmed("parsed") - before == 3
+
+    # A batch refused whole is still counted as rejected, point by point.
+    sink.write(Point("parsed", {}, {"n": 9}, 2**63 - 1))
+    await settled(sink)
+    assert (sink.stats.written, sink.stats.dropped, sink.stats.unconfirmed) == (0, {"rejected": 1}, 3)
 
 
 # ------------------------------------------------------------------------------------------------- health

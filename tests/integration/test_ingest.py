@@ -44,6 +44,7 @@ from tradeplane.bootstrap import Platform
 from tradeplane.domain.candles import Timeframe
 from tradeplane.domain.ticks import NS_PER_SECOND, InstrumentGrid, Tick
 from tradeplane.entrypoints.workers.marketdata import run_marketdata, store_depth_snapshots
+from tradeplane.errors import InfrastructureUnavailable
 from tradeplane.services import demo
 from tradeplane.services.identity import Role
 from tradeplane.services.ingest import MarketDataPipeline, apply_retention
@@ -708,6 +709,34 @@ async def test_depth_snapshots_are_stored_when_the_book_changed(platform: Platfo
         snapshot["asks"],
         4,
     )
+
+
+@pytest.mark.parametrize("failure", ["postgres-down", "insert-refused"])
+async def test_a_depth_snapshot_whose_insert_failed_is_stored_by_the_next_attempt(
+    platform: Platform, failure: str
+) -> None:
+    a = await list_instrument(platform)
+    snapshot = {"seq": 7, "bids": [["100.00", "1"]], "asks": [["100.02", "3"]]}
+    await platform.cache.client.set(f"tp:book:{a.symbol}:snapshot", orjson.dumps(snapshot), ex=60)
+    seen: dict[str, int] = {}
+    if failure == "postgres-down":
+        await platform.db.close()
+        with pytest.raises(InfrastructureUnavailable):
+            await store_depth_snapshots(platform, [a], seen)
+        await platform.db.connect()
+    else:
+        async with platform.db.connection("test") as conn:
+            await conn.execute("ALTER TABLE depth_snapshots ADD CONSTRAINT test_refused CHECK (sequence < 0)")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await store_depth_snapshots(platform, [a], seen)
+        async with platform.db.connection("test") as conn:
+            await conn.execute("ALTER TABLE depth_snapshots DROP CONSTRAINT test_refused")
+
+    assert await store_depth_snapshots(platform, [a], seen) == 1  # the same snapshot, now stored
+    async with platform.db.connection("test") as conn:
+        sequences = await conn.fetch("SELECT sequence FROM depth_snapshots WHERE instrument_id = $1", a.instrument_id)
+    assert [row["sequence"] for row in sequences] == [7]
+    assert seen == {a.symbol: 7}
 
 
 async def test_retention_archives_then_drops_old_partitions_and_the_archive_replays_back(

@@ -11,8 +11,15 @@ InfluxDB:
   ``flush_interval_s`` after the oldest point arrived.
 - When InfluxDB is slow or down the batch is retried with exponential backoff (capped at ``max_backoff_s``)
   and the buffer keeps filling; beyond ``max_points`` the *oldest* points are dropped (fresh data is worth
-  more than stale) and counted in ``influxdb_points_dropped_total{measurement, reason="overflow"}``. A batch
-  the server refuses as malformed (HTTP 400) is not retried: ``reason="rejected"``.
+  more than stale) and counted in ``influxdb_points_dropped_total{measurement, reason="overflow"}``.
+- A batch the server refuses (HTTP 400) is not retried. Refused whole, its points count as
+  ``reason="rejected"``. Written in part (``partial write: <reason> dropped=N``: points beyond the retention
+  policy, a field type conflict, an invalid tag or field name), only the N points InfluxDB says it dropped are
+  ``rejected`` and the rest count as written; by measurement where the batch held one, else under
+  ``measurement="unknown"`` (the answer does not say which). Where InfluxDB does not count what it dropped
+  (lines it could not parse: 1.x reports ``dropped=0``), the batch's points are counted in
+  ``influxdb_points_unconfirmed_total``, neither written nor dropped. InfluxDB 1.x reports one cause per batch:
+  a shard's field type conflict hides points the same batch had beyond retention, so N can fall short then.
 - When it comes back, the retained points are written, oldest first.
 
 Exact values: InfluxDB stores numbers as float64 or int64. Floats would round prices (0.1 has no float64)
@@ -37,6 +44,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 from collections import Counter as Tally
 from collections import deque
@@ -64,12 +72,21 @@ POINTS_DROPPED = Counter(
     ["measurement", "reason"],
 )
 POINTS_WRITTEN = Counter("influxdb_points_written_total", "Points written to InfluxDB", ["measurement"])
+POINTS_UNCONFIRMED = Counter(
+    "influxdb_points_unconfirmed_total",
+    "Points of batches InfluxDB wrote only in part without counting what it dropped: each may or may not be stored",
+    ["measurement"],
+)
 WRITE_FAILURES = Counter("influxdb_write_failures_total", "InfluxDB write attempts that failed (then retried)")
 BUFFERED_POINTS = Gauge("influxdb_buffered_points", "Points waiting in the InfluxDB sink's buffer")
 
 FieldValue = int | float | bool | str | Decimal
 #: Overflow drops are logged at most this often (they are counted every time).
 OVERFLOW_LOG_INTERVAL_S = 10.0
+#: The measurement label of points counted from a partial write of a batch of several measurements.
+UNATTRIBUTED = "unknown"
+# InfluxDB 1.x's answer to a batch it wrote in part (tsdb.PartialWriteError); the reason may span lines.
+_PARTIAL_WRITE = re.compile(r"partial write: (?P<reason>.*) dropped=(?P<dropped>[0-9]+)", re.DOTALL)
 
 
 # ------------------------------------------------------------------------------------------ line protocol
@@ -205,6 +222,8 @@ class SinkStats:
     written: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     failures: int = 0
+    #: Points of partial writes whose dropped count InfluxDB did not give: neither written nor dropped.
+    unconfirmed: int = 0
 
     @property
     def dropped_total(self) -> int:
@@ -424,21 +443,19 @@ class InfluxSink:
             batch = list(self._batch)
             self._posting = True
             try:
-                status: int | None = await self._post(encode(batch))
+                status, error = await self._post(encode(batch))
                 reason = f"HTTP {status}"
             except httpx.HTTPError as exc:
-                status, reason = None, f"{exc.__class__.__name__}: {exc}"
+                status, error, reason = None, "", f"{exc.__class__.__name__}: {exc}"
             finally:
                 self._posting = False
             if status == 204:
                 self._batch.clear()
-                for point in batch:
-                    POINTS_WRITTEN.labels(point.measurement).inc()
-                self.stats.written += len(batch)
+                self._count_written(Tally(point.measurement for point in batch))
                 return
             if status == 400:
                 self._batch.clear()
-                self._drop(batch, "rejected")
+                self._settle_refused(batch, error)
                 return
             self.stats.failures += 1
             WRITE_FAILURES.inc()
@@ -450,19 +467,67 @@ class InfluxSink:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
 
-    async def _post(self, body: bytes) -> int:
+    def _count_written(self, by_measurement: Tally[str]) -> None:
+        for measurement, count in by_measurement.items():
+            POINTS_WRITTEN.labels(measurement).inc(count)
+        self.stats.written += by_measurement.total()
+
+    def _settle_refused(self, batch: list[Buffered], error: str) -> None:
+        """Count a batch answered 400: refused whole, or written but for the points the answer says it dropped."""
+        match = _PARTIAL_WRITE.fullmatch(error)
+        if match is None:
+            log.error("influxdb refused a batch of %d point(s): %s", len(batch), error[:500])
+            self._drop(batch, "rejected")
+            return
+        dropped = int(match["dropped"])
+        by_measurement = Tally(point.measurement for point in batch)
+        if not 0 < dropped <= len(batch):
+            # Lines InfluxDB could not parse are not in its count (1.x says dropped=0), so how many of the batch
+            # it stored is unknown: say so rather than count them either way.
+            for measurement, count in by_measurement.items():
+                POINTS_UNCONFIRMED.labels(measurement).inc(count)
+            self.stats.unconfirmed += len(batch)
+            log.error(
+                "influxdb wrote a batch of %d point(s) only in part without counting what it dropped"
+                " (it says dropped=%d); they are counted as unconfirmed: %s",
+                len(batch),
+                dropped,
+                error[:500],
+            )
+            return
+        if len(by_measurement) == 1:
+            (measurement,) = by_measurement
+        else:
+            measurement = UNATTRIBUTED  # the answer does not say which measurements' points it dropped
+        log.error("influxdb dropped %d of a batch of %d point(s): %s", dropped, len(batch), error[:500])
+        self._count_written(Tally({measurement: len(batch) - dropped}))
+        self._count_dropped(Tally({measurement: dropped}), "rejected")
+
+    async def _post(self, body: bytes) -> tuple[int, str]:
+        """The answer's status and, for an error, InfluxDB's message."""
         if not self._database_ready:
             response = await self._client.post("/query", params={"q": f'CREATE DATABASE "{self._quoted_database}"'})
             if response.status_code != 200:
-                return response.status_code
+                return response.status_code, _error_message(response)
             self._database_ready = True
         response = await self._client.post("/write", params={"db": self.database, "precision": "ns"}, content=body)
+        if response.status_code == 204:
+            return 204, ""
         if response.status_code == 404:  # database dropped under us: create it again next time
             self._database_ready = False
-        elif response.status_code == 400:
-            log.error("influxdb refused a batch: %s", response.text[:500])
-        return response.status_code
+        return response.status_code, _error_message(response)
 
     @property
     def _quoted_database(self) -> str:
         return self.database.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _error_message(response: httpx.Response) -> str:
+    """InfluxDB's error text: 1.x answers ``{"error": ...}`` and repeats it in ``X-Influxdb-Error`` (where line
+    breaks become spaces)."""
+    with contextlib.suppress(ValueError, AttributeError):
+        message = response.json().get("error")
+        if isinstance(message, str):
+            return message
+    header: str = response.headers.get("X-Influxdb-Error", response.text)
+    return header

@@ -7,7 +7,8 @@ schema metadata and Alembic migrations.
 Connection loss maps to InfrastructureUnavailable (HTTP 503). The pool replaces broken connections on
 the next acquire, so service resumes by itself when the server returns. Only errors that mean the server
 cannot be reached are mapped: an error of the caller's own inside a connection scope (a full disk while it
-writes an archive there) stays what it is.
+writes an archive there, a query asyncpg refuses to send on a healthy connection) stays what it is, and reaches
+an API client as a 500 with its traceback logged, not as a 503 that would send it retrying.
 """
 
 from __future__ import annotations
@@ -49,8 +50,17 @@ _NETWORK_ERRNOS = frozenset(
 )
 
 
-def _connection_lost(exc: BaseException) -> bool:
-    """Whether ``exc``, raised while a connection was in use, means PostgreSQL cannot be reached."""
+def _connection_lost(exc: BaseException, *, connection_open: bool) -> bool:
+    """Whether ``exc``, raised while a connection was in use, means PostgreSQL cannot be reached.
+
+    asyncpg raises ``InterfaceError`` both for a connection that is gone ("connection is closed") and for a call it
+    refuses on a healthy one, before anything reaches the server: a wrong number of arguments, a second query
+    while one runs, a parameter it cannot encode (documented as its ``InterfaceError`` subclass ``DataError``;
+    asyncpg 0.32 raises the SQLSTATE-22 ``asyncpg.DataError``, a ``PostgresError``, instead). Only the first is
+    an outage, told apart by whether the connection is still open (``connection_open``).
+    """
+    if isinstance(exc, asyncpg.InterfaceError):
+        return not connection_open and not isinstance(exc, ValueError)  # DataError, ClientConfigurationError
     return isinstance(exc, _CONNECTION_LOST) or (isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS)
 
 
@@ -119,14 +129,20 @@ class Database:
     async def connection(self, operation: str) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection; its time and failures are recorded under `operation`."""
         started = time.perf_counter()
-        acquired = False
+        acquired = connection_open = False
         try:
             async with self.pool.acquire(timeout=self._timeout) as conn:  # may open a connection
                 acquired = True
-                yield conn
+                try:
+                    yield conn
+                except asyncpg.InterfaceError:
+                    connection_open = not conn.is_closed()  # asked before the pool takes the connection back
+                    raise
         except CONNECTION_ERRORS as exc:
-            if acquired and not _connection_lost(exc):
-                raise  # the caller's own OSError inside the scope, not an outage
+            if acquired and not _connection_lost(exc, connection_open=connection_open):
+                if isinstance(exc, asyncpg.InterfaceError):
+                    DATABASE_ERRORS.labels(operation).inc()  # a query that failed, though PostgreSQL is fine
+                raise  # the caller's own error inside the scope (a file's OSError, a refused query), not an outage
             DATABASE_ERRORS.labels(operation).inc()
             raise InfrastructureUnavailable(f"PostgreSQL unavailable: {exc.__class__.__name__}") from exc
         except asyncpg.PostgresError:

@@ -308,7 +308,10 @@ async def load_simulation_from(conn: asyncpg.Connection) -> list[SimulatedInstru
 async def store_depth_snapshots(
     platform: Platform, instruments: list[ListedInstrument], last_seq: dict[str, int]
 ) -> int:
-    """Store the engine's current book snapshot of every symbol whose sequence moved; returns rows stored."""
+    """Store the engine's current book snapshot of every symbol whose sequence moved; returns rows stored.
+
+    ``last_seq`` (symbol -> sequence stored) moves only once the rows are committed, so a snapshot whose insert
+    failed (PostgreSQL down) is stored by the next call."""
     keys = [book_snapshot_key(i.symbol) for i in instruments]
     try:
         values = await platform.cache.client.mget(keys)
@@ -317,6 +320,7 @@ async def store_depth_snapshots(
         return 0
     now = datetime.now(UTC)
     rows: list[tuple[datetime, int, str, str, int | None]] = []
+    stored: dict[str, int] = {}
     for instrument, raw in zip(instruments, values, strict=True):
         if raw is None:
             continue
@@ -329,11 +333,12 @@ async def store_depth_snapshots(
             continue
         if last_seq.get(instrument.symbol) == seq:
             continue
-        last_seq[instrument.symbol] = seq
+        stored[instrument.symbol] = seq
         rows.append((now, instrument.instrument_id, orjson.dumps(bids).decode(), orjson.dumps(asks).decode(), seq))
     if rows:
         async with platform.db.transaction("marketdata.depth") as conn:
             await sql.insert_depth_snapshots(conn, rows)
+        last_seq.update(stored)
     return len(rows)
 
 

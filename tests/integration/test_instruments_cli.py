@@ -55,12 +55,16 @@ async def test_add_list_and_set_with_exact_decimals_and_audit(db_env: dict[str, 
     # Live-safe parameters change while it is open.
     changed = run("instruments", "set", "SOL-USD", "--band", "5", "--max-qty", "500", env=db_env)
     assert changed.returncode == 0, changed.stderr
-    # Fees and margin rate (what holds are priced at) only while halted; then reopening waits for the api catalogs.
-    for pricing in (["--taker-fee", "0.0003"], ["--margin-rate", "0.25"]):
+    # Lower fees or margin rate apply at once; higher ones (what holds are priced at) only while halted, and then
+    # reopening waits for the api catalogs.
+    lowered = run("instruments", "set", "SOL-USD", "--taker-fee", "0.0003", env=db_env)
+    assert lowered.returncode == 0, lowered.stderr
+    for pricing in (["--taker-fee", "0.0005"], ["--margin-rate", "0.25"]):
         refused = run("instruments", "set", "SOL-USD", *pricing, env=db_env)
         assert refused.returncode == 1 and "halt it" in refused.stderr, refused.stderr
+        assert "Lowering them needs no halt" in refused.stderr
     halted = run(
-        "instruments", "set", "SOL-USD", "--status", "halted", "--taker-fee", "0.0003", "--margin-rate", "0.25",
+        "instruments", "set", "SOL-USD", "--status", "halted", "--taker-fee", "0.0005", "--margin-rate", "0.25",
         env=db_env,
     )  # fmt: skip
     assert halted.returncode == 0, halted.stderr
@@ -70,14 +74,16 @@ async def test_add_list_and_set_with_exact_decimals_and_audit(db_env: dict[str, 
 
     row = await fetchrow(database_url, "SELECT * FROM instruments WHERE symbol = 'SOL-USD'")
     assert (row["price_band_pct"], row["max_qty"], row["margin_rate"], row["taker_fee_rate"], row["status"]) == (
-        Decimal("5"), Decimal("500"), Decimal("0.25"), Decimal("0.0003"), "halted",
+        Decimal("5"), Decimal("500"), Decimal("0.25"), Decimal("0.0005"), "halted",
     )  # fmt: skip
     audit = await fetchrow(
         database_url,
         "SELECT array_agg(action ORDER BY id) AS actions FROM audit_log WHERE entity = 'instrument' AND entity_id = $1",
         str(row["id"]),
     )
-    assert audit["actions"] == ["instrument.list", "instrument.set", "instrument.status", "instrument.set"]
+    assert audit["actions"] == [
+        "instrument.list", "instrument.set", "instrument.set", "instrument.status", "instrument.set",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -92,6 +98,8 @@ async def test_add_list_and_set_with_exact_decimals_and_audit(db_env: dict[str, 
         (["--margin-rate", "1.5"], "margin rate must be above 0 and at most 1"),
         (["--band", "NaN"], "price band must be a finite number"),
         (["--lot-size", "0.0000000000000000001"], "more than 18 decimal places"),
+        (["--max-qty", "1_000"], "max quantity '1_000' is not a decimal number (write it without '_' separators)"),
+        (["--taker-fee", "\uff10.001"], "use ASCII digits"),  # a full-width 0
         (["--session-close", "25:00"], "is not a time of day"),
         (["--status", "paused"], "status must be one of open, halted, closed"),
         (["--quote", "SOL"], "base and quote asset must differ"),

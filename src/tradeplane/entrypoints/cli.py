@@ -692,6 +692,10 @@ def accounts_deposit(
 # ---------------------------------------------------------------- instruments
 
 _DecimalOption = Annotated[str | None, typer.Option(help="Exact decimal.")]
+_RateOption = Annotated[
+    str | None,
+    typer.Option(help="A fraction (0.0005 is 0.05%). Lower: any time. Higher: only halted with no open orders."),
+]
 
 
 def _decimal(text: str | None, name: str) -> Decimal | None:
@@ -821,17 +825,18 @@ def instruments_set(
     reference_price: _DecimalOption = None,
     min_qty: _DecimalOption = None,
     max_qty: _DecimalOption = None,
-    maker_fee: _DecimalOption = None,
-    taker_fee: _DecimalOption = None,
-    margin_rate: _DecimalOption = None,
+    maker_fee: _RateOption = None,
+    taker_fee: _RateOption = None,
+    margin_rate: _RateOption = None,
     session_close: Annotated[str | None, typer.Option(help="HH:MM UTC when DAY orders expire.")] = None,
     no_session_close: Annotated[bool, typer.Option(help="DAY orders expire at the end of the UTC day.")] = False,
     tick_size: Annotated[str | None, typer.Option(help="Only while the instrument has no open orders.")] = None,
     lot_size: Annotated[str | None, typer.Option(help="Only while the instrument has no open orders.")] = None,
 ) -> None:
-    """Change SYMBOL's status or trading parameters. Fees and margin rate change only while it is halted or closed
-    with no open orders (restart its engine shard before reopening); tick and lot size only with no open orders
-    (restart the engine shard and the market data worker after)."""
+    """Change SYMBOL's status or trading parameters. The engine applies new fees and margin rate from its next
+    fill, no restart. Lowering them works any time (open orders' holds shrink to match); raising them only while it
+    is halted or closed with no open orders, and it reopens once the api has the new rates. Tick and lot size only
+    with no open orders (restart the engine shard and the market data worker after)."""
     from tradeplane.services.instruments import (
         InstrumentChanges,
         adjust_instrument,

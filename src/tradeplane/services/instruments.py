@@ -2,23 +2,28 @@
 
 Every change is one transaction with its ``audit_log`` row. Running processes pick changes up on their own: the
 api's instrument catalog within ``queries.INSTRUMENT_TTL_S`` (a new symbol on its first order), the engine when
-it first meets the symbol (``_adopt_instrument``; it keeps what it loaded until it restarts) and the market data
-worker within
-``INSTRUMENT_RELOAD_S`` of its own (``entrypoints.workers.marketdata``). Status is read by every placement in
-its own transaction, so a halt stops new orders at once.
+it first meets the symbol (``_adopt_instrument``; fees and margin rate in every batch, the grid only when it
+restarts) and the market data worker within ``INSTRUMENT_RELOAD_S`` of its own
+(``entrypoints.workers.marketdata``). Status is read by every placement in its own transaction, so a halt stops
+new orders at once.
 
 What may change while an instrument trades, and why the rest may not:
 
 - price band, reference price, min/max quantity, session close: any time; they are checked when an order is
   placed;
-- fees and margin rate (what holds are priced at, by the api and by the engine's settlement): only while the
-  instrument is not open and has no open orders, and it may reopen only once every api process has the new
-  values (``FEE_CHANGE_SETTLE_S``): an open order's hold was priced at the old ones, and a fill may never cost
-  more than its hold. The engine loads them when it starts or adopts an instrument, so its shard must be
-  restarted before the instrument reopens (until the engine re-reads them per batch);
+- fees and margin rate (what holds are priced at, by the api and by the engine's settlement, and what fills are
+  charged): the engine re-reads them in every batch (``settlement.refresh_rates``), so a change applies to the
+  next fill without a restart. A change that asks no hold for more (neither the worst fee, the larger of maker,
+  taker and 0, nor the margin rate goes up) may be made at any time: in its transaction the holds of the open
+  orders at rest are re-priced down to the new rates (an order with client modifies in flight keeps its larger
+  hold until the engine has processed them), and an api process that still prices at the old rates for up to
+  ``INSTRUMENT_TTL_S`` only holds more than needed, which the engine trims when it accepts the order. A raise
+  would leave resting orders held for less than a fill may now cost, and the api's catalog would fund new orders
+  at the old rates for a while, so it is made only while the instrument is halted or closed with no open orders,
+  and it may reopen only once every api process has the new rates (``FEE_CHANGE_SETTLE_S``);
 - tick or lot size: only without open orders (their prices and quantities are on the old grid), with the last
-  and reference prices and the min/max quantities on the new grid. The market data worker keeps the grid it
-  started with (its candles are kept in ticks): restart it after such a change.
+  and reference prices and the min/max quantities on the new grid. The engine and the market data worker keep
+  the grid they loaded (its candles are kept in ticks): restart them after such a change.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import asyncpg
 import orjson
 
 from tradeplane.adapters.db.tables import INSTRUMENT_STATUSES, OPEN_ORDER_STATUSES
+from tradeplane.domain.orders import Side
+from tradeplane.domain.reservations import reservation
 from tradeplane.domain.risk import on_grid
 from tradeplane.errors import Conflict, InvalidRequest, NotFound
 from tradeplane.services.queries import INSTRUMENT_TTL_S, decimal_text
@@ -110,20 +117,40 @@ class ListedInstrumentView:
 # ------------------------------------------------------------------------------------------- parsing
 
 
+#: What an operator types for a number: ASCII digits with an optional sign, point and exponent. Decimal() reads
+#: more (``1_000``, full-width or other Unicode digits, Unicode spaces around it) that a typo should not pass as.
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:nan|inf|infinity)", re.I)
+_ASCII_SPACE = " \t\r\n"
+
+
 def parse_decimal(text: str, name: str) -> Decimal:
-    """``text`` as an exact Decimal that NUMERIC(38, 18) stores unchanged; InvalidRequest otherwise."""
+    """``text`` as an exact Decimal that NUMERIC(38, 18) stores unchanged; InvalidRequest otherwise.
+
+    Only plain ASCII notation is a number here (``0.0005``, ``-1``, ``5e-4``, spaces around it): ``1_000``, non-ASCII
+    digits and non-ASCII spaces are refused rather than read the way ``Decimal()`` would.
+    """
+    stripped = text.strip(_ASCII_SPACE) if isinstance(text, str) else ""
+    if not _DECIMAL_TEXT.fullmatch(stripped):
+        hint = ""
+        if "_" in stripped:
+            hint = " (write it without '_' separators)"
+        elif not stripped.isascii():
+            hint = " (use ASCII digits, '.', '-' and 'e' only)"
+        raise InvalidRequest(f"{name} {text!r} is not a decimal number{hint}", code="invalid_number")
     try:
-        value = Decimal(text.strip())
-    except (InvalidOperation, ValueError, AttributeError):
+        value = Decimal(stripped)
+    except (InvalidOperation, ValueError):
         raise InvalidRequest(f"{name} {text!r} is not a decimal number", code="invalid_number") from None
     if not value.is_finite():
-        raise InvalidRequest(f"{name} must be a finite number (got {text})", code="invalid_number")
+        raise InvalidRequest(f"{name} must be a finite number (got {stripped})", code="invalid_number")
     value = value.normalize() if value else Decimal(0)
     exponent = int(value.as_tuple().exponent)
     if -exponent > MAX_FRACTION_DIGITS:
-        raise InvalidRequest(f"{name} {text} has more than {MAX_FRACTION_DIGITS} decimal places", code="invalid_number")
+        raise InvalidRequest(
+            f"{name} {stripped} has more than {MAX_FRACTION_DIGITS} decimal places", code="invalid_number"
+        )
     if value.adjusted() >= MAX_INTEGER_DIGITS:
-        raise InvalidRequest(f"{name} {text} is too large", code="invalid_number")
+        raise InvalidRequest(f"{name} {stripped} is too large", code="invalid_number")
     return value
 
 
@@ -372,6 +399,59 @@ async def _open_orders(conn: asyncpg.Connection, instrument_id: int) -> int:
     return count
 
 
+async def _reprice_holds(conn: asyncpg.Connection, instrument_id: int, terms: InstrumentTerms) -> int:
+    """Re-price the holds of ``instrument_id``'s open orders at rest to ``terms``' rates, lowering only; returns
+    how many changed. Called after ``_lock``: an engine batch that read the old rates has committed (it holds the
+    instrument row in KEY SHARE), and the next one waits for this transaction, so none settles in between.
+
+    An order with client modifies in flight keeps its hold: the api funded them at rates no lower, and settlement
+    brings it down to ``reservation`` once the engine has processed them. The order rows are locked FOR NO KEY
+    UPDATE, in id order, as the api does before it changes a hold.
+    """
+    rows = await conn.fetch(
+        "SELECT o.id, o.side, o.quantity, o.filled_quantity, o.hold_price, o.reduce_only, a.kind, h.amount"
+        " FROM orders o JOIN accounts a ON a.id = o.account_id"
+        " JOIN holds h ON h.order_id = o.id AND h.released_at IS NULL"
+        " WHERE o.instrument_id = $1 AND o.status = ANY($2::text[]) AND o.modifies_requested <= o.modifies_done"
+        " AND o.hold_price IS NOT NULL ORDER BY o.id FOR NO KEY UPDATE OF o",
+        instrument_id,
+        _OPEN,
+    )
+    if not rows:
+        return 0
+    quote_scale: int = await conn.fetchval("SELECT scale FROM assets WHERE code = $1", terms.quote_asset)
+    ids: list[int] = []
+    amounts: list[Decimal] = []
+    for r in rows:
+        wanted = reservation(
+            side=Side(r["side"]),
+            account_kind=r["kind"],
+            leaves_qty=r["quantity"] - r["filled_quantity"],
+            hold_price=r["hold_price"],
+            maker_fee_rate=terms.maker_fee_rate,
+            taker_fee_rate=terms.taker_fee_rate,
+            margin_rate=terms.margin_rate,
+            base_asset=terms.base_asset,
+            quote_asset=terms.quote_asset,
+            quote_scale=quote_scale,
+            reduce_only=r["reduce_only"],
+        ).amount
+        if wanted < r["amount"]:
+            ids.append(r["id"])
+            amounts.append(wanted)
+    if ids:
+        # as settlement does: a hold that reserves nothing any more is released
+        await conn.execute(
+            "UPDATE holds h SET amount = CASE WHEN u.amount > 0 THEN u.amount ELSE h.amount END,"
+            " released_at = CASE WHEN u.amount > 0 THEN NULL ELSE now() END"
+            " FROM unnest($1::bigint[], $2::numeric[]) AS u(order_id, amount)"
+            " WHERE h.order_id = u.order_id AND h.released_at IS NULL",
+            ids,
+            amounts,
+        )
+    return len(ids)
+
+
 async def list_instruments(conn: asyncpg.Connection) -> list[ListedInstrumentView]:
     open_orders = (
         ", (SELECT count(*) FROM orders o WHERE o.instrument_id = i.id AND o.status = ANY($1::text[])) AS open_orders"
@@ -392,7 +472,7 @@ async def list_instruments(conn: asyncpg.Connection) -> list[ListedInstrumentVie
 
 async def set_status(conn: asyncpg.Connection, symbol: str, status: str, *, actor_user_id: int | None = None) -> str:
     """Open, halt or close ``symbol``; returns the previous status. A halted or closed instrument takes no new
-    orders (its open orders stay and may be canceled). Reopening within ``FEE_CHANGE_SETTLE_S`` of a fee change is
+    orders (its open orders stay and may be canceled). Reopening within ``FEE_CHANGE_SETTLE_S`` of a fee raise is
     refused (Conflict ``fee_change_settling``): see the module docstring."""
     status = parse_status(status)
     row = await _lock(conn, symbol)
@@ -403,14 +483,14 @@ async def set_status(conn: asyncpg.Connection, symbol: str, status: str, *, acto
         recent: float | None = await conn.fetchval(
             "SELECT extract(epoch FROM now() - max(ts))::float8 FROM audit_log"
             " WHERE entity = 'instrument' AND entity_id = $1 AND action = 'instrument.set'"
-            " AND details ? 'fees_changed' AND ts > now() - make_interval(secs => $2)",
+            " AND details ? 'fees_raised' AND ts > now() - make_interval(secs => $2)",
             str(row["id"]),
             FEE_CHANGE_SETTLE_S,
         )
         if recent is not None:
             wait = max(1, int(FEE_CHANGE_SETTLE_S - recent + 0.999))
             raise Conflict(
-                f"{symbol}: its fees changed {recent:.0f} s ago; api processes take up to"
+                f"{symbol}: its fees or margin rate went up {recent:.0f} s ago; api processes take up to"
                 f" {FEE_CHANGE_SETTLE_S:.0f} s to see them, so reopen in {wait} s",
                 code="fee_change_settling",
             )
@@ -423,8 +503,9 @@ async def adjust_instrument(
     conn: asyncpg.Connection, symbol: str, changes: InstrumentChanges, *, actor_user_id: int | None = None
 ) -> InstrumentTerms:
     """Change ``symbol``'s trading parameters; returns the new terms. See the module docstring for what may
-    change when. Raises NotFound, InvalidRequest (bad values, nothing to change), Conflict (``open_orders``,
-    ``instrument_open`` for a fee raise, ``off_grid`` for a grid its prices are not on)."""
+    change when. Raises NotFound, InvalidRequest (bad values, nothing to change), Conflict (``open_orders`` for a
+    grid change or a fee or margin raise under open orders, ``instrument_open`` for such a raise while it is open,
+    ``off_grid`` for a grid its prices are not on)."""
     if changes.is_empty():
         raise InvalidRequest("nothing to change: give at least one parameter", code="no_changes")
     row = await _lock(conn, symbol)
@@ -446,24 +527,31 @@ async def adjust_instrument(
     instrument_id: int = row["id"]
     grid_changed = new.tick_size != old.tick_size or new.lot_size != old.lot_size
     # the margin rate prices a margin account's holds as the fees do, in the api and in the engine's settlement
-    fees_changed = (new.maker_fee_rate, new.taker_fee_rate, new.margin_rate) != (
+    rates_changed = (new.maker_fee_rate, new.taker_fee_rate, new.margin_rate) != (
         old.maker_fee_rate,
         old.taker_fee_rate,
         old.margin_rate,
     )
-    if grid_changed or fees_changed:
+    # a hold covers the worst fee and the margin rate: a change raising either could leave one short
+    rates_raised = new.worst_fee > old.worst_fee or new.margin_rate > old.margin_rate
+    if grid_changed or rates_raised:
         open_orders = await _open_orders(conn, instrument_id)
         if open_orders:
-            what = "tick or lot size" if grid_changed else "fees or margin rate (what holds are priced at)"
+            what = (
+                "tick or lot size cannot change"
+                if grid_changed
+                else "fees or margin rate cannot go up (their holds were priced at the current ones)"
+            )
             raise Conflict(
-                f"{symbol} has {open_orders} open orders: its {what} cannot change under them; halt it and let"
-                " them be canceled or filled first",
+                f"{symbol} has {open_orders} open orders: its {what} under them; halt it and let them be canceled"
+                " or filled first",
                 code="open_orders",
             )
-    if fees_changed and old.status == "open":
+    if rates_raised and old.status == "open":
         raise Conflict(
-            f"{symbol} is open: its fees and margin rate change only while it is halted or closed (orders are held"
-            " at the ones they were placed with); halt it, restart its engine shard after the change, then reopen it",
+            f"{symbol} is open: a higher fee or margin rate applies only while it is halted or closed (api processes"
+            f" price new orders at the old rates for up to {FEE_CHANGE_SETTLE_S:.0f} s); halt it, raise them, then"
+            " reopen it. Lowering them needs no halt",
             code="instrument_open",
         )
     if grid_changed:
@@ -497,9 +585,13 @@ async def adjust_instrument(
         new.margin_rate,
         new.session_close_utc,
     )
+    repriced = await _reprice_holds(conn, instrument_id, new) if rates_changed else 0
     old_json, new_json = _terms_json(old), _terms_json(new)
     details: dict[str, Any] = {name: {"from": old_json[name], "to": new_json[name]} for name in changed}
-    if fees_changed:
+    if rates_changed:
         details["fees_changed"] = True
+        details["holds_repriced"] = repriced
+    if rates_raised:
+        details["fees_raised"] = True  # reopening waits FEE_CHANGE_SETTLE_S (``set_status``)
     await _audit(conn, actor_user_id, "instrument.set", instrument_id, details)
     return new

@@ -7,8 +7,9 @@ One ``EngineWorker`` owns the books of the symbols that ``shard_for`` maps to it
    or a lost ack) and "new" commands whose order the engine has already seen (RabbitMQ may redeliver a
    re-published command under a new sequence); a message is one command or a ``batch`` of them (one batch
    placement's orders for this shard), applied in order;
-3. translate the rest into domain commands (numbers from the order row, on the instrument's grid) and run
-   them through the ``MatchingEngine``;
+3. re-read the fee and margin rates of the batch's instruments (``refresh_rates``: an operator's change applies
+   from the next batch, no restart), translate the rest into domain commands (numbers from the order row, on the
+   instrument's grid) and run them through the ``MatchingEngine``;
 4. settle every event in ONE transaction (``services.settlement.settle``) together with the offsets;
 5. commit, THEN ack, THEN publish to Redis: private ``tp:user:<id>`` reports, ``tp:trades:<symbol>``,
    ``tp:book:<symbol>`` increments with the ``tp:book:<symbol>:snapshot`` key in the same MULTI, and DEL of
@@ -87,6 +88,7 @@ from tradeplane.services.settlement import (
     load_instruments,
     load_order_rows,
     protection_price,
+    refresh_rates,
     settle,
 )
 from tradeplane.services.stopping import pause
@@ -492,10 +494,16 @@ class EngineWorker:
                 backoff = min(backoff * 2, self.max_backoff)
 
     async def _settle_commands(self, conn: asyncpg.Connection, todo: list[dict[str, Any]], top: int) -> SettledBatch:
-        for symbol in {str(p.get("symbol")) for p in todo} - self.instruments.keys():
+        batch_symbols = {str(p.get("symbol")) for p in todo}
+        for symbol in batch_symbols - self.instruments.keys():
             await self._adopt_instrument(conn, symbol)
+        # Fees and margin rate as they are now, before any order row is locked (``refresh_rates``): a change the
+        # operator made applies from the next batch on, with no restart.
+        await self._refresh_rates(conn, batch_symbols)
         symbols = {i.instrument_id: i.symbol for i in self.instruments.values()}
         rows = await load_order_rows(conn, (p["order_id"] for p in todo), symbols)
+        # a command whose symbol does not name its order's instrument (never from the api): re-read that one too
+        await self._refresh_rates(conn, {row.symbol for row in rows.values()} - batch_symbols)
         now = self.clock()
         now_ns = to_ns(now)
         # Orders whose expiry has come go before this batch trades: after a quiet spell or a restart the pass
@@ -519,6 +527,17 @@ class EngineWorker:
                 now,
             )
         return result
+
+    async def _refresh_rates(self, conn: asyncpg.Connection, symbols: set[str]) -> None:
+        for info in await refresh_rates(conn, self.instruments, symbols):
+            log.info(
+                "engine shard %s: %s now charges maker %s, taker %s, margin rate %s",
+                self.shard,
+                info.symbol,
+                info.maker_fee_rate,
+                info.taker_fee_rate,
+                info.margin_rate,
+            )
 
     async def _adopt_instrument(self, conn: asyncpg.Connection, symbol: str) -> None:
         """An instrument listed after this engine started: give it an empty book if it is ours."""

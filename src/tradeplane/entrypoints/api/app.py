@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tradeplane import __version__
 from tradeplane.adapters.bus import order_stream
@@ -22,7 +26,9 @@ from tradeplane.entrypoints.api import health, identity
 from tradeplane.entrypoints.api import marketdata as marketdata_api
 from tradeplane.entrypoints.api import orders as orders_api
 from tradeplane.entrypoints.api import websocket as websocket_hub
+from tradeplane.entrypoints.api.deps import principal_of
 from tradeplane.entrypoints.api.observability import RequestMetrics
+from tradeplane.entrypoints.api.schemas import OrderCreate
 from tradeplane.errors import TradeplaneError
 from tradeplane.metrics import MESSAGE_QUEUE_LENGTH
 
@@ -47,6 +53,127 @@ async def poll_queue_lengths(platform: Platform) -> None:
         await asyncio.sleep(QUEUE_POLL_SECONDS)
 
 
+async def render_error(request: Request, exc: TradeplaneError) -> JSONResponse:
+    if exc.status_code >= 500:
+        log.warning("%s %s failed: %s", request.method, request.url.path, exc.detail)
+    return JSONResponse(error_body(exc.code, exc.detail), status_code=exc.status_code)
+
+
+async def render_contention(request: Request, exc: Exception) -> JSONResponse:
+    # the transaction was rolled back whole, so nothing was stored: the client may simply retry
+    log.warning("%s %s lost a lock race: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        error_body("retry", "the request lost a race with a concurrent update and changed nothing; retry it"),
+        status_code=503,
+        headers={"Retry-After": "0"},
+    )
+
+
+async def render_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    detail = [
+        {"field": ".".join(str(p) for p in err.get("loc", ())), "message": err.get("msg")} for err in exc.errors()
+    ]
+    return JSONResponse(error_body("validation_error", detail), status_code=422)
+
+
+async def render_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(code, exc.detail), status_code=exc.status_code)
+
+
+_ERROR_RENDERERS: dict[type[Exception], Callable[[Request, Any], Awaitable[Response]]] = {
+    TradeplaneError: render_error,
+    asyncpg.exceptions.DeadlockDetectedError: render_contention,
+    asyncpg.exceptions.SerializationError: render_contention,
+    RequestValidationError: render_validation,
+    StarletteHTTPException: render_http,
+}
+
+_ORDERS_PATH = "/api/v1/orders"
+_FAST_BODY_LIMIT = 16 * 1024  # an order is a few hundred bytes; anything larger takes the ordinary path
+
+
+class OrderPlacementFastPath:
+    """``POST /api/v1/orders``, the hot path, without the routing, dependency and body layers of FastAPI.
+
+    Those layers cost more CPU per order than the placement itself (a profile at 500 orders/s: half of the api
+    process's samples were in them). This does what the route does for a well-formed request (same
+    authentication, the same ``OrderCreate`` validation of the same parsed JSON, ``orders.place_one``, the same
+    error renderers) and hands anything else to the ordinary route untouched, with the body it read: a body
+    that is not JSON, fails validation, or comes with another content type gets the route's own answer. The
+    route stays declared for the OpenAPI schema and for those requests.
+    """
+
+    def __init__(self, app: ASGIApp, platform: Platform) -> None:
+        self.app = app
+        self.platform = platform
+        self.route = next(r for r in orders_api.router.routes if getattr(r, "endpoint", None) is orders_api.place_order)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != _ORDERS_PATH:
+            await self.app(scope, receive, send)
+            return
+        authorization = content_type = content_length = None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+            elif name == b"content-type" and content_type is None:
+                content_type = value
+            elif name == b"content-length" and content_length is None:
+                content_length = value
+        if (
+            scope.get("root_path")
+            or content_type is None
+            or content_type.partition(b";")[0].strip().lower() != b"application/json"
+            or content_length is None
+            or not content_length.isdigit()
+            or int(content_length) > _FAST_BODY_LIMIT
+        ):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # a disconnect: the route reports it as it would
+                await self.app(scope, _replay(messages, receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            data = json.loads(b"".join(chunks))
+        except ValueError:
+            await self.app(scope, _replay(messages, receive), send)
+            return
+        scope["route"] = self.route  # the metrics label, as routing would have set it
+        try:
+            principal = await principal_of(self.platform, authorization or "")
+            try:
+                body = OrderCreate.model_validate(data, from_attributes=True)
+            except ValidationError:
+                await self.app(scope, _replay(messages, receive), send)
+                return
+            response = await orders_api.place_one(body, principal, self.platform)
+        except Exception as exc:
+            renderer = next((_ERROR_RENDERERS[c] for c in type(exc).__mro__ if c in _ERROR_RENDERERS), None)
+            if renderer is None:
+                raise
+            response = await renderer(Request(scope), exc)
+        await response(scope, receive, send)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """``receive`` that first gives back the messages already read."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
 def create_app(platform: Platform) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,36 +193,10 @@ def create_app(platform: Platform) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.platform = platform
-    app.add_middleware(RequestMetrics)
-
-    @app.exception_handler(TradeplaneError)
-    async def render_error(request: Request, exc: TradeplaneError) -> JSONResponse:
-        if exc.status_code >= 500:
-            log.warning("%s %s failed: %s", request.method, request.url.path, exc.detail)
-        return JSONResponse(error_body(exc.code, exc.detail), status_code=exc.status_code)
-
-    @app.exception_handler(asyncpg.exceptions.DeadlockDetectedError)
-    @app.exception_handler(asyncpg.exceptions.SerializationError)
-    async def render_contention(request: Request, exc: Exception) -> JSONResponse:
-        # the transaction was rolled back whole, so nothing was stored: the client may simply retry
-        log.warning("%s %s lost a lock race: %s", request.method, request.url.path, exc)
-        return JSONResponse(
-            error_body("retry", "the request lost a race with a concurrent update and changed nothing; retry it"),
-            status_code=503,
-            headers={"Retry-After": "0"},
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def render_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [
-            {"field": ".".join(str(p) for p in err.get("loc", ())), "message": err.get("msg")} for err in exc.errors()
-        ]
-        return JSONResponse(error_body("validation_error", detail), status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def render_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, exc.detail), status_code=exc.status_code)
+    app.add_middleware(OrderPlacementFastPath, platform=platform)
+    app.add_middleware(RequestMetrics)  # outermost: it times the fast path's requests too
+    for exc_class, renderer in _ERROR_RENDERERS.items():
+        app.add_exception_handler(exc_class, renderer)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

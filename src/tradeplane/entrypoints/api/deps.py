@@ -18,11 +18,14 @@ async def get_platform(request: Request) -> Platform:
 
 
 async def get_principal(request: Request) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
+    return await principal_of(request.app.state.platform, request.headers.get("authorization", ""))
+
+
+async def principal_of(platform: Platform, authorization: str) -> Principal:
+    """The principal of an ``Authorization`` header's value (AuthenticationFailed if it names none)."""
+    scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise AuthenticationFailed("send the API key as 'Authorization: Bearer <key>'", code="missing_api_key")
-    platform: Platform = request.app.state.platform
     return await platform.authenticator.authenticate(platform.db.pool, key.strip())
 
 

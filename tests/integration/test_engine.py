@@ -287,6 +287,17 @@ async def check_invariants(conn: asyncpg.Connection, seeds: dict[tuple[int, int]
                 expected = _reserved(o, o["quantity"] - o["filled_quantity"], o["hold_price"])
             assert o["held"] == expected, f"order {o['id']} ({o['status']}) holds {o['held']}, reserves {expected}"
         assert o["active"] <= 1, f"order {o['id']} has {o['active']} active holds"
+    # Holds, fills and ledger entries reach accounts and instruments through their orders and balances, not keys
+    # of their own (migration 0015): each must name its order's account (and instrument), or an account that has
+    # a balance in the asset.
+    strays = await conn.fetch(
+        "SELECT 'hold' AS kind, h.id FROM holds h JOIN orders o ON o.id = h.order_id WHERE h.account_id <> o.account_id"
+        " UNION ALL SELECT 'fill', f.id FROM fills f JOIN orders o ON o.id = f.order_id"
+        " WHERE (f.account_id, f.instrument_id) <> (o.account_id, o.instrument_id)"
+        " UNION ALL SELECT 'entry', e.id FROM ledger_entries e WHERE NOT EXISTS"
+        " (SELECT FROM balances b WHERE b.account_id = e.account_id AND b.asset = e.asset)"
+    )
+    assert strays == [], f"rows whose account or instrument is not their order's or balance's: {strays}"
     fills_per_trade = await conn.fetch(
         "SELECT trade_id, count(*), array_agg(liquidity ORDER BY liquidity) AS sides FROM fills GROUP BY 1"
     )

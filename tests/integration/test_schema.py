@@ -224,6 +224,41 @@ async def test_a_ledger_posting_in_an_unknown_asset_is_refused_by_the_balance_it
     assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 2
 
 
+async def test_a_ledger_posting_to_an_unknown_account_is_refused_by_the_balance_it_moves(
+    db: asyncpg.Connection,
+) -> None:
+    """ledger_entries.account_id has no foreign key since 0015: the balance row post_many moves checks it."""
+    s = await seed(db)
+    legs = (LedgerEntry(s.account_id, "USD", Decimal("5")), LedgerEntry(999_999, "USD", Decimal("-5")))
+    with pytest.raises(asyncpg.ForeignKeyViolationError) as caught:
+        async with db.transaction():
+            await ledger.post_many(db, [LedgerTransaction(kind="transfer", reference="t1", entries=legs)])
+    assert caught.value.constraint_name == "fk_balances_account_id_accounts"
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
+    # and an account with a balance, hence entries, cannot be deleted from under them
+    usd = (LedgerEntry(s.account_id, "USD", Decimal("5")), LedgerEntry(s.other_account_id, "USD", Decimal("-5")))
+    async with db.transaction():
+        await ledger.post_many(db, [LedgerTransaction(kind="transfer", reference="t2", entries=usd)])
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await db.execute("DELETE FROM accounts WHERE id = $1", s.other_account_id)
+
+
+async def test_a_hold_of_an_unknown_order_is_refused_and_an_order_with_a_hold_is_kept(db: asyncpg.Connection) -> None:
+    """holds.account_id has no foreign key since 0015: a hold reaches its account through its order, whose key
+    it keeps (its writers copy the order's account)."""
+    s = await seed(db)
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await db.execute(
+            "INSERT INTO holds (account_id, asset, amount, order_id) VALUES ($1, 'USD', 1, 999999)", s.account_id
+        )
+    order_id = await place(db, s)
+    await db.execute(
+        "INSERT INTO holds (account_id, asset, amount, order_id) VALUES ($1, 'USD', 1, $2)", s.account_id, order_id
+    )
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await db.execute("DELETE FROM orders WHERE id = $1", order_id)
+
+
 async def test_filled_quantity_cannot_exceed_order_quantity(db: asyncpg.Connection) -> None:
     s = await seed(db)
     order_id = await place(db, s, quantity=Decimal("10"))
@@ -636,6 +671,37 @@ async def test_a_full_batch_inside_one_transaction_resumes_after_its_last_row(db
                 await asyncio.sleep(0.01)  # a transaction open elsewhere on the server holds sealing back
     assert batches == [10, 10, 5]
     assert [row["id"] for row in await db.fetch(CHAIN_SQL)] == ids
+    assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
+
+
+async def test_sealing_probes_the_chain_per_row_however_long_the_chain_is(db: asyncpg.Connection) -> None:
+    """The sealer's statements run generic plans (PL/pgSQL, bounds in variables). 0009's turned the window's
+    "not chained yet" test into a hash anti join over all of audit_chain, so each call read the whole chain and
+    cost grew with history; since 0015 it probes the chain's unique index once per window row."""
+    await db.execute(
+        "INSERT INTO audit_log (actor_user_id, action, entity, entity_id, details)"
+        " SELECT 7, 'bulk', 'order', g::text, '{}' FROM generate_series(1, 5000) AS g"
+    )
+    assert await seal_committed(db) == 5000
+    await db.execute("SET plan_cache_mode = force_generic_plan")
+    await db.execute("ANALYZE audit_log, audit_chain")
+    ids = [await audit(db, f"after {i}") for i in range(3)]
+    scans: list[asyncpg.Record] = []
+    async with asyncio.timeout(30):
+        while True:
+            async with db.transaction():
+                sealed = await seal(db)
+                if sealed:
+                    scans.append(
+                        await db.fetchrow(
+                            "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'audit_chain'"
+                        )
+                    )
+                    break
+            await asyncio.sleep(0.01)  # a transaction open elsewhere on the server holds sealing back
+    assert sealed == 3
+    assert [row["id"] for row in await db.fetch(CHAIN_SQL)][-3:] == ids
+    assert scans[0]["seq_scan"] == 0, f"sealing read the whole chain: {dict(scans[0])}"
     assert await db.fetch("SELECT * FROM tp_audit_log_verify()") == []
 
 

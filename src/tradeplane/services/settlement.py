@@ -660,8 +660,6 @@ class _Settler:
                 (
                     fill_id,
                     row.order_id,
-                    row.account_id,
-                    row.instrument_id,
                     row.side.value,
                     qty,
                     price,
@@ -737,14 +735,20 @@ class _Settler:
         now = self.now
         if self.fill_rows:
             columns = list(zip(*self.fill_rows, strict=True))
-            inserted = await conn.fetch(  # the fills and their trades in one statement
+            # The fills and their trades in one statement. A fill's account and instrument are its order's, read
+            # from the order row here: fills has no foreign keys of its own to accounts and instruments (migration
+            # 0015), the order's keys vouch for them. (A fill of an unknown order: NULLs, refused by NOT NULL.)
+            inserted = await conn.fetch(
                 "WITH f AS (INSERT INTO fills (fill_id, order_id, account_id, instrument_id, side, quantity, price,"
                 " fee, fee_asset, liquidity, trade_id, created_at)"
-                " SELECT f.*, $12::timestamptz FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[],"
-                " $5::text[], $6::numeric[], $7::numeric[], $8::numeric[], $9::text[], $10::text[], $11::text[]) AS f"
+                " SELECT f.fill_id, f.order_id, o.account_id, o.instrument_id, f.side, f.quantity, f.price, f.fee,"
+                " f.fee_asset, f.liquidity, f.trade_id, $10::timestamptz FROM unnest($1::text[], $2::bigint[],"
+                " $3::text[], $4::numeric[], $5::numeric[], $6::numeric[], $7::text[], $8::text[], $9::text[])"
+                " WITH ORDINALITY AS f(fill_id, order_id, side, quantity, price, fee, fee_asset, liquidity, trade_id,"
+                " k) LEFT JOIN orders o ON o.id = f.order_id ORDER BY f.k"
                 " RETURNING id, fill_id), t AS (INSERT INTO trades (trade_id, instrument_id, price, quantity,"
-                " buy_order_id, sell_order_id, aggressor_side, ts) SELECT * FROM unnest($13::text[], $14::bigint[],"
-                " $15::numeric[], $16::numeric[], $17::bigint[], $18::bigint[], $19::text[], $20::timestamptz[]))"
+                " buy_order_id, sell_order_id, aggressor_side, ts) SELECT * FROM unnest($11::text[], $12::bigint[],"
+                " $13::numeric[], $14::numeric[], $15::bigint[], $16::bigint[], $17::text[], $18::timestamptz[]))"
                 " SELECT id, fill_id FROM f",
                 *[list(column) for column in columns],
                 now,

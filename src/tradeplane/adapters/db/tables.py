@@ -224,8 +224,9 @@ ledger_entries = Table(
         nullable=False,
         index=True,
     ),
-    Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
-    # no foreign key to assets (migration 0010): balances.asset checks it, moved in the same transaction
+    # no foreign keys to accounts (migration 0015) or assets (0010): the balance row post_many moves in the same
+    # statement checks both
+    Column("account_id", BigInteger, nullable=False),
     Column("asset", String(16), nullable=False),
     Column("amount", Amount, nullable=False, comment="positive credits the account, negative debits it"),
     created_at(),
@@ -252,7 +253,8 @@ holds = Table(
     "holds",
     metadata,
     identity_pk(),
-    Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
+    # no foreign key to accounts (migration 0015): always the account of the hold's order
+    Column("account_id", BigInteger, nullable=False),
     # no foreign key to assets (migration 0010): the instrument's base or quote asset
     Column("asset", String(16), nullable=False),
     Column("amount", Amount, nullable=False),
@@ -465,8 +467,9 @@ fills = Table(
     identity_pk(),
     Column("fill_id", String(64), nullable=False, unique=True),
     Column("order_id", BigInteger, ForeignKey("orders.id"), nullable=False, index=True),
-    Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
-    Column("instrument_id", BigInteger, ForeignKey("instruments.id"), nullable=False),
+    # no foreign keys to accounts or instruments (migration 0015): settlement copies them from the order row
+    Column("account_id", BigInteger, nullable=False),
+    Column("instrument_id", BigInteger, nullable=False),
     Column("side", String(4), nullable=False),
     Column("quantity", Amount, nullable=False),
     Column("price", Amount, nullable=False),

@@ -825,6 +825,35 @@ def test_events_are_immutable_values() -> None:
         OrderAccepted(1, "X", 2)  # type: ignore[call-arg]
 
 
+def test_engine_built_events_equal_class_built_ones() -> None:
+    """The engine builds its events without calling their classes (``book._builder``): what comes out must be
+    the very class, equal and hashing like the class-built value, and just as frozen."""
+    from dataclasses import FrozenInstanceError, fields
+
+    from tradeplane.domain import book as book_module
+
+    built = {
+        book_module._accepted: OrderAccepted,
+        book_module._rejected: OrderRejected,
+        book_module._fill: Fill,
+        book_module._canceled: OrderCanceled,
+        book_module._expired: OrderExpired,
+        book_module._modified: OrderModified,
+        book_module._modify_rejected: ModifyRejected,
+        book_module._cancel_rejected: CancelRejected,
+        book_module._stop_triggered: StopTriggered,
+    }
+    for build, cls in built.items():
+        values = [f"v{i}" if f.type == "str" else i for i, f in enumerate(fields(cls))]
+        event = build(*values)
+        assert type(event) is cls
+        assert event == cls(*values) and hash(event) == hash(cls(*values))
+        assert repr(event) == repr(cls(*values))
+        with pytest.raises(FrozenInstanceError):
+            event.seq = 99
+    assert len(built) == len(Event.__args__)  # type: ignore[attr-defined]
+
+
 def test_process_into_collects_a_batch_in_order(desk: Desk) -> None:
     batch: list[Event] = []
     for seq, side in ((1, SELL), (2, BUY)):

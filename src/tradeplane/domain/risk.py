@@ -168,8 +168,10 @@ class Acceptance:
 
 def storable(value: Decimal) -> bool:
     """Whether the NUMERIC(38, 18) columns hold ``value`` exactly: finite, below 10**20 and at most 18 decimals
-    (trailing zeros aside). Anything else would overflow the column or be rounded by PostgreSQL."""
-    if not value.is_finite() or abs(value) >= _COLUMN_LIMIT:
+    (trailing zeros aside). Anything else would overflow the column or be rounded by PostgreSQL.
+
+    ``copy_abs``, not ``abs``: abs rounds to the context, and a client's 1E+1000000 would raise Overflow."""
+    if not value.is_finite() or value.copy_abs() >= _COLUMN_LIMIT:
         return False
     return value.quantize(_COLUMN_QUANTUM, context=_WIDE) == value
 

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
-from pydantic import AwareDatetime
 
 from tradeplane.bootstrap import Platform
 from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
@@ -31,6 +30,8 @@ from tradeplane.entrypoints.api.schemas import (
     OrderPublic,
     PositionPublic,
     RiskRejectedBody,
+    Symbol,
+    UtcInstant,
 )
 from tradeplane.errors import TradeplaneError
 from tradeplane.services import queries
@@ -53,7 +54,8 @@ IdPath = Annotated[int, Path(ge=1, le=queries.MAX_ROW_ID)]
 IdQuery = Annotated[int, Query(ge=1, le=queries.MAX_ROW_ID)]
 IdFilter = Annotated[int | None, Query(ge=1, le=queries.MAX_ROW_ID)]
 # Instants only: a time without a UTC offset would be read in whatever zone the api process runs in.
-Instant = Annotated[AwareDatetime | None, Query(description="with a UTC offset, e.g. 2026-01-01T00:00:00Z")]
+Instant = Annotated[UtcInstant | None, Query(description="with a UTC offset, e.g. 2026-01-01T00:00:00Z")]
+SymbolFilter = Annotated[Symbol | None, Query()]
 
 _REJECTED: dict[int | str, dict[str, Any]] = {
     422: {"model": RiskRejectedBody, "description": "risk_rejected (stored) or validation_error"}
@@ -142,7 +144,7 @@ async def list_orders(
     principal: PrincipalDep,
     platform: PlatformDep,
     account_id: IdFilter = None,
-    symbol: str | None = None,
+    symbol: SymbolFilter = None,
     status: Annotated[list[str] | None, Query(description="repeatable; 'open' means every open status")] = None,
     start: Instant = None,
     end: Instant = None,
@@ -213,7 +215,7 @@ async def cancel_order(order_id: IdPath, principal: PrincipalDep, platform: Plat
 
 @router.delete("/orders", response_model=list[OrderPublic])
 async def cancel_all_orders(
-    account_id: IdQuery, principal: PrincipalDep, platform: PlatformDep, symbol: str | None = None
+    account_id: IdQuery, principal: PrincipalDep, platform: PlatformDep, symbol: SymbolFilter = None
 ) -> Response:
     """Cancel every open order of the account (optionally one symbol); returns the orders now pending_cancel."""
     entry = order_entry(platform)
@@ -230,7 +232,7 @@ async def list_fills(
     principal: PrincipalDep,
     platform: PlatformDep,
     account_id: IdFilter = None,
-    symbol: str | None = None,
+    symbol: SymbolFilter = None,
     order_id: IdFilter = None,
     start: Instant = None,
     end: Instant = None,
@@ -261,7 +263,7 @@ async def list_fills(
 
 @router.get("/positions", response_model=list[PositionPublic])
 async def list_positions(
-    principal: PrincipalDep, platform: PlatformDep, account_id: IdFilter = None, symbol: str | None = None
+    principal: PrincipalDep, platform: PlatformDep, account_id: IdFilter = None, symbol: SymbolFilter = None
 ) -> list[PositionPublic]:
     async with platform.db.connection("positions.list") as conn:
         instrument_id = None
@@ -302,7 +304,7 @@ async def list_instruments(principal: PrincipalDep, platform: PlatformDep) -> li
 
 @router.get("/book/{symbol}", response_model=BookPublic)
 async def get_book(
-    symbol: str,
+    symbol: Annotated[Symbol, Path()],
     principal: PrincipalDep,
     platform: PlatformDep,
     levels: Annotated[int, Query(ge=1, le=queries.BOOK_MAX_LEVELS)] = queries.BOOK_MAX_LEVELS,

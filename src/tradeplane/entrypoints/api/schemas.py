@@ -4,14 +4,15 @@ JSON numbers."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from decimal import Decimal
+from datetime import UTC, datetime
+from decimal import Context, Decimal
 from typing import Annotated
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
 
 from tradeplane.domain.orders import OrderType, SelfTradePrevention, Side, TimeInForce
 from tradeplane.domain.risk import OrderTerms
+from tradeplane.services.instruments import SYMBOL_PATTERN
 from tradeplane.services.orders import MAX_BATCH
 from tradeplane.services.queries import MAX_ROW_ID, decimal_text
 
@@ -20,24 +21,70 @@ RowId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
 """An id in a request body: a positive bigint, as every id column is (a larger one is a 422, not a 500)."""
 
 
+def _in_utc(moment: datetime) -> datetime:
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is in year 0 in UTC, 9999-12-31T23:00-14:00 in year 10000
+        raise ValueError("must fall between 0001-01-01 and 9999-12-31 in UTC") from None
+
+
+UtcInstant = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+"""A time with a UTC offset, normalised to UTC: one that UTC cannot express is a 422, not a failed query."""
+
+_LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
+
+
+def _finite(moment: datetime) -> datetime:
+    if moment == _LAST_INSTANT:  # asyncpg stores it as 'infinity', which reads back as a naive datetime.max
+        raise ValueError("must be before 9999-12-31T23:59:59.999999Z")
+    return moment
+
+
+Expiry = Annotated[UtcInstant, AfterValidator(_finite)]
+"""An instant to store and hand to the engine (expire_at)."""
+
+_QUANTUM = Decimal("1e-18")
+_LIMIT = Decimal(10) ** 20
+_NUMERIC = Context(prec=40)  # NUMERIC(38, 18) values need 38 digits
+
+
+def _fewer_zeros(value: Decimal) -> Decimal:
+    """The same number with 18 decimals when only zeros lie beyond them: 65000.000...0 with thousands of zeros
+    is a valid price, but asyncpg cannot send a NUMERIC with that exponent. Anything else is left to the
+    service's checks (which refuse more than 18 significant decimals, or a value past 10^20)."""
+    if len(str(value)) <= 40 or not value.is_finite() or value.copy_abs() >= _LIMIT:
+        return value  # 40 characters hold any NUMERIC(38, 18); str() is far cheaper than as_tuple()
+    rescaled = value.quantize(_QUANTUM, context=_NUMERIC)
+    return rescaled if rescaled == value else value
+
+
+Amount = Annotated[Decimal, AfterValidator(_fewer_zeros)]
+"""A quantity or price in a request: a JSON string (exact) or number."""
+Symbol = Annotated[str, Field(pattern=SYMBOL_PATTERN.pattern, description="an instrument symbol, e.g. BTC-USD")]
+"""A symbol as instruments are named (1 to 32 of A-Z 0-9 . _ -): any other text names none, and some (NUL)
+cannot even be sent to PostgreSQL."""
+ClientOrderId = Annotated[str, Field(pattern=r"^[ -~]{1,64}$", description="1 to 64 printable ASCII characters")]
+"""The client's own order id: printable ASCII (no control characters, no NUL, which PostgreSQL refuses)."""
+
+
 class OrderCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     account_id: RowId
-    symbol: str = Field(min_length=1, max_length=32)
+    symbol: Symbol
     side: Side
     type: OrderType
-    quantity: Decimal
-    price: Decimal | None = None
-    stop_price: Decimal | None = None
+    quantity: Amount
+    price: Amount | None = None
+    stop_price: Amount | None = None
     time_in_force: TimeInForce = TimeInForce.GTC
-    expire_at: AwareDatetime | None = Field(default=None, description="GTD only; DAY orders expire at session close")
+    expire_at: Expiry | None = Field(default=None, description="GTD only; DAY orders expire at session close")
     post_only: bool = False
     reduce_only: bool = False
     stp: SelfTradePrevention | None = Field(
         default=None, description="self-trade prevention; default: the account's (cancel_newest unless set)"
     )
-    client_order_id: str | None = Field(default=None, min_length=1, max_length=64)
+    client_order_id: ClientOrderId | None = None
 
     def terms(self) -> OrderTerms:
         return OrderTerms(
@@ -67,8 +114,8 @@ class OrderAmend(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    quantity: Decimal | None = None
-    price: Decimal | None = None
+    quantity: Amount | None = None
+    price: Amount | None = None
 
 
 class OrderPublic(BaseModel):

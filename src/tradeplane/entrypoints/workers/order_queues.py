@@ -35,11 +35,12 @@ connection is logged, and a consumer that ends for any reason starts again on a 
 
 Redelivery: RabbitMQ delivers at least once, and a message whose ack was lost comes again. A placement
 without a client_order_id gets `amqp-<message_id>` as one when the message has a message_id (aio-pika and
-aiormq publishers always set one), so a second copy returns the original order instead of placing another. A
-modification or cancellation with a message_id is recorded in the audit log (entity `amqp.<queue>`, its
-reply in the details) in the transaction that applies it, so a second copy gets the first one's reply and
-changes nothing. Copies delivered before a reconnection that aio-pika still holds are dropped: RabbitMQ has
-taken them back and delivers them again. A message with no message_id (and, for a placement, no
+aiormq publishers always set one; one that is not printable ASCII is replaced by its digest), so a second
+copy returns the original order instead of placing another. A modification or cancellation with a
+message_id is recorded in the audit log (entity `amqp.<queue>`, its reply in the details) in the
+transaction that applies it, so a second copy gets the first one's reply and changes nothing. Copies
+delivered before a reconnection that aio-pika still holds are dropped: RabbitMQ has taken them back and
+delivers them again. A message with no message_id (and, for a placement, no
 client_order_id) whose ack is lost after its commit is applied again: give one.
 """
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,13 +59,13 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
-from pydantic import BaseModel, ConfigDict, Strict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from tradeplane.adapters.bus.rabbitmq import RabbitMqBus
 from tradeplane.adapters.pubsub import PubSubFanout
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.risk import RiskRejection
-from tradeplane.entrypoints.api.schemas import OrderAmend, OrderCreate, RowId
+from tradeplane.entrypoints.api.schemas import OrderAmend, OrderCreate, RowId, Symbol
 from tradeplane.errors import AuthenticationFailed, ConfigError, InfrastructureUnavailable, TradeplaneError
 from tradeplane.services import queries
 from tradeplane.services.identity import Principal, Role
@@ -97,12 +99,12 @@ _T = TypeVar("_T")
 
 
 class _Identity(BaseModel):
-    """Who a command acts for: an API key, or (trusted services) a username."""
+    """Who a command acts for: an API key, or (trusted services) a username (never NUL: PostgreSQL refuses it)."""
 
     model_config = ConfigDict(extra="ignore")
 
     api_key: str | None = None
-    user: str | None = None
+    user: Annotated[str, Field(max_length=50, pattern=r"^[^\x00]*$")] | None = None
 
 
 class _Modify(OrderAmend):
@@ -116,7 +118,7 @@ class _Cancel(BaseModel):
 
     order_id: Annotated[RowId, Strict()] | None = None
     account_id: Annotated[RowId, Strict()] | None = None
-    symbol: str | None = None
+    symbol: Symbol | None = None
 
 
 def _fail(status: int, code: str, detail: object) -> Reply:
@@ -322,7 +324,7 @@ class OrderQueueWorker:
             return _fail(400, "bad_json", "the message body must be one JSON object")
         principal = await self._principal(_Identity.model_validate(command))
         body = {k: v for k, v in command.items() if k not in ("api_key", "user")}
-        return await handle(principal, body, message.message_id or "")
+        return await handle(principal, body, _message_key(message.message_id or ""))
 
     async def _principal(self, identity: _Identity) -> Principal:
         if identity.api_key:
@@ -464,6 +466,15 @@ async def _record_reply(
             message_id,
             orjson.dumps(reply).decode(),
         )
+
+
+def _message_key(message_id: str) -> str:
+    """What identifies a message's copies (in `amqp-<key>` client_order_ids, the audit log, advisory locks): its
+    message_id when that is printable ASCII, as a client_order_id must be, else a digest of it, since PostgreSQL
+    refuses some characters (NUL) that an AMQP message_id may hold."""
+    if message_id.isascii() and message_id.isprintable():
+        return message_id
+    return "sha256:" + hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class _Outage(Exception):

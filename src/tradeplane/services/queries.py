@@ -20,7 +20,7 @@ import logging
 import time as monotonic_time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
@@ -355,7 +355,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         when, _, row_id = raw.partition("|")
         created_at, position = datetime.fromisoformat(when), int(row_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        if created_at.tzinfo is not None:
+            created_at = created_at.astimezone(UTC)  # OverflowError for a time UTC cannot express
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         created_at, position = None, 0
     # encode_cursor writes an aware time and a row id; anything else was not made here
     if created_at is None or created_at.tzinfo is None or not 1 <= position <= MAX_ROW_ID:

@@ -77,7 +77,7 @@ async def render_validation(request: Request, exc: RequestValidationError) -> JS
 
 
 async def render_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
     return JSONResponse(error_body(code, exc.detail), status_code=exc.status_code)
 
 
@@ -88,6 +88,59 @@ _ERROR_RENDERERS: dict[type[Exception], Callable[[Request, Any], Awaitable[Respo
     RequestValidationError: render_validation,
     StarletteHTTPException: render_http,
 }
+
+MAX_BODY_BYTES = 1 << 20  # a full batch (500 orders) is about 200 KiB
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+
+
+class BodyLimit:
+    """Refuses a request body over MAX_BODY_BYTES with 413 ``body_too_large``: at once when Content-Length says so,
+    else as soon as the chunks read pass it, so no route buffers an unbounded body in memory."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((value for name, value in scope["headers"] if name == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await _too_large(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise _BodyTooLarge()  # FastAPI's routes render it (render_http); the fast path lands below
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await _too_large(scope, receive, send)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    response = await render_http(Request(scope), _BodyTooLarge())
+    await response(scope, receive, send)
+
 
 _ORDERS_PATH = "/api/v1/orders"
 _FAST_BODY_LIMIT = 16 * 1024  # an order is a few hundred bytes; anything larger takes the ordinary path
@@ -144,7 +197,7 @@ class OrderPlacementFastPath:
                 break
         try:
             data = json.loads(b"".join(chunks))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a body nested thousands of levels deep
             await self.app(scope, _replay(messages, receive), send)
             return
         scope["route"] = self.route  # the metrics label, as routing would have set it
@@ -194,6 +247,7 @@ def create_app(platform: Platform) -> FastAPI:
     )
     app.state.platform = platform
     app.add_middleware(OrderPlacementFastPath, platform=platform)
+    app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics)  # outermost: it times the fast path's requests too
     for exc_class, renderer in _ERROR_RENDERERS.items():
         app.add_exception_handler(exc_class, renderer)

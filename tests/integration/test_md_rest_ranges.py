@@ -26,6 +26,12 @@ CASES = [
     ("ticks", {"start": "2024-01-01T00:00:00Z", "end": "9999-12-31T23:00:00-05:00"}),
     ("candles", {"timeframe": "H4", "start": "0001-01-01T00:00:00+01:00", "end": "2024-01-01T00:00:00Z"}),
     ("candles", {"start": "2024-01-01T00:00:00Z", "end": "9999-12-31T23:59:59Z", "fill": "previous"}),
+    # the extreme offsets put both instants outside what a datetime (and a timestamptz) holds once in UTC
+    ("ticks", {"start": "0001-01-01T00:00:00+14:00", "end": "9999-12-31T23:00:00-14:00"}),
+    ("spreads", {"start": "0001-01-01T00:00:00+14:00", "end": "9999-12-31T23:00:00-14:00"}),
+    ("candles", {"start": "0001-01-01T00:00:00+14:00", "end": "9999-12-31T23:00:00-14:00", "fill": "previous"}),
+    ("candles", {"timeframe": "D1", "start": "9999-12-31T23:00:00-14:00"}),  # after now: a reversed range
+    ("ticks", {"start": "9999-12-31T23:00:00-14:00", "end": "0001-01-01T00:00:00+14:00"}),
 ]
 
 

@@ -505,7 +505,7 @@ async def engine_trades_after(conn: asyncpg.Connection, cursor: int, *, limit: i
 # ---------------------------------------------------------------------------------------- read side
 
 
-#: A cursor skips at most this many equal-timestamp rows: ``limit + skip + 1`` must stay a bigint.
+#: A cursor skips at most this many equal-timestamp rows (an OFFSET, so a bigint).
 MAX_CURSOR_SKIP = 2**62
 
 
@@ -537,6 +537,13 @@ class TickCursor:
         return cls(ts, skip)
 
 
+_TICK_COLUMNS_READ = "SELECT ts, bid, ask, bid_size, ask_size, last, volume FROM ticks"
+# Ticks have no key: rows at one instant are ordered by their values, so every query reads them in the same
+# order whatever its plan (rows equal in every column are interchangeable). The (instrument_id, ts) index gives
+# the ts order and an incremental sort the rest, one instant at a time.
+_TICK_ORDER = "ORDER BY ts, bid, ask, bid_size, ask_size, last, volume"
+
+
 async def fetch_ticks(
     conn: asyncpg.Connection,
     instrument_id: int,
@@ -545,20 +552,33 @@ async def fetch_ticks(
     limit: int,
     cursor: TickCursor | None = None,
 ) -> tuple[list[asyncpg.Record], TickCursor | None]:
-    """Ticks in ``[start, end)`` oldest first, at most ``limit``; the cursor of the next page or None."""
+    """Ticks in ``[start, end)`` oldest first, at most ``limit``; the cursor of the next page or None.
+
+    A cursor's ``skip`` passes over rows at exactly its timestamp and nothing else, so a tampered one (a skip of
+    2**62) costs the rows stored at that one instant, never the whole range read and thrown away."""
     skip = 0
     if cursor is not None:
         start = max(start, cursor.ts)
         skip = cursor.skip if cursor.ts >= start else 0
-    rows = await conn.fetch(
-        "SELECT ts, bid, ask, bid_size, ask_size, last, volume FROM ticks"
-        " WHERE instrument_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
-        instrument_id,
-        start,
-        end,
-        limit + skip + 1,
-    )
-    rows = rows[skip:]
+    rows: list[asyncpg.Record] = []
+    if skip:
+        rows = await conn.fetch(
+            f"{_TICK_COLUMNS_READ} WHERE instrument_id = $1 AND ts = $2 AND ts < $3 {_TICK_ORDER} OFFSET $4 LIMIT $5",
+            instrument_id,
+            start,
+            end,
+            skip,
+            limit + 1,
+        )
+    if len(rows) <= limit:
+        rows += await conn.fetch(
+            f"{_TICK_COLUMNS_READ} WHERE instrument_id = $1 AND ts {'>' if skip else '>='} $2 AND ts < $3"
+            f" {_TICK_ORDER} LIMIT $4",
+            instrument_id,
+            start,
+            end,
+            limit + 1 - len(rows),
+        )
     more = len(rows) > limit
     rows = rows[:limit]
     if not more or not rows:

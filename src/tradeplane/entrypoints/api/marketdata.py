@@ -2,11 +2,13 @@
 
 Any authenticated role may read, readonly included. Decimals are strings. Times are ISO 8601 UTC; ``start``
 and ``end`` bound a half-open range ``[start, end)`` and default to the last day (ticks, spreads) or the last
-1,000 buckets of the timeframe (candles).
+1,000 buckets of the timeframe (candles). A symbol no instrument can have (lower case, NUL, over 32
+characters) is 422 ``invalid_symbol``; a well-formed one that is not listed, 404 ``unknown_symbol``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,7 +17,7 @@ from typing import Annotated, Any
 import asyncpg
 import orjson
 from fastapi import APIRouter, Query, Response
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from tradeplane.adapters.db import marketdata as sql
 from tradeplane.adapters.db.marketdata import ListedInstrument, TickCursor
@@ -25,6 +27,9 @@ from tradeplane.domain.ticks import TS_NS_MAX, TS_NS_MIN, OffTickGrid
 from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
 from tradeplane.errors import InvalidRequest, NotFound
 from tradeplane.services.ingest import market_data_key
+from tradeplane.services.instruments import SYMBOL_PATTERN
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1/marketdata", tags=["market data"])
 
@@ -50,7 +55,14 @@ def _plain(value: Decimal | None) -> str | None:
 
 
 async def instrument_of(platform: Platform, symbol: str) -> ListedInstrument:
-    """The listed instrument ``symbol`` (cached a few seconds per process), else 404."""
+    """The listed instrument ``symbol`` (cached a few seconds per process), else 404; 422 for text that no
+    instrument can be named (checked first: some, such as NUL, PostgreSQL refuses to even compare)."""
+    if SYMBOL_PATTERN.fullmatch(symbol) is None:
+        hint = f"; did you mean {symbol.upper()!r}?" if SYMBOL_PATTERN.fullmatch(symbol.upper()) else ""
+        raise InvalidRequest(
+            f"{symbol!r} is not a symbol: symbols are 1 to 32 of A-Z 0-9 . _ - (upper case){hint}",
+            code="invalid_symbol",
+        )
     cached = _instruments.get(symbol)
     now = time.monotonic()
     if cached is not None and now - cached[0] < INSTRUMENT_CACHE_SECONDS:
@@ -142,9 +154,9 @@ async def quote(symbol: str, principal: PrincipalDep, platform: PlatformDep) -> 
     """The live quote from Redis (counts toward ``cache_hit_ratio``), else the newest stored quote and trade."""
     instrument = await instrument_of(platform, symbol)
     cached = await platform.cache.get_cached(market_data_key(symbol))
-    if cached is not None:
-        data = orjson.loads(cached)
-        return QuotePublic(**{k: data.get(k) for k in QuotePublic.model_fields if k != "source"}, source="cache")
+    live = _cached_quote(symbol, cached) if cached is not None else None
+    if live is not None:
+        return live
     async with platform.db.connection("marketdata.quote") as conn:
         row = await sql.latest_quote(conn, instrument.instrument_id)
     if row is None:
@@ -159,6 +171,33 @@ async def quote(symbol: str, principal: PrincipalDep, platform: PlatformDep) -> 
         last=_plain(row["last"]),
         source="ticks",
     )
+
+
+def _cached_quote(symbol: str, cached: bytes) -> QuotePublic | None:
+    """The quote a ``market_data:{symbol}`` value holds, or None for one that is not a quote as the ingester
+    writes it (aware ``ts``, decimal strings, some price): the key is a seed-named interface other services may
+    write too, and a float price is not exact. The caller then answers from the stored ticks, as after the TTL."""
+    quote = None
+    try:
+        data = orjson.loads(cached)
+        if isinstance(data, dict):
+            fields = {k: data.get(k) for k in QuotePublic.model_fields if k not in ("symbol", "source")}
+            quote = QuotePublic.model_validate({**fields, "symbol": symbol, "source": "cache"})
+    except (orjson.JSONDecodeError, ValidationError):
+        pass
+    if quote is not None and quote.ts is not None and quote.ts.tzinfo is not None:
+        values = (quote.bid, quote.ask, quote.bid_size, quote.ask_size, quote.last)
+        if all(v is None or _is_decimal(v) for v in values) and (quote.bid or quote.ask or quote.last):
+            return quote
+    log.warning("ignoring a cached quote of %s that is not one: %r", symbol, cached[:200])
+    return None
+
+
+def _is_decimal(text: str) -> bool:
+    try:
+        return Decimal(text).is_finite()
+    except ArithmeticError:  # decimal.InvalidOperation
+        return False
 
 
 @router.get("/{symbol}/ticks", response_model=TickPage)

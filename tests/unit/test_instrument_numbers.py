@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from tradeplane.errors import InvalidRequest
-from tradeplane.services.instruments import parse_decimal
+from tradeplane.services.instruments import InstrumentTerms, parse_decimal, validate_terms
 
 
 @pytest.mark.parametrize(
@@ -42,3 +42,27 @@ def test_what_decimal_reads_but_an_operator_should_not_type_is_refused(text: str
 def test_non_finite_values_say_so(text: str) -> None:
     with pytest.raises(InvalidRequest, match="must be a finite number"):
         parse_decimal(text, "price band")
+
+
+def terms(symbol: str = "SOL-USD", base: str = "SOL", quote: str = "USD") -> InstrumentTerms:
+    one = Decimal(1)
+    return InstrumentTerms(symbol, base, quote, Decimal("0.01"), one, one, Decimal(100), Decimal(10))
+
+
+def test_listable_terms_pass() -> None:
+    validate_terms(terms())
+
+
+@pytest.mark.parametrize(
+    ("changed", "code"),
+    [
+        ({"symbol": "SOL-USD\n"}, "invalid_symbol"),
+        ({"base": "SOL\n"}, "invalid_asset"),
+        ({"quote": "USD\n"}, "invalid_asset"),
+    ],
+)
+def test_a_trailing_newline_is_not_part_of_a_valid_name(changed: dict[str, str], code: str) -> None:
+    # re's `$` also matches before a final newline: the rules are full matches
+    with pytest.raises(InvalidRequest) as refused:
+        validate_terms(terms(**changed))
+    assert refused.value.code == code

@@ -189,14 +189,14 @@ def validate_terms(terms: InstrumentTerms) -> None:
     def invalid(detail: str, code: str = "invalid_instrument") -> InvalidRequest:
         return InvalidRequest(f"{terms.symbol}: {detail}", code=code)
 
-    if not SYMBOL_PATTERN.match(terms.symbol):
+    if not SYMBOL_PATTERN.fullmatch(terms.symbol):
         raise InvalidRequest(
             f"symbol {terms.symbol!r} must be 1-32 characters of A-Z, 0-9, '.', '_', '-', starting with a letter"
             " or digit",
             code="invalid_symbol",
         )
     for name, asset in (("base asset", terms.base_asset), ("quote asset", terms.quote_asset)):
-        if not ASSET_PATTERN.match(asset):
+        if not ASSET_PATTERN.fullmatch(asset):
             raise invalid(f"{name} {asset!r} must be 1-16 characters of A-Z, 0-9, '.', '_', '-'", "invalid_asset")
     if terms.base_asset == terms.quote_asset:
         raise invalid("base and quote asset must differ", "invalid_asset")

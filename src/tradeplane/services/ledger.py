@@ -52,8 +52,9 @@ async def post_many(conn: asyncpg.Connection, txs: Sequence[LedgerTransaction]) 
 
     One round trip whatever the batch size (the engine posts one transaction per fill). Balance rows are
     moved in (account, asset) order, the same order the engine locks them in. The database re-checks the
-    zero-sum rule at commit (deferred constraint trigger), so a bug here cannot commit an unbalanced
-    transaction. Returns the transaction ids in the order given.
+    zero-sum rule (migration 0016), so a bug here cannot commit an unbalanced transaction; every entry of a
+    transaction goes in this one statement, so the check costs one pass over the statement's rows. Returns the
+    transaction ids in the order given.
     """
     if not txs:
         return []

@@ -210,9 +210,11 @@ ledger_transactions = Table(
     created_at(),
 )
 
-#: Double-entry ledger, immutable: UPDATE, DELETE and TRUNCATE are refused by triggers. A deferred
-#: constraint trigger checks at COMMIT that the entries of every transaction touched sum to zero per asset,
-#: so a transaction may insert its legs in any order but can never commit unbalanced.
+#: Double-entry ledger, immutable: UPDATE, DELETE and TRUNCATE are refused by triggers. The entries of every
+#: transaction touched must sum to zero per asset at COMMIT (migration 0016): a statement-level trigger sums each
+#: INSERT's own entries once, and a transaction whose share does not balance is summed again at COMMIT by the
+#: deferred constraint trigger ``tp_ledger_balanced`` on ``ledger_transactions``. So a transaction may insert
+#: its legs in any order, over any number of statements, but can never commit unbalanced.
 ledger_entries = Table(
     "ledger_entries",
     metadata,

@@ -392,6 +392,14 @@ async def test_health_influxdb_follows_the_server(
             response = await client.get("/health/influxdb")
             assert response.status_code == 200
             assert response.json()["status"] == "ok"
+            assert response.json()["unconfirmed_points"] == 0
+
+            # a batch InfluxDB writes in part without counting its drops (a timestamp past its range)
+            for i, ts in enumerate([T0, 2**63 - 1, T0 + 2]):
+                platform.influx.write(Point("parsed", {}, {"n": i}, ts))
+            await settled(platform.influx)
+            health = (await client.get("/health/influxdb")).json()
+            assert (health["unconfirmed_points"], health["dropped_points"]) == (3, 0)
 
             influxdb.stop()
             response = await client.get("/health/influxdb")

@@ -81,4 +81,5 @@ async def health_influxdb(platform: PlatformDep) -> JSONResponse:
     result = await run_check("influxdb", platform.influx.ping)
     result["buffered_points"] = platform.influx.pending
     result["dropped_points"] = platform.influx.stats.dropped_total
+    result["unconfirmed_points"] = platform.influx.stats.unconfirmed  # written in part, drops not counted
     return respond(result, result["status"] == "ok")

@@ -119,3 +119,50 @@ async def test_ticks_and_trades_of_an_instrument_listed_after_the_worker_started
     assert (rows[2]["last"], rows[2]["volume"]) == (Decimal("50.5"), Decimal("0.3"))
     # the trade made its candle, counted once
     assert sum(c["volume"] for c in candles) == Decimal("0.3")
+
+
+async def test_the_simulated_feed_walks_an_instrument_listed_after_the_worker_started(md_platform: Platform) -> None:
+    platform = md_platform
+    known = await list_instrument(platform)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_marketdata(
+            platform,
+            stop,
+            simulate_rate=200,
+            bus_feed=False,
+            engine_trades=False,
+            engine_books=False,
+            depth_interval_s=60,
+        )
+    )
+    try:
+        await until(lambda: tick_count(platform, known))  # the simulation runs
+
+        terms = InstrumentTerms(
+            symbol=f"S{uuid.uuid4().hex[:8].upper()}-USD",
+            base_asset=f"S{uuid.uuid4().hex[:6].upper()}",
+            quote_asset="USD",
+            tick_size=Decimal("0.5"),
+            lot_size=Decimal("0.1"),
+            min_qty=Decimal("0.1"),
+            max_qty=Decimal("1000"),
+            price_band_pct=Decimal("10"),
+            reference_price=Decimal("50"),
+        )
+        async with platform.db.transaction("test.list") as conn:
+            instrument_id = await list_new_instrument(conn, terms)
+        new = ListedInstrument(instrument_id, terms.symbol, terms.tick_size, terms.lot_size)
+        await until(lambda: tick_count(platform, new))
+    finally:
+        stop.set()
+        pipeline = await task
+
+    assert not pipeline.stats.dropped, pipeline.stats.dropped
+    async with platform.db.connection("test.read") as conn:
+        first_bid: Decimal = await conn.fetchval(
+            "SELECT bid FROM ticks WHERE instrument_id = $1 ORDER BY ts LIMIT 1", instrument_id
+        )
+    # Its walk starts at its reference price (50), on its tick grid: the first step is at most 2 ticks.
+    assert first_bid % terms.tick_size == 0
+    assert abs(first_bid - Decimal("50")) <= 2 * terms.tick_size

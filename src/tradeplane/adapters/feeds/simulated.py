@@ -2,7 +2,8 @@
 
 Everything is integer ticks drawn from ``random.Random(seed)``: the same seed, instruments and start time
 give the same ticks, timestamps included (they advance by ``1s / rate`` per tick from ``start_ns``, not from
-the wall clock). Wall-clock time only paces delivery.
+the wall clock), as long as the same instruments are ``add``-ed after the same ticks. Wall-clock time only paces
+delivery.
 
 Every tick is valid by construction: ``bid >= 1`` (the walk reflects off 1), ``ask = bid + spread`` with
 ``spread >= 1`` (never crossed, never locked), ``bid <= last <= ask``, sizes >= 1, and timestamps strictly
@@ -124,6 +125,11 @@ class SimulatedFeed:
     @property
     def batch_size(self) -> int:
         return self._batch_size
+
+    def add(self, instruments: Sequence[SimulatedInstrument]) -> None:
+        """Walk ``instruments`` too, from the next tick on (an instrument listed while the feed runs)."""
+        self._walks.extend(_Walk(instrument) for instrument in instruments)
+        self._draw_bits = max(walk.draw_span() for walk in self._walks).bit_length() + _SPARE_BITS
 
     def next_ticks(self, count: int) -> list[Tick]:
         """The next ``count`` ticks of the walk (fewer if ``total_ticks`` is reached). Deterministic."""

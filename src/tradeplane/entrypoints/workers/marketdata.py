@@ -31,7 +31,8 @@ before that page (its cursor unmoved) and starts again with the instrument known
 the bus feed on NATS does the same before the message is acked (its stream sequences skip what was handed over
 already). On RabbitMQ, whose redeliveries are not deduplicated, the bus feed is not restarted for it: ticks of a
 symbol the worker has not seen listed yet are dropped as ``unknown_symbol`` until the reload, at most
-``INSTRUMENT_RELOAD_S`` after the listing. A changed tick or lot size needs a restart (``MarketDataPipeline.adopt``).
+``INSTRUMENT_RELOAD_S`` after the listing. The simulated feed walks an adopted instrument from the reload that
+adopted it on. A changed tick or lot size needs a restart (``MarketDataPipeline.adopt``).
 
 Memory is bounded: the pipeline's queue is bounded, feeds fetch bounded batches, candle and quote state is
 per instrument and pruned past the out-of-order tolerance. A feed that fails (its server down) is restarted
@@ -111,6 +112,8 @@ class InstrumentDirectory:
         self.by_id = {i.instrument_id: i for i in instruments}
         self.lot_sizes = _LotSizes(self, {i.symbol: i.lot_size for i in instruments})
         self.reload_wanted = asyncio.Event()
+        #: Runs after every reload, once the instruments it adopted are known here and to the pipeline.
+        self.on_reload: Callable[[], Awaitable[None]] | None = None
         self._unlisted: dict[str | int, float] = {}
         self._lock = asyncio.Lock()
 
@@ -140,6 +143,8 @@ class InstrumentDirectory:
                 if len(self._unlisted) >= MAX_UNLISTED:
                     self._unlisted.clear()
                 self._unlisted[missing] = started
+            if self.on_reload is not None:
+                await self.on_reload()
             return added
 
     async def run(self, stop: asyncio.Event, interval_s: float = INSTRUMENT_RELOAD_S) -> None:
@@ -283,16 +288,49 @@ async def quote_engine_books(
             await listener
 
 
-async def load_simulation(platform: Platform) -> list[SimulatedInstrument]:
-    async with platform.db.connection("marketdata.instruments") as conn:
-        return await load_simulation_from(conn)
+class SimulatedMarket:
+    """The simulated feed's walks: one per open instrument the worker has adopted, including those adopted while
+    the feed runs (``adopt``, after every reload of the ``InstrumentDirectory``)."""
+
+    def __init__(self, platform: Platform, instruments: list[ListedInstrument], rate: int) -> None:
+        self.platform = platform
+        self.instruments = instruments  # the directory's: grows as instruments are adopted
+        self.rate = rate
+        self.walks: list[SimulatedInstrument] = []
+        self.feed: SimulatedFeed | None = None
+        self._seen: set[str] = set()
+
+    async def adopt(self) -> None:
+        """Walk the adopted instruments not seen yet, those open, in the running feed and the next ones."""
+        unseen = [i.symbol for i in self.instruments if i.symbol not in self._seen]
+        if not unseen:
+            return
+        try:
+            async with self.platform.db.connection("marketdata.instruments") as conn:
+                walks = await load_simulation_from(conn, unseen)
+        except Exception as exc:  # a reload must not fail for it: tried again after the next one
+            log.warning("reading the start prices of %d instruments to simulate failed: %s", len(unseen), exc)
+            return
+        self._seen.update(unseen)
+        self.walks.extend(walks)
+        if self.feed is not None and walks:
+            self.feed.add(walks)
+
+    def start(self) -> SimulatedFeed:
+        """A new feed over every walk, each from its start price (a restarted feed too), with a new seed."""
+        self.feed = SimulatedFeed(self.walks, seed=random.SystemRandom().randrange(2**32), rate=self.rate)
+        return self.feed
 
 
-async def load_simulation_from(conn: asyncpg.Connection) -> list[SimulatedInstrument]:
-    """A random walk per open instrument, starting at its last trade price or its reference price."""
+async def load_simulation_from(
+    conn: asyncpg.Connection, symbols: Sequence[str] | None = None
+) -> list[SimulatedInstrument]:
+    """A random walk per open instrument (of ``symbols`` if given), starting at its last trade price or its
+    reference price."""
     rows = await conn.fetch(
         "SELECT symbol, tick_size, coalesce(last_price, reference_price) AS start FROM instruments"
-        " WHERE status = 'open' ORDER BY id"
+        " WHERE status = 'open' AND ($1::text[] IS NULL OR symbol = ANY($1::text[])) ORDER BY id",
+        symbols,
     )
     out = []
     for row in rows:
@@ -438,12 +476,13 @@ async def run_marketdata(
             lambda: quote_engine_books(platform, pipeline, instruments, stop, refresh_s=book_refresh_s),
         )
     if simulate_rate is not None:
-        simulation = await load_simulation(platform)
+        market = SimulatedMarket(platform, directory.instruments, simulate_rate)
+        await market.adopt()
+        directory.on_reload = market.adopt
 
         async def simulate() -> None:
             await after_catch_up()
-            feed = SimulatedFeed(simulation, seed=random.SystemRandom().randrange(2**32), rate=simulate_rate)
-            await pipeline.run_feed(feed)
+            await pipeline.run_feed(market.start())
 
         supervise("simulated feed", simulate)
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import orjson
 import pytest
@@ -22,7 +23,9 @@ from tradeplane.adapters.db.marketdata import ListedInstrument
 from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
 from tradeplane.bootstrap import Platform, build_platform
 from tradeplane.config import Settings
+from tradeplane.entrypoints.workers import marketdata as marketdata_worker
 from tradeplane.entrypoints.workers.marketdata import run_marketdata
+from tradeplane.errors import InfrastructureUnavailable
 from tradeplane.services.instruments import InstrumentTerms
 from tradeplane.services.instruments import list_instrument as list_new_instrument
 
@@ -166,3 +169,50 @@ async def test_the_simulated_feed_walks_an_instrument_listed_after_the_worker_st
     # Its walk starts at its reference price (50), on its tick grid: the first step is at most 2 ticks.
     assert first_bid % terms.tick_size == 0
     assert abs(first_bid - Decimal("50")) <= 2 * terms.tick_size
+
+
+async def test_a_feed_whose_instrument_reload_fails_restarts_rather_than_stopping_for_good(
+    md_platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    platform = md_platform
+    await list_instrument(platform)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_marketdata(platform, stop, simulate_rate=None, engine_books=False, depth_interval_s=60)
+    )
+    real_load = marketdata_worker.sql.load_instruments
+    failed: list[str] = []
+
+    async def load_while_postgres_is_away(conn: Any) -> list[ListedInstrument]:
+        failed.append("reload")
+        raise InfrastructureUnavailable("PostgreSQL unavailable: injected")
+
+    try:
+        await asyncio.sleep(0.5)  # the worker has loaded its instruments and runs its feeds
+        symbol = f"R{uuid.uuid4().hex[:8].upper()}-USD"
+        terms = InstrumentTerms(
+            symbol=symbol,
+            base_asset=f"R{uuid.uuid4().hex[:6].upper()}",
+            quote_asset="USD",
+            tick_size=Decimal("0.5"),
+            lot_size=Decimal("0.1"),
+            min_qty=Decimal("0.1"),
+            max_qty=Decimal("1000"),
+            price_band_pct=Decimal("10"),
+            reference_price=Decimal("50"),
+        )
+        async with platform.db.transaction("test.list") as conn:
+            instrument_id = await list_new_instrument(conn, terms)
+        new = ListedInstrument(instrument_id, symbol, terms.tick_size, terms.lot_size)
+
+        # The bus feed meets the new symbol while reloading the instrument list fails.
+        monkeypatch.setattr(marketdata_worker.sql, "load_instruments", load_while_postgres_is_away)
+        await publish_tick(platform, symbol, time.time_ns(), "50.0", "50.5")
+        await until(lambda: len(failed) >= 2)
+        monkeypatch.setattr(marketdata_worker.sql, "load_instruments", real_load)
+
+        # Back: the feed (restarted, not gone) delivers the tick once the instrument is adopted.
+        await until(lambda: exactly(platform, 1, new))
+    finally:
+        stop.set()
+        await task

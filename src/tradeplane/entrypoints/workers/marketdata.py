@@ -414,7 +414,18 @@ async def run_marketdata(
                     raise
                 except UnlistedInstrument as exc:
                     # Stopped before handing anything of it over: adopt, then go on where it stopped.
-                    added = await directory.reload(exc.key)
+                    try:
+                        added = await directory.reload(exc.key)
+                    except Exception as reload_error:  # PostgreSQL down: the feed meets the symbol again later
+                        log.warning(
+                            "market data %s met %r but reloading instruments failed (%s); restarting in %.0f s",
+                            name,
+                            exc.key,
+                            reload_error,
+                            FEED_RESTART_DELAY_S,
+                        )
+                        await pause(stop, FEED_RESTART_DELAY_S)
+                        continue
                     log.info("market data %s met %r; adopted %d instruments", name, exc.key, len(added))
                 except Exception as exc:
                     log.warning("market data %s failed (%s); restarting in %.0f s", name, exc, FEED_RESTART_DELAY_S)

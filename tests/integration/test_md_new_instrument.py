@@ -47,6 +47,24 @@ async def md_platform(database_url: str, redis_url: str, nats_url: str) -> Async
     await platform.stop()
 
 
+async def list_fresh_instrument(platform: Platform, prefix: str) -> ListedInstrument:
+    """List a new instrument (tick 0.5, lot 0.1, reference price 50) under a unique symbol starting with ``prefix``."""
+    terms = InstrumentTerms(
+        symbol=f"{prefix}{uuid.uuid4().hex[:8].upper()}-USD",
+        base_asset=f"{prefix}{uuid.uuid4().hex[:6].upper()}",
+        quote_asset="USD",
+        tick_size=Decimal("0.5"),
+        lot_size=Decimal("0.1"),
+        min_qty=Decimal("0.1"),
+        max_qty=Decimal("1000"),
+        price_band_pct=Decimal("10"),
+        reference_price=Decimal("50"),
+    )
+    async with platform.db.transaction("test.list") as conn:
+        instrument_id = await list_new_instrument(conn, terms)
+    return ListedInstrument(instrument_id, terms.symbol, terms.tick_size, terms.lot_size)
+
+
 async def publish_tick(platform: Platform, symbol: str, ts_ns: int, bid: str, ask: str) -> None:
     tick = {"ts": ts_ns, "symbol": symbol, "bid": bid, "ask": ask, "bid_size": "1", "ask_size": "2"}
     await platform.bus.publish(md_ticks_stream(symbol), orjson.dumps(tick), f"{symbol}-{ts_ns}")
@@ -75,21 +93,8 @@ async def test_ticks_and_trades_of_an_instrument_listed_after_the_worker_started
         await publish_tick(platform, known.symbol, time.time_ns(), "100.00", "100.02")
         await until(lambda: exactly(platform, 1, known))
 
-        symbol = f"N{uuid.uuid4().hex[:8].upper()}-USD"
-        terms = InstrumentTerms(
-            symbol=symbol,
-            base_asset=f"N{uuid.uuid4().hex[:6].upper()}",
-            quote_asset="USD",
-            tick_size=Decimal("0.5"),
-            lot_size=Decimal("0.1"),
-            min_qty=Decimal("0.1"),
-            max_qty=Decimal("1000"),
-            price_band_pct=Decimal("10"),
-            reference_price=Decimal("50"),
-        )
-        async with platform.db.transaction("test.list") as conn:
-            instrument_id = await list_new_instrument(conn, terms)
-        new = ListedInstrument(instrument_id, symbol, terms.tick_size, terms.lot_size)
+        new = await list_fresh_instrument(platform, "N")
+        symbol, instrument_id = new.symbol, new.instrument_id
 
         # At once, before any periodic reload: two external ticks, and an engine trade in one batch.
         first = time.time_ns()
@@ -142,20 +147,7 @@ async def test_the_simulated_feed_walks_an_instrument_listed_after_the_worker_st
     try:
         await until(lambda: tick_count(platform, known))  # the simulation runs
 
-        terms = InstrumentTerms(
-            symbol=f"S{uuid.uuid4().hex[:8].upper()}-USD",
-            base_asset=f"S{uuid.uuid4().hex[:6].upper()}",
-            quote_asset="USD",
-            tick_size=Decimal("0.5"),
-            lot_size=Decimal("0.1"),
-            min_qty=Decimal("0.1"),
-            max_qty=Decimal("1000"),
-            price_band_pct=Decimal("10"),
-            reference_price=Decimal("50"),
-        )
-        async with platform.db.transaction("test.list") as conn:
-            instrument_id = await list_new_instrument(conn, terms)
-        new = ListedInstrument(instrument_id, terms.symbol, terms.tick_size, terms.lot_size)
+        new = await list_fresh_instrument(platform, "S")
         await until(lambda: tick_count(platform, new))
     finally:
         stop.set()
@@ -164,11 +156,11 @@ async def test_the_simulated_feed_walks_an_instrument_listed_after_the_worker_st
     assert not pipeline.stats.dropped, pipeline.stats.dropped
     async with platform.db.connection("test.read") as conn:
         first_bid: Decimal = await conn.fetchval(
-            "SELECT bid FROM ticks WHERE instrument_id = $1 ORDER BY ts LIMIT 1", instrument_id
+            "SELECT bid FROM ticks WHERE instrument_id = $1 ORDER BY ts LIMIT 1", new.instrument_id
         )
     # Its walk starts at its reference price (50), on its tick grid: the first step is at most 2 ticks.
-    assert first_bid % terms.tick_size == 0
-    assert abs(first_bid - Decimal("50")) <= 2 * terms.tick_size
+    assert first_bid % new.tick_size == 0
+    assert abs(first_bid - Decimal("50")) <= 2 * new.tick_size
 
 
 async def test_a_feed_whose_instrument_reload_fails_restarts_rather_than_stopping_for_good(
@@ -189,25 +181,11 @@ async def test_a_feed_whose_instrument_reload_fails_restarts_rather_than_stoppin
 
     try:
         await asyncio.sleep(0.5)  # the worker has loaded its instruments and runs its feeds
-        symbol = f"R{uuid.uuid4().hex[:8].upper()}-USD"
-        terms = InstrumentTerms(
-            symbol=symbol,
-            base_asset=f"R{uuid.uuid4().hex[:6].upper()}",
-            quote_asset="USD",
-            tick_size=Decimal("0.5"),
-            lot_size=Decimal("0.1"),
-            min_qty=Decimal("0.1"),
-            max_qty=Decimal("1000"),
-            price_band_pct=Decimal("10"),
-            reference_price=Decimal("50"),
-        )
-        async with platform.db.transaction("test.list") as conn:
-            instrument_id = await list_new_instrument(conn, terms)
-        new = ListedInstrument(instrument_id, symbol, terms.tick_size, terms.lot_size)
+        new = await list_fresh_instrument(platform, "R")
 
         # The bus feed meets the new symbol while reloading the instrument list fails.
         monkeypatch.setattr(marketdata_worker.sql, "load_instruments", load_while_postgres_is_away)
-        await publish_tick(platform, symbol, time.time_ns(), "50.0", "50.5")
+        await publish_tick(platform, new.symbol, time.time_ns(), "50.0", "50.5")
         await until(lambda: len(failed) >= 2)
         monkeypatch.setattr(marketdata_worker.sql, "load_instruments", real_load)
 

@@ -35,8 +35,8 @@ _STOPPED = frozenset({OrderType.STOP, OrderType.STOP_LIMIT})
 _EXPIRING = frozenset({TimeInForce.DAY, TimeInForce.GTD})
 # Prices and quantities are stored in NUMERIC(38, 18): below 10**20, at most 18 decimals. Arithmetic on values
 # that size needs more than the default context's 28 digits to stay exact.
-_COLUMN_LIMIT = Decimal(10) ** 20
-_COLUMN_QUANTUM = Decimal(1).scaleb(-18)
+COLUMN_LIMIT = Decimal(10) ** 20
+COLUMN_QUANTUM = Decimal(1).scaleb(-18)
 _WIDE = Context(prec=80)
 
 
@@ -171,9 +171,9 @@ def storable(value: Decimal) -> bool:
     (trailing zeros aside). Anything else would overflow the column or be rounded by PostgreSQL.
 
     ``copy_abs``, not ``abs``: abs rounds to the context, and a client's 1E+1000000 would raise Overflow."""
-    if not value.is_finite() or value.copy_abs() >= _COLUMN_LIMIT:
+    if not value.is_finite() or value.copy_abs() >= COLUMN_LIMIT:
         return False
-    return value.quantize(_COLUMN_QUANTUM, context=_WIDE) == value
+    return value.quantize(COLUMN_QUANTUM, context=_WIDE) == value
 
 
 def shape_error(terms: OrderTerms, now: datetime) -> str | None:

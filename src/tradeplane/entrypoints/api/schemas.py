@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
 
 from tradeplane.domain.orders import OrderType, SelfTradePrevention, Side, TimeInForce
-from tradeplane.domain.risk import OrderTerms
+from tradeplane.domain.risk import COLUMN_LIMIT, COLUMN_QUANTUM, OrderTerms
 from tradeplane.services.instruments import SYMBOL_PATTERN
 from tradeplane.services.orders import MAX_BATCH
 from tradeplane.services.queries import MAX_ROW_ID, decimal_text
@@ -43,8 +43,6 @@ def _finite(moment: datetime) -> datetime:
 Expiry = Annotated[UtcInstant, AfterValidator(_finite)]
 """An instant to store and hand to the engine (expire_at)."""
 
-_QUANTUM = Decimal("1e-18")
-_LIMIT = Decimal(10) ** 20
 _NUMERIC = Context(prec=40)  # NUMERIC(38, 18) values need 38 digits
 
 
@@ -52,9 +50,9 @@ def _fewer_zeros(value: Decimal) -> Decimal:
     """The same number with 18 decimals when only zeros lie beyond them: 65000.000...0 with thousands of zeros
     is a valid price, but asyncpg cannot send a NUMERIC with that exponent. Anything else is left to the
     service's checks (which refuse more than 18 significant decimals, or a value past 10^20)."""
-    if len(str(value)) <= 40 or not value.is_finite() or value.copy_abs() >= _LIMIT:
+    if len(str(value)) <= 40 or not value.is_finite() or value.copy_abs() >= COLUMN_LIMIT:
         return value  # 40 characters hold any NUMERIC(38, 18); str() is far cheaper than as_tuple()
-    rescaled = value.quantize(_QUANTUM, context=_NUMERIC)
+    rescaled = value.quantize(COLUMN_QUANTUM, context=_NUMERIC)
     return rescaled if rescaled == value else value
 
 

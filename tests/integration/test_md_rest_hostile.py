@@ -1,29 +1,33 @@
 """Market data REST under hostile input, over real PostgreSQL and Redis: a symbol no instrument can have, a
-tampered page cursor, a cache entry that is not a quote, and Redis going away and coming back. Each is answered
-with data or a 4xx/503 carrying a machine-readable reason, never a 500, at a cost bounded by the page."""
+tampered page cursor, a cache entry that is not a quote, and Redis (and PostgreSQL) going away and coming back.
+Each is answered with data or a 4xx/503 carrying a machine-readable reason, never a 500, at a cost bounded by the
+page."""
 
 from __future__ import annotations
 
 import base64
 import tracemalloc
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from decimal import Decimal
 from urllib.parse import quote, urlsplit
 
 import httpx
-import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.integration.conftest import Actor, make_actor
 from tests.integration.tcp_proxy import TcpProxy, tcp_proxy
 from tests.integration.test_ingest import T0, list_instrument, reader  # noqa: F401 - the reader fixture
 from tests.integration.test_marketdata_api import ingest
+from tradeplane.adapters.cache import Cache
 from tradeplane.adapters.db.marketdata import ListedInstrument
 from tradeplane.bootstrap import Platform, build_platform
 from tradeplane.config import Settings
 from tradeplane.domain.ticks import NS_PER_SECOND, Tick
 from tradeplane.entrypoints.api.app import create_app
 from tradeplane.services.identity import Role
+from tradeplane.services.ingest import MarketDataPipeline
 
 SECOND = NS_PER_SECOND
 PATHS = ("quote", "ticks", "candles", "spreads")
@@ -206,44 +210,144 @@ async def test_every_endpoint_keeps_exact_decimals_as_strings(
 # -------------------------------------------------------------------------------------- Redis outage
 
 
+@dataclass
+class Outage:
+    """A platform whose Redis and PostgreSQL connections pass through proxies the test can cut and refuse, and
+    an ingester that writes to both directly (the servers stay up: only the api's path to them fails)."""
+
+    platform: Platform
+    http: httpx.AsyncClient
+    redis: TcpProxy
+    postgres: TcpProxy
+    direct_cache: Cache
+
+    async def ingest(self, instrument: ListedInstrument, ticks: list[Tick]) -> None:
+        pipeline = MarketDataPipeline(self.platform.db, [instrument], cache=self.direct_cache, commit_interval_s=0.02)
+        async with pipeline:
+            await pipeline.submit(ticks)
+            await pipeline.flush()
+
+    def down(self, proxy: TcpProxy) -> None:
+        proxy.accepting.clear()
+        proxy.cut()
+
+
+def _via(url: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(url)
+    user = parts.netloc.rpartition("@")[0]
+    return parts._replace(netloc=f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}").geturl()
+
+
 @pytest.fixture
-async def behind_proxy(settings: Settings) -> AsyncIterator[tuple[Platform, httpx.AsyncClient, TcpProxy]]:
-    """A platform whose Redis connections pass through a proxy the test can cut and refuse."""
-    parts = urlsplit(settings.redis_url)
-    async with tcp_proxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
-        proxied = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{proxy.port}{parts.path}"})
+async def outage(settings: Settings) -> AsyncIterator[Outage]:
+    redis_at, postgres_at = urlsplit(settings.redis_url), urlsplit(settings.database_url)
+    async with (
+        tcp_proxy(redis_at.hostname or "127.0.0.1", redis_at.port or 6379) as redis,
+        tcp_proxy(postgres_at.hostname or "127.0.0.1", postgres_at.port or 5432) as postgres,
+    ):
+        proxied = settings.model_copy(
+            update={"redis_url": _via(settings.redis_url, redis), "database_url": _via(settings.database_url, postgres)}
+        )
         platform = build_platform(proxied)
         await platform.start()
+        direct_cache = Cache(settings.redis_url)
         try:
             transport = httpx.ASGITransport(app=create_app(platform))
             async with httpx.AsyncClient(transport=transport, base_url="http://tradeplane") as http:
-                yield platform, http, proxy
+                yield Outage(platform, http, redis, postgres, direct_cache)
         finally:
+            redis.accepting.set()
+            postgres.accepting.set()
+            await direct_cache.close()
             await platform.stop()
 
 
-async def test_redis_down_makes_the_quote_503_and_it_comes_back_by_itself(
-    behind_proxy: tuple[Platform, httpx.AsyncClient, TcpProxy],
+def hit_ratio() -> float | None:
+    return REGISTRY.get_sample_value("cache_hit_ratio")
+
+
+async def test_with_redis_down_the_quote_comes_from_the_stored_ticks_and_from_redis_again_once_it_is_back(
+    outage: Outage,
 ) -> None:
-    """The quote needs Redis (503 ``unavailable`` while it is gone); stored ticks, candles and spreads do not,
-    and keep answering; the quote is served again once Redis is back, without a restart."""
-    platform, http, proxy = behind_proxy
+    """While Redis is gone the quote is the newest stored quote and trade (``source`` "ticks", ticks stored
+    meanwhile included), ticks, candles and spreads keep answering, and the live quote is served again once
+    Redis is back, without a restart. Reads that could not reach Redis are neither hits nor misses."""
+    platform, http = outage.platform, outage.http
     listed = await list_instrument(platform)
     actor = await make_actor(platform, "md-reader", Role.READONLY)
-    await ingest(platform, listed, [Tick(T0, listed.symbol, 999, 1001, 1, 1, 1000, 2)])
-    url = f"/api/v1/marketdata/{listed.symbol}"
-    assert (await http.get(f"{url}/quote", headers=actor.headers)).status_code == 200
+    url = f"/api/v1/marketdata/{listed.symbol}/quote"
 
-    proxy.accepting.clear()
-    proxy.cut()
-    down = await http.get(f"{url}/quote", headers=actor.headers)
-    assert down.status_code == 503, down.text
-    assert down.json()["error"] == "unavailable"
+    async def quote() -> dict[str, object]:
+        response = await http.get(url, headers=actor.headers)
+        assert response.status_code == 200, response.text
+        body: dict[str, object] = response.json()
+        return body
+
+    await outage.ingest(listed, [Tick(T0, listed.symbol, 999, 1001, 1, 1, 1000, 2)])
+    live = await quote()
+    assert live == {
+        "symbol": listed.symbol,
+        "ts": "2024-03-05T22:30:00Z",
+        "bid": "9.99",
+        "ask": "10.01",
+        "bid_size": "0.001",
+        "ask_size": "0.001",
+        "last": "10",
+        "source": "cache",
+    }
+    assert hit_ratio() == 1.0  # this platform's one read so far: a hit
+
+    outage.down(outage.redis)
+    assert await quote() == {**live, "source": "ticks"}
+    await outage.ingest(listed, [Tick(T0 + SECOND, listed.symbol, 1009, 1011, 2, 3, 1010, 1)])
+    newer = {
+        "symbol": listed.symbol,
+        "ts": "2024-03-05T22:30:01Z",
+        "bid": "10.09",
+        "ask": "10.11",
+        "bid_size": "0.002",
+        "ask_size": "0.003",
+        "last": "10.1",
+    }
+    assert await quote() == {**newer, "source": "ticks"}
+    assert hit_ratio() == 1.0  # not 1/3: the two reads that met the outage are not misses
     for path in ("ticks", "candles", "spreads"):
-        response = await http.get(f"{url}/{path}", params=RANGE, headers=actor.headers)
+        response = await http.get(f"/api/v1/marketdata/{listed.symbol}/{path}", params=RANGE, headers=actor.headers)
         assert response.status_code == 200, (path, response.text)
+    assert outage.redis.refused > 0  # the api did try Redis, and was turned away
 
-    proxy.accepting.set()
-    back = await http.get(f"{url}/quote", headers=actor.headers)
-    assert back.status_code == 200, back.text
-    assert orjson.loads(back.content)["bid"] == "9.99"
+    outage.redis.accepting.set()
+    assert await quote() == {**newer, "source": "cache"}
+    assert hit_ratio() == 1.0
+    await outage.direct_cache.client.delete(f"market_data:{listed.symbol}")  # as after its 5 s TTL
+    assert await quote() == {**newer, "source": "ticks"}
+    assert hit_ratio() == pytest.approx(2 / 3)  # counting goes on: two hits, one miss
+
+
+async def test_the_quote_is_503_only_when_neither_redis_nor_postgresql_can_say_it(outage: Outage) -> None:
+    platform, http = outage.platform, outage.http
+    quoted, silent = await list_instrument(platform), await list_instrument(platform)
+    actor = await make_actor(platform, "md-reader", Role.READONLY)
+    await outage.ingest(quoted, [Tick(T0, quoted.symbol, 999, 1001, 1, 1, 1000, 2)])
+    for listed in (quoted, silent):  # the api knows the key and both symbols (as it would in service)
+        await http.get(f"/api/v1/marketdata/{listed.symbol}/quote", headers=actor.headers)
+
+    outage.down(outage.redis)
+    # Nothing stored: Redis may hold a quote another service wrote, so this is not "no market data" (404).
+    response = await http.get(f"/api/v1/marketdata/{silent.symbol}/quote", headers=actor.headers)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "unavailable"
+    response = await http.get(f"/api/v1/marketdata/{quoted.symbol}/quote", headers=actor.headers)
+    assert (response.status_code, response.json()["source"]) == (200, "ticks")
+
+    outage.down(outage.postgres)
+    response = await http.get(f"/api/v1/marketdata/{quoted.symbol}/quote", headers=actor.headers)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "unavailable"
+
+    outage.postgres.accepting.set()
+    response = await http.get(f"/api/v1/marketdata/{quoted.symbol}/quote", headers=actor.headers)
+    assert (response.status_code, response.json()["source"]) == (200, "ticks")
+    outage.redis.accepting.set()
+    response = await http.get(f"/api/v1/marketdata/{silent.symbol}/quote", headers=actor.headers)
+    assert (response.status_code, response.json()["error"]) == (404, "no_market_data")

@@ -2,8 +2,11 @@
 
 Everything is integer ticks drawn from ``random.Random(seed)``: the same seed, instruments and start time
 give the same ticks, timestamps included (they advance by ``1s / rate`` per tick from ``start_ns``, not from
-the wall clock), as long as the same instruments are ``add``-ed after the same ticks. Wall-clock time only paces
-delivery.
+the wall clock), as long as the same instruments are ``add``-ed, and halted or reopened (``set_halted``), after
+the same ticks. Wall-clock time only paces delivery, and moves a paced feed's timestamps on over a time when every
+instrument was halted.
+
+A halted instrument's walk pauses: no ticks, its price kept, and it goes on from that price once reopened.
 
 Every tick is valid by construction: ``bid >= 1`` (the walk reflects off 1), ``ask = bid + spread`` with
 ``spread >= 1`` (never crossed, never locked), ``bid <= last <= ask``, sizes >= 1, and timestamps strictly
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -87,9 +90,10 @@ class _Walk:
 class SimulatedFeed:
     """Random walk per instrument; iterate with ``async for batch in feed`` or pull with ``next_ticks``.
 
-    ``rate`` is ticks per second over all instruments: it sets the timestamp spacing and, when ``paced``,
-    the delivery speed. ``rate=None`` means unpaced with 1 ms timestamp spacing. ``total_ticks=None`` runs
-    until the consumer stops iterating (the CLI sets ``rate * duration``).
+    ``rate`` is ticks per second over all instruments not halted: it sets the timestamp spacing and, when
+    ``paced``, the delivery speed. ``rate=None`` means unpaced with 1 ms timestamp spacing. ``total_ticks=None``
+    runs until the consumer stops iterating (the CLI sets ``rate * duration``). ``halted``: symbols whose walks
+    start paused (see ``set_halted``). While every instrument is halted the iteration waits, it does not end.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class SimulatedFeed:
         batch_size: int = 1000,
         start_ns: int | None = None,
         paced: bool = True,
+        halted: Collection[str] = (),
     ) -> None:
         if not instruments:
             raise ValueError("the simulated feed needs at least one instrument")
@@ -110,6 +115,10 @@ class SimulatedFeed:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self._walks = [_Walk(instrument) for instrument in instruments]
+        self._halted = frozenset(halted)
+        self._walking: list[_Walk] = []
+        self._any_walking = asyncio.Event()
+        self._sort_walks()
         self._random = random.Random(seed)
         self._draw_bits = max(walk.draw_span() for walk in self._walks).bit_length() + _SPARE_BITS
         self._rate = rate
@@ -127,18 +136,39 @@ class SimulatedFeed:
         return self._batch_size
 
     def add(self, instruments: Sequence[SimulatedInstrument]) -> None:
-        """Walk ``instruments`` too, from the next tick on (an instrument listed while the feed runs)."""
+        """Walk ``instruments`` too, from the next tick on (an instrument listed while the feed runs), those of
+        halted symbols once they reopen."""
         self._walks.extend(_Walk(instrument) for instrument in instruments)
+        self._sort_walks()
         self._draw_bits = max(walk.draw_span() for walk in self._walks).bit_length() + _SPARE_BITS
 
+    def set_halted(self, symbols: Collection[str]) -> None:
+        """Pause the walks of ``symbols`` (their instruments are halted or closed: no ticks) from the next tick
+        on, and go on with every other walk from the price where it stopped."""
+        self._halted = frozenset(symbols)
+        self._sort_walks()
+
+    def _sort_walks(self) -> None:
+        self._walking = [walk for walk in self._walks if walk.symbol not in self._halted]
+        if self._walking:
+            self._any_walking.set()
+        else:
+            self._any_walking.clear()
+
+    def _finished(self) -> bool:
+        return self._total is not None and self.ticks_emitted >= self._total
+
     def next_ticks(self, count: int) -> list[Tick]:
-        """The next ``count`` ticks of the walk (fewer if ``total_ticks`` is reached). Deterministic."""
+        """The next ``count`` ticks of the walk (fewer if ``total_ticks`` is reached, none while every instrument is
+        halted). Deterministic."""
         if self._start_ns is None:
             self._start_ns = time.time_ns()
         if self._total is not None:
             count = max(0, min(count, self._total - self.ticks_emitted))
-        walks = self._walks
+        walks = self._walking
         n_walks = len(walks)
+        if not n_walks:
+            return []
         getrandbits = self._random.getrandbits
         bits = self._draw_bits
         interval = self._interval_ns
@@ -178,6 +208,17 @@ class SimulatedFeed:
         started = loop.time()
         emitted_here = 0
         while True:
+            if not self._walking and not self._finished():
+                # Every instrument is halted: wait for one to reopen. A paced feed's clock stands still meanwhile
+                # (no burst to catch up, and its timestamps go on from when it resumes, not from when it paused).
+                paused_at = loop.time()
+                await self._any_walking.wait()
+                if self._paced:
+                    waited = loop.time() - paused_at
+                    started += waited
+                    if self._start_ns is not None:
+                        self._start_ns += int(waited * NS_PER_SECOND)
+                continue
             ticks = self.next_ticks(self._batch_size)
             if not ticks:
                 return

@@ -25,7 +25,7 @@ from tradeplane.bootstrap import Platform
 from tradeplane.domain.candles import Candle, Timeframe, fill_previous
 from tradeplane.domain.ticks import TS_NS_MAX, TS_NS_MIN, OffTickGrid
 from tradeplane.entrypoints.api.deps import PlatformDep, PrincipalDep
-from tradeplane.errors import InvalidRequest, NotFound
+from tradeplane.errors import InfrastructureUnavailable, InvalidRequest, NotFound
 from tradeplane.services.ingest import market_data_key
 from tradeplane.services.instruments import SYMBOL_PATTERN
 
@@ -104,7 +104,9 @@ class QuotePublic(BaseModel):
     bid_size: str | None
     ask_size: str | None
     last: str | None
-    source: str  # "cache": the live quote (Redis, at most 5 s old); "ticks": the newest stored tick
+    # "cache": the live quote (Redis, at most 5 s old); "ticks": the newest stored quote and trade, of any age
+    # (``ts`` says which), served when Redis has none or cannot be reached
+    source: str
 
 
 class TickPublic(BaseModel):
@@ -151,15 +153,25 @@ class SpreadSeries(BaseModel):
 
 @router.get("/{symbol}/quote", response_model=QuotePublic)
 async def quote(symbol: str, principal: PrincipalDep, platform: PlatformDep) -> QuotePublic:
-    """The live quote from Redis (counts toward ``cache_hit_ratio``), else the newest stored quote and trade."""
+    """The live quote from Redis, else (a miss, a value that is not a quote, or Redis unreachable) the newest
+    stored quote and trade, ``source`` telling which and ``ts`` how old. 503 only when neither can be read.
+
+    ``cache_hit_ratio`` counts the reads Redis answered: a read that could not reach it is neither a hit nor a
+    miss (the outage shows on ``/health/redis``, and would otherwise skew the lifetime ratio for good)."""
     instrument = await instrument_of(platform, symbol)
-    cached = await platform.cache.get_cached(market_data_key(symbol))
+    redis_down: InfrastructureUnavailable | None = None
+    try:
+        cached = await platform.cache.get_cached(market_data_key(symbol))
+    except InfrastructureUnavailable as exc:
+        redis_down, cached = exc, None
     live = _cached_quote(symbol, cached) if cached is not None else None
     if live is not None:
         return live
     async with platform.db.connection("marketdata.quote") as conn:
         row = await sql.latest_quote(conn, instrument.instrument_id)
     if row is None:
+        if redis_down is not None:  # nothing stored, and Redis may hold a quote some other service wrote
+            raise redis_down
         raise NotFound(f"no market data for {symbol} yet", code="no_market_data")
     return QuotePublic(
         symbol=symbol,

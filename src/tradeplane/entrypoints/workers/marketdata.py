@@ -32,7 +32,8 @@ the bus feed on NATS does the same before the message is acked (its stream seque
 already). On RabbitMQ, whose redeliveries are not deduplicated, the bus feed is not restarted for it: ticks of a
 symbol the worker has not seen listed yet are dropped as ``unknown_symbol`` until the reload, at most
 ``INSTRUMENT_RELOAD_S`` after the listing. The simulated feed walks an adopted instrument from the reload that
-adopted it on. A changed tick or lot size needs a restart (``MarketDataPipeline.adopt``).
+adopted it on, while it is open: a reload that finds it halted or closed pauses its walk, one that finds it open
+again resumes it. A changed tick or lot size needs a restart (``MarketDataPipeline.adopt``).
 
 Memory is bounded: the pipeline's queue is bounded, feeds fetch bounded batches, candle and quote state is
 per instrument and pruned past the out-of-order tolerance. A feed that fails (its server down) is restarted
@@ -289,8 +290,9 @@ async def quote_engine_books(
 
 
 class SimulatedMarket:
-    """The simulated feed's walks: one per open instrument the worker has adopted, including those adopted while
-    the feed runs (``adopt``, after every reload of the ``InstrumentDirectory``)."""
+    """The simulated feed's walks: one per instrument the worker has adopted, including those adopted while the
+    feed runs, each walking while its instrument is open: a halted or closed one pauses and, reopened, goes on
+    from where it stopped (``adopt``, after every reload of the ``InstrumentDirectory``)."""
 
     def __init__(self, platform: Platform, instruments: list[ListedInstrument], rate: int) -> None:
         self.platform = platform
@@ -298,39 +300,52 @@ class SimulatedMarket:
         self.rate = rate
         self.walks: list[SimulatedInstrument] = []
         self.feed: SimulatedFeed | None = None
+        self.halted: frozenset[str] = frozenset()  # symbols of instruments not open when last read
         self._seen: set[str] = set()
 
     async def adopt(self) -> None:
-        """Walk the adopted instruments not seen yet, those open, in the running feed and the next ones."""
+        """Walk the adopted instruments not seen yet, whatever their status, in the running feed and the next
+        ones; pause the walks of the instruments now halted or closed and resume those reopened."""
         unseen = [i.symbol for i in self.instruments if i.symbol not in self._seen]
-        if not unseen:
-            return
         try:
             async with self.platform.db.connection("marketdata.instruments") as conn:
-                walks = await load_simulation_from(conn, unseen)
+                walks = await load_simulation_from(conn, unseen, halted_too=True) if unseen else []
+                rows = await conn.fetch("SELECT symbol FROM instruments WHERE status <> 'open'")
+            halted = frozenset(row["symbol"] for row in rows)
         except Exception as exc:  # a reload must not fail for it: tried again after the next one
-            log.warning("reading the start prices of %d instruments to simulate failed: %s", len(unseen), exc)
+            log.warning("reading the instruments to simulate (%d new) failed: %s", len(unseen), exc)
             return
         self._seen.update(unseen)
         self.walks.extend(walks)
-        if self.feed is not None and walks:
-            self.feed.add(walks)
+        if halted != self.halted:
+            log.info(
+                "simulated feed: paused %s, resumed %s",
+                sorted(halted - self.halted) or "none",
+                sorted(self.halted - halted) or "none",
+            )
+            self.halted = halted
+        if self.feed is not None:
+            self.feed.set_halted(halted)
+            if walks:
+                self.feed.add(walks)
 
     def start(self) -> SimulatedFeed:
         """A new feed over every walk, each from its start price (a restarted feed too), with a new seed."""
-        self.feed = SimulatedFeed(self.walks, seed=random.SystemRandom().randrange(2**32), rate=self.rate)
+        seed = random.SystemRandom().randrange(2**32)
+        self.feed = SimulatedFeed(self.walks, seed=seed, rate=self.rate, halted=self.halted)
         return self.feed
 
 
 async def load_simulation_from(
-    conn: asyncpg.Connection, symbols: Sequence[str] | None = None
+    conn: asyncpg.Connection, symbols: Sequence[str] | None = None, *, halted_too: bool = False
 ) -> list[SimulatedInstrument]:
-    """A random walk per open instrument (of ``symbols`` if given), starting at its last trade price or its
-    reference price."""
+    """A random walk per open instrument (of ``symbols`` if given; halted and closed ones too if ``halted_too``),
+    starting at its last trade price or its reference price."""
     rows = await conn.fetch(
         "SELECT symbol, tick_size, coalesce(last_price, reference_price) AS start FROM instruments"
-        " WHERE status = 'open' AND ($1::text[] IS NULL OR symbol = ANY($1::text[])) ORDER BY id",
+        " WHERE ($2 OR status = 'open') AND ($1::text[] IS NULL OR symbol = ANY($1::text[])) ORDER BY id",
         symbols,
+        halted_too,
     )
     out = []
     for row in rows:

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -50,7 +50,7 @@ def _free_port() -> int:
 class InfluxServer:
     """``influxd`` with a throwaway config and data directory; ``stop``/``start`` keep port and data."""
 
-    def __init__(self, binary: str, root: Path) -> None:
+    def __init__(self, binary: str, root: Path, http_options: str = "") -> None:
         self.binary = binary
         self.root = root
         self.port = _free_port()
@@ -68,6 +68,7 @@ bind-address = "127.0.0.1:{_free_port()}"
 [http]
   bind-address = "127.0.0.1:{self.port}"
   log-enabled = false
+{http_options}
 [monitor]
   store-enabled = false
 [logging]
@@ -114,14 +115,26 @@ def _influxd() -> str:
 
 
 @pytest.fixture
-def influxdb() -> Iterator[InfluxServer]:
+def make_influxdb() -> Iterator[Callable[[str], InfluxServer]]:
+    """Starts servers of the test's own, with extra lines for the config's ``[http]`` section."""
+    servers: list[InfluxServer] = []
+
+    def make(http_options: str = "") -> InfluxServer:
+        server = InfluxServer(_influxd(), Path(tempfile.mkdtemp(prefix="tradeplane-influxdb-")), http_options)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture
+def influxdb(make_influxdb: Callable[[str], InfluxServer]) -> InfluxServer:
     """A server of the test's own: tests stop and start it, and query its whole database."""
-    root = Path(tempfile.mkdtemp(prefix="tradeplane-influxdb-"))
-    server = InfluxServer(_influxd(), root)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    return make_influxdb("")
 
 
 @pytest.fixture
@@ -140,9 +153,11 @@ async def sink(influxdb: InfluxServer) -> AsyncIterator[InfluxSink]:
     await sink.close(drain_timeout_s=1.0)
 
 
-async def query(server: InfluxServer, q: str, database: str = "tp_test") -> list[dict[str, Any]]:
+async def query(
+    server: InfluxServer, q: str, database: str = "tp_test", auth: tuple[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Rows of an InfluxQL query as dicts (timestamps in epoch ns), across all returned series."""
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(auth=auth) as http:
         response = await http.get(f"{server.url}/query", params={"db": database, "q": q, "epoch": "ns"})
     response.raise_for_status()
     rows: list[dict[str, Any]] = []
@@ -366,6 +381,150 @@ async def test_a_partial_write_that_does_not_count_its_drops_is_reported_unconfi
     sink.write(Point("parsed", {}, {"n": 9}, 2**63 - 1))
     await settled(sink)
     assert (sink.stats.written, sink.stats.dropped, sink.stats.unconfirmed) == (0, {"rejected": 1}, 3)
+
+
+# --------------------------------------------------------------------------------- refusals by status
+
+
+class InfluxDB2Answers(httpx.AsyncBaseTransport):
+    """The sink's HTTP edge to a real InfluxDB 1.x, answering a partial write the way InfluxDB 2.x does: HTTP 422
+    with ``{"code": "unprocessable entity", "message": "failure writing points to database: partial write: ...
+    dropped=N"}`` (and, after points beyond retention, the database and policy). Which points are dropped is
+    still the real server's decision."""
+
+    def __init__(self) -> None:
+        self.forward = httpx.AsyncHTTPTransport()
+        self.answered_422 = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.forward.handle_async_request(request)
+        if response.status_code != 400 or request.url.path != "/write":
+            return response
+        await response.aread()
+        error = response.json()["error"]
+        if not error.startswith("partial write: "):
+            return response
+        message = f"failure writing points to database: {error}"
+        if "retention policy" in error:
+            message += f" for database: {request.url.params['db']} for retention policy: hour"
+        self.answered_422 += 1
+        return httpx.Response(422, json={"code": "unprocessable entity", "message": message})
+
+    async def aclose(self) -> None:
+        await self.forward.aclose()
+
+
+async def test_points_influxdb_2_refuses_for_good_are_counted_rejected_and_the_sink_moves_on(
+    influxdb: InfluxServer,
+) -> None:
+    transport = InfluxDB2Answers()
+    sink = InfluxSink(influxdb.url, "tp_test", batch_size=10, flush_interval_s=0.05, transport=transport)
+    await sink.start()
+    try:
+        async with httpx.AsyncClient() as http:
+            for q in (
+                "CREATE DATABASE tp_test",
+                "CREATE RETENTION POLICY hour ON tp_test DURATION 1h REPLICATION 1 DEFAULT",
+            ):
+                (await http.post(f"{influxdb.url}/query", params={"q": q})).raise_for_status()
+        rejected_before = dropped("expired", "rejected")
+
+        for i in range(5):  # all beyond the hour's retention: InfluxDB 2.x answers 422 for the whole batch
+            sink.write(Point("expired", {}, {"n": i}, T0 + i))
+        await settled(sink)
+        assert (sink.stats.written, sink.stats.dropped, sink.stats.failures) == (0, {"rejected": 5}, 0)
+
+        now = time.time_ns()
+        for i, ts in enumerate([now, T0 + 10, now + 1]):  # then a batch written in part
+            sink.write(Point("expired", {}, {"n": 10 + i}, ts))
+        await settled(sink)
+    finally:
+        await sink.close(drain_timeout_s=1.0)
+
+    assert transport.answered_422 == 2
+    assert [row["n"] for row in await query(influxdb, "SELECT n FROM expired ORDER BY time")] == [10, 12]
+    assert (sink.stats.written, sink.stats.dropped, sink.stats.unconfirmed) == (2, {"rejected": 6}, 0)
+    assert dropped("expired", "rejected") - rejected_before == 6
+
+
+async def test_a_batch_too_large_for_the_server_goes_in_halves_and_a_point_too_large_alone_is_rejected(
+    make_influxdb: Callable[[str], InfluxServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    influxdb = make_influxdb("  max-body-size = 2000")
+    sink = InfluxSink(influxdb.url, "tp_test", batch_size=10, flush_interval_s=0.05)
+    await sink.start()
+    try:
+        rejected_before = dropped("large", "rejected")
+        padding = "p" * 200  # ten points of ~240 bytes: more than the 2000 the server takes in one request
+        for i in range(10):
+            text = "x" * 3000 if i == 3 else padding  # a point larger than a whole request may be
+            sink.write(Point("large", {"symbol": "BIG"}, {"n": i, "text": text}, T0 + i))
+        await settled(sink)
+    finally:
+        await sink.close(drain_timeout_s=1.0)
+
+    rows = await query(influxdb, "SELECT n FROM large ORDER BY time")
+    assert [row["n"] for row in rows] == [i for i in range(10) if i != 3]
+    assert (sink.stats.written, sink.stats.dropped) == (9, {"rejected": 1})
+    assert dropped("large", "rejected") - rejected_before == 1
+    messages = [record.getMessage() for record in caplog.records if record.name == "tradeplane.influxdb"]
+    assert any("HTTP 413" in m and "max-body-size" in m for m in messages), messages
+    (alone,) = [m for m in messages if "too large even alone" in m]
+    assert "large,symbol=BIG n=3i" in alone  # the refused point, as a sample
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, *words: str) -> None:
+    """Wait until the sink has logged an error holding all of ``words``."""
+
+    def found() -> bool:
+        return any(
+            record.name == "tradeplane.influxdb"
+            and record.levelname == "ERROR"
+            and all(word in record.getMessage() for word in words)
+            for record in caplog.records
+        )
+
+    async with asyncio.timeout(SETTLE_TIMEOUT_S):
+        while not found():  # noqa: ASYNC110 - polls the captured log records
+            await asyncio.sleep(0.02)
+
+
+async def test_credentials_permissions_and_a_missing_database_are_retried_with_what_to_fix(
+    make_influxdb: Callable[[str], InfluxServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    influxdb = make_influxdb("  auth-enabled = true")
+    admin = ("admin", "admin-secret")
+
+    async def as_admin(q: str) -> None:
+        async with httpx.AsyncClient(auth=admin) as http:
+            response = await http.post(f"{influxdb.url}/query", params={"q": q})
+        response.raise_for_status()
+        assert "error" not in response.json()["results"][0], response.text
+
+    async with httpx.AsyncClient() as http:  # the first user needs no credentials
+        q = "CREATE USER admin WITH PASSWORD 'admin-secret' WITH ALL PRIVILEGES"
+        (await http.post(f"{influxdb.url}/query", params={"q": q})).raise_for_status()
+    url = influxdb.url.replace("http://", "http://writer:writer-secret@")
+    sink = InfluxSink(url, "tp_auth", batch_size=10, flush_interval_s=0.05, initial_backoff_s=0.02, max_backoff_s=0.1)
+    await sink.start()
+    try:
+        for i in range(5):
+            sink.write(Point("guarded", {}, {"n": i}, T0 + i))
+
+        await _logged(caplog, "HTTP 401", "TRADEPLANE_INFLUXDB_URL")  # no such user yet
+        await as_admin("CREATE USER writer WITH PASSWORD 'writer-secret'")  # not an admin: cannot create a database
+        await _logged(caplog, "HTTP 404", "CREATE DATABASE")
+        await as_admin("CREATE DATABASE tp_auth")
+        await _logged(caplog, "HTTP 403", 'GRANT WRITE ON "tp_auth" TO "writer"')
+        assert (sink.pending, sink.stats.written, sink.stats.dropped) == (5, 0, {})  # held all along
+        await as_admin("GRANT WRITE ON tp_auth TO writer")
+        await settled(sink)
+    finally:
+        await sink.close(drain_timeout_s=1.0)
+
+    rows = await query(influxdb, "SELECT n FROM guarded ORDER BY time", "tp_auth", auth=admin)
+    assert [row["n"] for row in rows] == list(range(5))
+    assert (sink.stats.written, sink.stats.dropped) == (5, {})
 
 
 # ------------------------------------------------------------------------------------------------- health

@@ -12,14 +12,20 @@ InfluxDB:
 - When InfluxDB is slow or down the batch is retried with exponential backoff (capped at ``max_backoff_s``)
   and the buffer keeps filling; beyond ``max_points`` the *oldest* points are dropped (fresh data is worth
   more than stale) and counted in ``influxdb_points_dropped_total{measurement, reason="overflow"}``.
-- A batch the server refuses (HTTP 400) is not retried. Refused whole, its points count as
-  ``reason="rejected"``. Written in part (``partial write: <reason> dropped=N``: points beyond the retention
-  policy, a field type conflict, an invalid tag or field name), only the N points InfluxDB says it dropped are
-  ``rejected`` and the rest count as written; by measurement where the batch held one, else under
-  ``measurement="unknown"`` (the answer does not say which). Where InfluxDB does not count what it dropped
-  (lines it could not parse: 1.x reports ``dropped=0``), the batch's points are counted in
+- A batch the server refuses for good (HTTP 400 from 1.x, 422 from 2.x) is not retried, and the sink moves on.
+  Refused whole, its points count as ``reason="rejected"`` (logged with a sample point). Written in part
+  (``partial write: <reason> dropped=N``, which 2.x prefixes with ``failure writing points to database:``:
+  points beyond the retention policy, a field type conflict, an invalid tag or field name), only the N points
+  InfluxDB says it dropped are ``rejected`` and the rest count as written; by measurement where the batch held
+  one, else under ``measurement="unknown"`` (the answer does not say which). Where InfluxDB does not count what
+  it dropped (lines it could not parse: 1.x reports ``dropped=0``), the batch's points are counted in
   ``influxdb_points_unconfirmed_total``, neither written nor dropped. InfluxDB 1.x reports one cause per batch:
   a shard's field type conflict hides points the same batch had beyond retention, so N can fall short then.
+- A request larger than the server takes (HTTP 413: InfluxDB's ``max-body-size``, or a proxy's body limit) is
+  sent again in halves, halved again while refused; a single point still too large is ``rejected``.
+- Credentials, permissions or the database being wrong (HTTP 401, 403, 404) is retried with backoff like an
+  outage, since the points become writable once an operator fixes it: an error names what to fix. A user
+  that may not ``CREATE DATABASE`` (not an admin) still writes into a database an admin made for it.
 - When it comes back, the retained points are written, oldest first.
 
 Exact values: InfluxDB stores numbers as float64 or int64. Floats would round prices (0.1 has no float64)
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -83,10 +90,19 @@ BUFFERED_POINTS = Gauge("influxdb_buffered_points", "Points waiting in the Influ
 FieldValue = int | float | bool | str | Decimal
 #: Overflow drops are logged at most this often (they are counted every time).
 OVERFLOW_LOG_INTERVAL_S = 10.0
+#: An error that needs an operator (bad credentials, a missing database) is logged again at most this often.
+REFUSAL_LOG_INTERVAL_S = 60.0
 #: The measurement label of points counted from a partial write of a batch of several measurements.
 UNATTRIBUTED = "unknown"
-# InfluxDB 1.x's answer to a batch it wrote in part (tsdb.PartialWriteError); the reason may span lines.
-_PARTIAL_WRITE = re.compile(r"partial write: (?P<reason>.*) dropped=(?P<dropped>[0-9]+)", re.DOTALL)
+#: A point or an answer in a log line is cut to this many characters.
+SAMPLE_CHARS = 300
+# The answer to a batch written in part (tsdb.PartialWriteError); the reason may span lines. 1.x sends it as is
+# (HTTP 400); 2.x (HTTP 422) prefixes it, and after points beyond retention names the database and policy.
+_PARTIAL_WRITE = re.compile(
+    r"(?:failure writing points to database: )?partial write: (?P<reason>.*) dropped=(?P<dropped>[0-9]+)"
+    r"(?: for database: \S+ for retention policy: .+)?",
+    re.DOTALL,
+)
 
 
 # ------------------------------------------------------------------------------------------ line protocol
@@ -260,6 +276,7 @@ class InfluxSink:
         if parts.port is not None:
             netloc = f"{netloc}:{parts.port}"
         self.url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        self._user = parts.username
         self.database = database
         self.max_points = max_points
         self.batch_size = batch_size
@@ -277,6 +294,7 @@ class InfluxSink:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._database_ready = False
+        self._refusal_logged: tuple[int | None, float] = (None, -math.inf)  # status, time.monotonic()
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -436,11 +454,13 @@ class InfluxSink:
             BUFFERED_POINTS.set(self.pending)
 
     async def _deliver(self) -> None:
-        """Send the batch until it is written or refused. While InfluxDB is down, back off; meanwhile
-        ``write`` trims the oldest points (the batch's first) so batch + buffer stay within the bound."""
+        """Send the batch until every point of it is written or refused for good (see the module docstring for
+        each answer). While InfluxDB is down or refuses the sink's credentials, back off; meanwhile ``write``
+        trims the oldest points (the batch's first) so batch + buffer stay within the bound."""
         backoff = self.initial_backoff_s
+        size = len(self._batch)  # points per request: halved while InfluxDB answers 413
         while self._batch:
-            batch = list(self._batch)
+            batch = list(itertools.islice(self._batch, size))
             self._posting = True
             try:
                 status, error = await self._post(encode(batch))
@@ -449,34 +469,103 @@ class InfluxSink:
                 status, error, reason = None, "", f"{exc.__class__.__name__}: {exc}"
             finally:
                 self._posting = False
-            if status == 204:
-                self._batch.clear()
-                self._count_written(Tally(point.measurement for point in batch))
-                return
-            if status == 400:
-                self._batch.clear()
-                self._settle_refused(batch, error)
-                return
+            if status in (204, 400, 422):  # settled: these points are done with
+                for _ in batch:
+                    self._batch.popleft()
+                if status == 204:
+                    self._count_written(Tally(point.measurement for point in batch))
+                    if self._refusal_logged[0] in (401, 403, 404):
+                        log.info("influxdb at %s takes the sink's writes again", self.url)
+                        self._refusal_logged = (None, -math.inf)
+                else:
+                    self._settle_refused(batch, status, error)
+                backoff = self.initial_backoff_s
+                continue
             self.stats.failures += 1
             WRITE_FAILURES.inc()
+            if status == 413:
+                if len(batch) > 1:
+                    size = len(batch) // 2
+                    self._log_refusal(
+                        413,
+                        "influxdb refused %d point(s) as too large (HTTP 413: %s); sending them in parts of %d:"
+                        " raise the server's [http] max-body-size (or the body limit of a proxy before it)",
+                        len(batch),
+                        error[:SAMPLE_CHARS],
+                        size,
+                    )
+                    continue
+                self._batch.popleft()
+                log.error(
+                    "influxdb refused a point as too large even alone (HTTP 413: %s): %s",
+                    error[:SAMPLE_CHARS],
+                    _sample(batch[0]),
+                )
+                self._drop(batch, "rejected")
+                continue
             if self._closing:
                 self._drop(list(self._batch), "shutdown")
                 self._batch.clear()
                 return
-            log.warning("influxdb write of %d point(s) failed (%s); retrying in %.2fs", len(batch), reason, backoff)
+            if status in (401, 403, 404):
+                self._log_refusal(
+                    status,
+                    "%s; %d point(s) wait for it, retried with backoff",
+                    self._fix(status, error),
+                    len(self._batch),
+                )
+            else:
+                log.warning("influxdb write of %d point(s) failed (%s); retrying in %.2fs", len(batch), reason, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _fix(self, status: int, error: str) -> str:
+        """What an operator must do about an answer that no retry mends by itself (401, 403, 404)."""
+        answer = f"HTTP {status}: {error[:SAMPLE_CHARS]}"
+        if status == 401:
+            return (
+                f"influxdb at {self.url} refused the sink's credentials ({answer}): put a valid user and password"
+                " in the sink's URL (TRADEPLANE_INFLUXDB_URL=http://user:password@host:8086)"
+            )
+        if status == 403:
+            user = "<user>" if self._user is None else f'"{self._user}"'
+            return (
+                f"influxdb at {self.url} does not let user {user} write to database {self.database!r} ({answer}):"
+                f' grant it (GRANT WRITE ON "{self._quoted_database}" TO {user}) or put a user that may in the'
+                " sink's URL (TRADEPLANE_INFLUXDB_URL)"
+            )
+        return (
+            f"influxdb at {self.url} has no database {self.database!r} and the sink could not create it ({answer}):"
+            f' create it (1.x: CREATE DATABASE "{self._quoted_database}"; 2.x: a bucket mapped to that database),'
+            " or correct TRADEPLANE_INFLUXDB_DATABASE and the path of TRADEPLANE_INFLUXDB_URL"
+        )
+
+    def _log_refusal(self, status: int, message: str, *args: object) -> None:
+        """Log an answer that needs an operator when it first comes, and then at most once per interval."""
+        logged_status, logged_at = self._refusal_logged
+        now = time.monotonic()
+        if status == logged_status and now - logged_at < REFUSAL_LOG_INTERVAL_S:
+            return
+        self._refusal_logged = (status, now)
+        log.log(logging.WARNING if status == 413 else logging.ERROR, message, *args)
 
     def _count_written(self, by_measurement: Tally[str]) -> None:
         for measurement, count in by_measurement.items():
             POINTS_WRITTEN.labels(measurement).inc(count)
         self.stats.written += by_measurement.total()
 
-    def _settle_refused(self, batch: list[Buffered], error: str) -> None:
-        """Count a batch answered 400: refused whole, or written but for the points the answer says it dropped."""
+    def _settle_refused(self, batch: list[Buffered], status: int, error: str) -> None:
+        """Count a batch answered 400 or 422: refused whole, or written but for the points the answer says it
+        dropped."""
         match = _PARTIAL_WRITE.fullmatch(error)
         if match is None:
-            log.error("influxdb refused a batch of %d point(s): %s", len(batch), error[:500])
+            log.error(
+                "influxdb refused a batch of %d point(s) (HTTP %d): %s; its first point: %s",
+                len(batch),
+                status,
+                error[:500],
+                _sample(batch[0]),
+            )
             self._drop(batch, "rejected")
             return
         dropped = int(match["dropped"])
@@ -507,11 +596,14 @@ class InfluxSink:
         """The answer's status and, for an error, InfluxDB's message."""
         if not self._database_ready:
             response = await self._client.post("/query", params={"q": f'CREATE DATABASE "{self._quoted_database}"'})
-            if response.status_code != 200:
+            # 403: a user that is not an admin may still write, into a database an admin made (if there is none,
+            # the write answers 404 and says so).
+            if response.status_code not in (200, 403):
                 return response.status_code, _error_message(response)
-            self._database_ready = True
+            self._database_ready = response.status_code == 200
         response = await self._client.post("/write", params={"db": self.database, "precision": "ns"}, content=body)
         if response.status_code == 204:
+            self._database_ready = True
             return 204, ""
         if response.status_code == 404:  # database dropped under us: create it again next time
             self._database_ready = False
@@ -522,12 +614,20 @@ class InfluxSink:
         return self.database.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _sample(point: Buffered) -> str:
+    """A point as line protocol, cut for a log line."""
+    line = point.to_line()
+    return line if len(line) <= SAMPLE_CHARS else f"{line[:SAMPLE_CHARS]}... ({len(line)} characters)"
+
+
 def _error_message(response: httpx.Response) -> str:
     """InfluxDB's error text: 1.x answers ``{"error": ...}`` and repeats it in ``X-Influxdb-Error`` (where line
-    breaks become spaces)."""
+    breaks become spaces); 2.x answers ``{"code": ..., "message": ...}``."""
     with contextlib.suppress(ValueError, AttributeError):
-        message = response.json().get("error")
-        if isinstance(message, str):
-            return message
+        body = response.json()
+        for key in ("error", "message"):
+            message = body.get(key)
+            if isinstance(message, str):
+                return message
     header: str = response.headers.get("X-Influxdb-Error", response.text)
     return header

@@ -88,7 +88,7 @@ from tradeplane.adapters.db.timeseries import (
 from tradeplane.adapters.feeds import EXTERNAL_SOURCE, ConsumerOffset, FeedBatch, TickFeed
 from tradeplane.adapters.feeds.replay import to_units
 from tradeplane.adapters.influxdb import InfluxSink, TickSeries
-from tradeplane.adapters.postgres import CONNECTION_ERRORS, Database
+from tradeplane.adapters.postgres import Database
 from tradeplane.domain.candles import Candle, CandleAggregator, Timeframe
 from tradeplane.domain.ticks import NS_PER_SECOND, DropReason, PriceScale, Tick, TickValidator
 from tradeplane.errors import InfrastructureUnavailable
@@ -208,11 +208,11 @@ class _Chunk:
 
 
 _CLOSE = object()
-_RETRYABLE: tuple[type[BaseException], ...] = (InfrastructureUnavailable, *CONNECTION_ERRORS)
 
 
 class PipelineFailed(InfrastructureUnavailable):
-    """The writer gave up (the database stayed unreachable past the retry window); submit raises this."""
+    """The writer stopped: the database stayed unreachable past the retry window, or a commit failed for a reason
+    no retry mends (its error is the cause); ``submit`` and ``flush`` raise this."""
 
 
 class MarketDataPipeline:
@@ -745,7 +745,10 @@ class MarketDataPipeline:
 
     async def _commit(self, chunks: list[_Chunk], source: AsyncIterator[bytes]) -> None:
         """One transaction: COPY (streamed on the first attempt), candles, spreads. Retried while the
-        database is unreachable, up to ``retry_for_s``."""
+        database is unreachable, up to ``retry_for_s``: only ``InfrastructureUnavailable``, which
+        ``Database.connection`` raises for a lost connection or a server that cannot be reached. Any other error
+        (an asyncpg ``InterfaceError`` on a healthy connection, an ``OSError`` of a file) is the pipeline's own
+        or its input's, which the same commit would meet again: it stops the writer at once."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempt = 0
@@ -781,7 +784,7 @@ class MarketDataPipeline:
                     await sql.record_consumer_offsets(conn, _highest_offsets(chunks))
                     reached_commit = (xact, conn.get_server_pid())
                 break
-            except _RETRYABLE as exc:
+            except InfrastructureUnavailable as exc:
                 if loop.time() - started > self.retry_for_s:
                     raise
                 log.warning("market data commit failed (%s), retrying", exc)

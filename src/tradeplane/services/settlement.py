@@ -514,15 +514,18 @@ class _Settler:
         instruments: Mapping[str, InstrumentInfo],
         rows: dict[int, OrderRow],
         now: datetime,
+        fee_accounts: Mapping[str, int],
+        offsets: Mapping[str, int],
     ) -> None:
         self.conn = conn
         self.instruments = instruments
         self.by_id = {i.instrument_id: i for i in instruments.values()}
         self.rows = rows
         self.now = now
+        self.offsets = offsets
         self.result = SettledBatch()
         self.positions: dict[tuple[int, int], Position] = {}
-        self.fee_accounts: dict[str, int] = {}
+        self.fee_accounts: dict[str, int] = dict(fee_accounts)
         self.ledger_txs: list[LedgerTransaction] = []
         self.fill_rows: list[tuple[Any, ...]] = []
         self.trade_rows: list[tuple[Any, ...]] = []
@@ -727,7 +730,7 @@ class _Settler:
                 average_price=r["average_price"] if r else Decimal(0),
                 realized_pnl=r["realized_pnl"] if r else Decimal(0),
             )
-        for quote in {self.by_id[k[1]].quote_asset for k in ordered}:
+        for quote in {self.by_id[k[1]].quote_asset for k in ordered} - self.fee_accounts.keys():
             self.fee_accounts[quote] = await house_account(self.conn, "fees", quote)
 
     async def _write(self) -> None:
@@ -735,9 +738,10 @@ class _Settler:
         now = self.now
         if self.fill_rows:
             columns = list(zip(*self.fill_rows, strict=True))
-            # The fills and their trades in one statement. A fill's account and instrument are its order's, read
-            # from the order row here: fills has no foreign keys of its own to accounts and instruments (migration
-            # 0015), the order's keys vouch for them. (A fill of an unknown order: NULLs, refused by NOT NULL.)
+            # The fills, their trades and the instruments' last price in one statement. A fill's account and
+            # instrument are its order's, read from the order row here: fills has no foreign keys of its own to
+            # accounts and instruments (migration 0015), the order's keys vouch for them. (A fill of an unknown
+            # order: NULLs, refused by NOT NULL.) A batch has fills exactly when it has a last price.
             inserted = await conn.fetch(
                 "WITH f AS (INSERT INTO fills (fill_id, order_id, account_id, instrument_id, side, quantity, price,"
                 " fee, fee_asset, liquidity, trade_id, created_at)"
@@ -748,11 +752,15 @@ class _Settler:
                 " k) LEFT JOIN orders o ON o.id = f.order_id ORDER BY f.k"
                 " RETURNING id, fill_id), t AS (INSERT INTO trades (trade_id, instrument_id, price, quantity,"
                 " buy_order_id, sell_order_id, aggressor_side, ts) SELECT * FROM unnest($11::text[], $12::bigint[],"
-                " $13::numeric[], $14::numeric[], $15::bigint[], $16::bigint[], $17::text[], $18::timestamptz[]))"
+                " $13::numeric[], $14::numeric[], $15::bigint[], $16::bigint[], $17::text[], $18::timestamptz[])),"
+                " i AS (UPDATE instruments i SET last_price = l.price, last_trade_at = $10"
+                " FROM unnest($19::bigint[], $20::numeric[]) AS l(id, price) WHERE i.id = l.id)"
                 " SELECT id, fill_id FROM f",
                 *[list(column) for column in columns],
                 now,
                 *[list(column) for column in zip(*self.trade_rows, strict=True)],
+                list(self.last_prices),
+                list(self.last_prices.values()),
             )
             ids = {r["fill_id"]: r["id"] for r in inserted}
             for fill in self.result.fills:
@@ -779,11 +787,6 @@ class _Settler:
             for p in self.positions.values():
                 p.mark_price = self.last_prices.get(p.instrument_id)
             self.result.positions.extend(self.positions.values())
-        if self.last_prices:
-            await conn.executemany(
-                "UPDATE instruments SET last_price = $2, last_trade_at = $3 WHERE id = $1",
-                [(instrument_id, price, now) for instrument_id, price in self.last_prices.items()],
-            )
         await self._write_orders()
         await self._post_ledger()
 
@@ -802,13 +805,15 @@ class _Settler:
         conn = self.conn
         now = self.now
         dirty = [row for row in self.rows.values() if row.dirty]
-        if not dirty:
+        if not dirty and not self.offsets:
             return
         for row in dirty:
             row.updated_at = now
-        # One statement for the order rows and their holds, whatever the batch size (every order row is already
-        # locked by load_order_rows, so the order the rows are visited in cannot deadlock). Each changed order's
-        # hold is resized to what it still reserves, or released (0) once the order is finished.
+        consumers = sorted(self.offsets)
+        # One statement for the order rows, their holds and the consumer offsets, whatever the batch size (every
+        # order row is already locked by load_order_rows, so the order the rows are visited in cannot deadlock);
+        # a batch that changed no order still writes its offsets through it. Each changed order's hold is resized
+        # to what it still reserves, or released (0) once the order is finished.
         await conn.execute(
             "WITH o AS (UPDATE orders o SET status = u.status, filled_quantity = u.filled_quantity,"
             " average_fill_price = u.average_fill_price, sequence = u.sequence, quantity = u.quantity,"
@@ -817,7 +822,11 @@ class _Settler:
             " FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[], $5::bigint[], $6::numeric[],"
             " $7::numeric[], $8::numeric[], $9::text[], $11::integer[]) AS u(id, status, filled_quantity,"
             " average_fill_price, sequence, quantity, price, hold_price, reject_reason, modifies_done)"
-            " WHERE o.id = u.id)"
+            " WHERE o.id = u.id),"
+            " c AS (INSERT INTO engine_offsets (consumer, last_sequence, updated_at)"
+            " SELECT c.consumer, c.last_sequence, $10 FROM unnest($13::text[], $14::bigint[]) WITH ORDINALITY"
+            " AS c(consumer, last_sequence, k) ORDER BY c.k ON CONFLICT (consumer) DO UPDATE"
+            " SET last_sequence = EXCLUDED.last_sequence, updated_at = EXCLUDED.updated_at)"
             " UPDATE holds h SET amount = CASE WHEN u.amount > 0 THEN u.amount ELSE h.amount END,"
             " released_at = CASE WHEN u.amount > 0 THEN NULL ELSE $10::timestamptz END"
             " FROM unnest($1::bigint[], $12::numeric[]) AS u(order_id, amount)"
@@ -834,6 +843,8 @@ class _Settler:
             now,
             [r.modifies_done for r in dirty],
             [hold_amount(row, self.by_id[row.instrument_id]) for row in dirty],
+            consumers,
+            [self.offsets[consumer] for consumer in consumers],
         )
         self.result.orders.extend(dirty)
         self.result.symbols.update(r.symbol for r in dirty)
@@ -847,24 +858,15 @@ async def settle(
     now: datetime,
     rows: dict[int, OrderRow] | None = None,
     offsets: Mapping[str, int] | None = None,
+    fee_accounts: Mapping[str, int] | None = None,
 ) -> SettledBatch:
     """Persist ``events`` (in order) inside the caller's transaction and return what changed.
 
     ``rows`` are order rows the caller already locked with ``load_order_rows`` (the rest are loaded here);
     ``offsets`` are ``engine_offsets`` rows (consumer -> last value) written in the same transaction, so
-    the batch and the mark of how far the stream was applied commit or roll back together.
+    the batch and the mark of how far the stream was applied commit or roll back together. ``fee_accounts``
+    are the ids of ``house:fees:<quote>`` accounts the caller already knows (committed ones: the rest are
+    looked up, or created, here), which saves a statement per batch.
     """
-    settler = _Settler(conn, instruments, rows if rows is not None else {}, now)
-    result = await settler.run(events)
-    if offsets:
-        consumers = sorted(offsets)
-        await conn.execute(
-            "INSERT INTO engine_offsets (consumer, last_sequence, updated_at)"
-            " SELECT c.consumer, c.last_sequence, $3 FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY"
-            " AS c(consumer, last_sequence, k) ORDER BY c.k ON CONFLICT (consumer) DO UPDATE"
-            " SET last_sequence = EXCLUDED.last_sequence, updated_at = EXCLUDED.updated_at",
-            consumers,
-            [offsets[consumer] for consumer in consumers],
-            now,
-        )
-    return result
+    settler = _Settler(conn, instruments, rows if rows is not None else {}, now, fee_accounts or {}, offsets or {})
+    return await settler.run(events)

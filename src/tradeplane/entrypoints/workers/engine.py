@@ -11,9 +11,11 @@ One ``EngineWorker`` owns the books of the symbols that ``shard_for`` maps to it
    from the next batch, no restart), translate the rest into domain commands (numbers from the order row, on the
    instrument's grid) and run them through the ``MatchingEngine``;
 4. settle every event in ONE transaction (``services.settlement.settle``) together with the offsets;
-5. commit, THEN ack, THEN publish to Redis: private ``tp:user:<id>`` reports, ``tp:trades:<symbol>``,
+5. commit, THEN publish to Redis: private ``tp:user:<id>`` reports, ``tp:trades:<symbol>``,
    ``tp:book:<symbol>`` increments with the ``tp:book:<symbol>:snapshot`` key in the same MULTI, and DEL of
-   the ``order_book:`` / ``positions:`` caches of every user touched.
+   the ``order_book:`` / ``positions:`` caches of every user touched; THEN ack, just before the next fetch, so
+   that on NATS the acks and the next pull request leave in one write (a delivery acked late is only one more
+   that a crash hands back, and the offset skips it).
 
 Execution report wire format (internal: the WebSocket hub, the order-queue worker and the market data feed
 read it; WebSocket clients get one frame per envelope). An envelope is ``{"channel": <kind>, "symbol": ...,
@@ -241,6 +243,7 @@ class EngineWorker:
         self.ready = asyncio.Event()
         self.engine = MatchingEngine()
         self.instruments: dict[str, InstrumentInfo] = {}
+        self.fee_accounts: dict[str, int] = {}  # house:fees:<quote> account ids, committed (see rebuild)
         self.bus_offset = 0
         self.command_seq = 0
         self._published: dict[str, _PublishedBook | None] = {}
@@ -277,9 +280,12 @@ class EngineWorker:
                 )
             }
             # Create the fee accounts now, where a race with another shard is just a retried rebuild, rather
-            # than inside a batch.
-            for quote in sorted({i.quote_asset for i in mine.values()}):
-                await house_account(conn, "fees", quote)
+            # than inside a batch, and keep their ids: accounts are never removed, so batches need not look them
+            # up (an instrument adopted later with another quote asset looks its own up in each batch).
+            fee_accounts = {
+                quote: await house_account(conn, "fees", quote)
+                for quote in sorted({i.quote_asset for i in mine.values()})
+            }
             rows = await conn.fetch(
                 "SELECT id, account_id, instrument_id, side, type, time_in_force, quantity, filled_quantity,"
                 " price, stop_price, hold_price, expire_at, post_only, reduce_only, stp_mode, sequence, triggered_at"
@@ -310,6 +316,7 @@ class EngineWorker:
             engine.restore(symbol, states[symbol], last_price=last, positions=positions[symbol])
         self.engine = engine
         self.instruments = mine
+        self.fee_accounts = fee_accounts
         self.bus_offset = offsets.get(self.consumer, 0)
         self.command_seq = offsets.get(self.counter, 0)
         # Subscribers may hold a book that differs from the rebuilt one: re-read what they have, then send
@@ -433,7 +440,7 @@ class EngineWorker:
     # -------------------------------------------------------------------------------------------- batch
 
     async def apply_batch(self, deliveries: list[Delivery], stop: asyncio.Event | None = None) -> None:
-        """Apply one batch: skip what was applied, settle the rest in one transaction, commit, ack, publish."""
+        """Apply one batch: skip what was applied, settle the rest in one transaction, commit, publish, ack."""
         todo: list[dict[str, Any]] = []
         top = self.bus_offset
         for d in deliveries:
@@ -463,14 +470,14 @@ class EngineWorker:
                 raise
             self.bus_offset = top
             log.debug("engine shard %s applied %d deliveries up to #%d", self.shard, len(deliveries), top)
+        if result is not None:
+            await self._publish(result)
         for d in deliveries:
             try:
                 await d.ack()
             except InfrastructureUnavailable as exc:
                 # Committed already: the redelivery will be skipped by its sequence.
                 log.warning("engine shard %s could not ack %s: %s", self.shard, d.msg_id, exc)
-        if result is not None:
-            await self._publish(result)
 
     async def _abandon(self, deliveries: list[Delivery], stop: asyncio.Event | None, exc: BaseException) -> None:
         """The batch did not commit: rebuild the books from PostgreSQL and hand the deliveries back."""
@@ -516,7 +523,15 @@ class EngineWorker:
             if command is not None:
                 events.extend(self.engine.process(command))
         offsets = {self.consumer: top, self.counter: self.command_seq}
-        result = await settle(conn, events, instruments=self.instruments, now=now, rows=rows, offsets=offsets)
+        result = await settle(
+            conn,
+            events,
+            instruments=self.instruments,
+            now=now,
+            rows=rows,
+            offsets=offsets,
+            fee_accounts=self.fee_accounts,
+        )
         triggered = [ev.order_id for ev in events if type(ev) is StopTriggered]
         if triggered:
             # In the batch's transaction: a rebuild must know the stop left the stop book, whatever the price
@@ -648,7 +663,12 @@ class EngineWorker:
         try:
             async with self.db.transaction("engine.expire") as conn:
                 result = await settle(
-                    conn, events, instruments=self.instruments, now=now, offsets={self.counter: self.command_seq}
+                    conn,
+                    events,
+                    instruments=self.instruments,
+                    now=now,
+                    offsets={self.counter: self.command_seq},
+                    fee_accounts=self.fee_accounts,
                 )
         except asyncio.CancelledError:
             raise

@@ -28,7 +28,15 @@ from tradeplane.domain.risk import OrderTerms
 from tradeplane.entrypoints.api.schemas import OrderPublic
 from tradeplane.services import accounts, demo, identity
 from tradeplane.services.identity import Principal, Role
-from tradeplane.services.orders import OrderRequest, order_entry, submit_order
+from tradeplane.services.orders import (
+    RATE_WINDOW_TTL_S,
+    OrderRequest,
+    order_entry,
+    rate_limit_key,
+    submit_mixed,
+    submit_order,
+    submit_orders,
+)
 
 D = Decimal
 BTC_RESERVE = D("32516.25")  # 0.5 BTC at 65000.00 plus the worst (taker) fee 0.05%, rounded up to the cent
@@ -163,6 +171,55 @@ async def test_placement_is_all_or_nothing(platform: Platform, alice: Actor) -> 
         )
     assert await counts(platform) == (0, 0, 0)
     assert await one(platform, "SELECT count(*) FROM audit_log") == audit_before
+
+
+async def test_a_grouped_placement_is_all_or_nothing(platform: Platform, alice: Actor) -> None:
+    """The placement of several orders (a batch, or single orders grouped by the placement queue) sets its plan mode
+    in the same round trip as BEGIN: a failure still rolls back every row, and leaves no transaction open."""
+    await script(
+        platform,
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'outbox down'; END $$;"
+        " CREATE TRIGGER refuse BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    principal = Principal(alice.user_id, "alice", Role.TRADER)
+    terms = OrderTerms(Side.BUY, OrderType.LIMIT, D("0.5"), price=D("65000"))
+    request = OrderRequest(alice.account_id or 0, "BTC-USD", terms)
+    audit_before = await one(platform, "SELECT count(*) FROM audit_log")
+    with pytest.raises(asyncpg.RaiseError, match="outbox down"):
+        await submit_orders(platform.db, order_entry(platform), principal, [request, request])
+    assert await counts(platform) == (0, 0, 0)
+    assert await one(platform, "SELECT count(*) FROM audit_log") == audit_before
+    open_transactions = await one(
+        platform,
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    )
+    assert open_transactions == 0
+    await script(platform, "DROP TRIGGER refuse ON outbox")
+    outcomes = await submit_orders(platform.db, order_entry(platform), principal, [request, request])
+    assert [o.outcome.value for o in outcomes if not isinstance(o, Exception)] == ["accepted", "accepted"]
+    assert await counts(platform) == (2, 2, 1)  # one outbox row: the shard's batch of commands
+
+
+async def test_a_placement_adds_each_accounts_orders_to_its_rate_window_which_expires(
+    platform: Platform, alice: Actor
+) -> None:
+    bob = await new_actor(platform)
+    second = datetime.now(UTC).replace(microsecond=0)
+    entry = order_entry(platform)
+    entry.clock = lambda: second
+    terms = OrderTerms(Side.BUY, OrderType.LIMIT, D("0.1"), price=D("65000"))
+    placements = [
+        (Principal(actor.user_id, "trader", Role.TRADER), OrderRequest(actor.account_id or 0, "BTC-USD", terms))
+        for actor in (alice, bob, alice)
+    ]
+    await submit_mixed(platform.db, entry, placements)  # one placement: alice's two orders and bob's one
+    await submit_mixed(platform.db, entry, placements[:1])
+    redis = platform.cache.client
+    for actor, count in ((alice, b"3"), (bob, b"1")):
+        key = rate_limit_key(actor.account_id or 0, int(second.timestamp()))
+        assert await redis.get(key) == count
+        assert 0 < await redis.ttl(key) <= RATE_WINDOW_TTL_S  # the window's counter does not outlive it for long
 
 
 async def test_day_orders_carry_the_session_close_and_market_orders_hold_at_the_band_edge(

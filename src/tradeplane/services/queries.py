@@ -242,6 +242,26 @@ class AccountSummary:
     realized_pnl: Decimal
     unrealized_pnl: Decimal
 
+    def to_json(self) -> dict[str, Any]:
+        """The AccountPublic JSON object (decimals as strings)."""
+        return {
+            "account_id": self.account_id,
+            "user_id": self.user_id,
+            "name": self.name,
+            "kind": self.kind,
+            "currency": self.currency,
+            "status": self.status,
+            "stp": self.stp,
+            "cash": decimal_text(self.cash),
+            "holds": decimal_text(self.holds),
+            "free": decimal_text(self.free),
+            "positions_value": decimal_text(self.positions_value),
+            "equity": decimal_text(self.equity),
+            "margin_used": decimal_text(self.margin_used),
+            "realized_pnl": decimal_text(self.realized_pnl),
+            "unrealized_pnl": decimal_text(self.unrealized_pnl),
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class InstrumentRecord:

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +27,7 @@ from tradeplane.entrypoints.api import marketdata as marketdata_api
 from tradeplane.entrypoints.api import orders as orders_api
 from tradeplane.entrypoints.api import websocket as websocket_hub
 from tradeplane.entrypoints.api.deps import principal_of
+from tradeplane.entrypoints.api.fast_reads import AccountReadFastPath
 from tradeplane.entrypoints.api.observability import RequestMetrics
 from tradeplane.entrypoints.api.schemas import OrderCreate
 from tradeplane.errors import TradeplaneError
@@ -147,14 +148,20 @@ _FAST_BODY_LIMIT = 16 * 1024  # an order is a few hundred bytes; anything larger
 
 
 class OrderPlacementFastPath:
-    """``POST /api/v1/orders``, the hot path, without the routing, dependency and body layers of FastAPI.
+    """``POST /api/v1/orders``, the hot path, without the layers of FastAPI.
 
     Those layers cost more CPU per order than the placement itself (a profile at 500 orders/s: half of the api
-    process's samples were in them). This does what the route does for a well-formed request (same
-    authentication, the same ``OrderCreate`` validation of the same parsed JSON, ``orders.place_one``, the same
-    error renderers) and hands anything else to the ordinary route untouched, with the body it read: a body
-    that is not JSON, fails validation, or comes with another content type gets the route's own answer. The
-    route stays declared for the OpenAPI schema and for those requests.
+    process's samples were in routing, dependencies and body parsing), and the ones in front of the user
+    middleware still cost about as much as the placement's validation and response (FastAPI's telemetry check,
+    which reads the environment on every request, ServerErrorMiddleware, fastapi's exception telemetry and
+    body-limit layers). So ``TradeplaneAPI`` calls this before FastAPI sees the request.
+
+    It does what the route does for a well-formed request (same authentication, the same ``OrderCreate``
+    validation of the same parsed JSON, ``orders.place_one``, the same error renderers, and ServerErrorMiddleware's
+    plain 500 for anything else) and hands anything else to ``app``, the whole FastAPI application, untouched,
+    with the body it read: a body that is not JSON, fails validation, is larger than a few KiB or comes with
+    another content type gets the route's own answer. The route stays declared for the OpenAPI schema and for
+    those requests.
     """
 
     def __init__(self, app: ASGIApp, platform: Platform) -> None:
@@ -163,9 +170,6 @@ class OrderPlacementFastPath:
         self.route = next(r for r in orders_api.router.routes if getattr(r, "endpoint", None) is orders_api.place_order)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != _ORDERS_PATH:
-            await self.app(scope, receive, send)
-            return
         authorization = content_type = content_length = None
         for name, value in scope["headers"]:
             if name == b"authorization" and authorization is None:
@@ -186,13 +190,19 @@ class OrderPlacementFastPath:
             return
         messages: list[Message] = []
         chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             messages.append(message)
             if message["type"] != "http.request":  # a disconnect: the route reports it as it would
                 await self.app(scope, _replay(messages, receive), send)
                 return
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > _FAST_BODY_LIMIT:  # more than Content-Length said: BodyLimit, in the app, decides
+                await self.app(scope, _replay(messages, receive), send)
+                return
             if not message.get("more_body", False):
                 break
         try:
@@ -201,19 +211,25 @@ class OrderPlacementFastPath:
             await self.app(scope, _replay(messages, receive), send)
             return
         scope["route"] = self.route  # the metrics label, as routing would have set it
+        response: Response | None = None
         try:
             principal = await principal_of(self.platform, authorization or "")
             try:
-                body = OrderCreate.model_validate(data, from_attributes=True)
+                body: OrderCreate | None = OrderCreate.model_validate(data, from_attributes=True)
             except ValidationError:
-                await self.app(scope, _replay(messages, receive), send)
-                return
-            response = await orders_api.place_one(body, principal, self.platform)
+                body = None
+            if body is not None:
+                response = await orders_api.place_one(body, principal, self.platform)
         except Exception as exc:
             renderer = next((_ERROR_RENDERERS[c] for c in type(exc).__mro__ if c in _ERROR_RENDERERS), None)
             if renderer is None:
+                # what ServerErrorMiddleware (not in debug) answers, before uvicorn logs the exception
+                await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
                 raise
             response = await renderer(Request(scope), exc)
+        if response is None:  # not a valid order: the route's own validation answers
+            await self.app(scope, _replay(messages, receive), send)
+            return
         await response(scope, receive, send)
 
 
@@ -225,6 +241,35 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replayed
+
+
+class TradeplaneAPI(FastAPI):
+    """The FastAPI application, with request metrics and ``POST /api/v1/orders`` in front of FastAPI's own layers.
+
+    uvicorn calls the application itself for every request, so this is the one place to answer a request before
+    ``FastAPI.__call__`` (see ``OrderPlacementFastPath``). ``RequestMetrics`` times every HTTP request here, the
+    fast path's and FastAPI's alike, once each; a request the fast path hands back is measured once too.
+    """
+
+    def __init__(self, platform: Platform, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.state.platform = platform
+        framework: ASGIApp = super().__call__
+        self._orders = OrderPlacementFastPath(framework, platform)
+        self._framework = framework
+        self._measured = RequestMetrics(self._dispatch)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._measured(scope, receive, send)
+        else:  # lifespan and WebSocket
+            await self._framework(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "POST" and scope["path"] == _ORDERS_PATH:
+            await self._orders(scope, receive, send)
+        else:
+            await self._framework(scope, receive, send)
 
 
 def create_app(platform: Platform) -> FastAPI:
@@ -239,16 +284,15 @@ def create_app(platform: Platform) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
 
-    app = FastAPI(
+    app = TradeplaneAPI(
+        platform,
         title="tradeplane",
         version=__version__,
         description="Self-hosted trading platform core. Authenticate with `Authorization: Bearer <API key>`.",
         lifespan=lifespan,
     )
-    app.state.platform = platform
-    app.add_middleware(OrderPlacementFastPath, platform=platform)
+    app.add_middleware(AccountReadFastPath, platform=platform, renderers=_ERROR_RENDERERS)
     app.add_middleware(BodyLimit)
-    app.add_middleware(RequestMetrics)  # outermost: it times the fast path's requests too
     for exc_class, renderer in _ERROR_RENDERERS.items():
         app.add_exception_handler(exc_class, renderer)
 

@@ -279,9 +279,14 @@ async def list_positions(
 async def get_account(account_id: IdPath, principal: PrincipalDep, platform: PlatformDep) -> AccountPublic:
     """Cash, holds, free funds, equity, margin in use, realized and unrealized P&L (positions marked at the last
     trade). Free is cash - holds for a cash account, equity - margin_used - holds for a margin account."""
+    return AccountPublic.model_validate(await read_account(account_id, principal, platform), from_attributes=True)
+
+
+async def read_account(account_id: int, principal: Principal, platform: Platform) -> queries.AccountSummary:
+    """GET /accounts/{id} once the request is authenticated and the id valid: this route's read, and the whole of
+    what ``fast_reads.AccountReadFastPath`` does after its own checks (it renders ``AccountSummary.to_json``)."""
     async with platform.db.connection("accounts.summary") as conn:
-        summary = await queries.account_summary(conn, principal, account_id)
-    return AccountPublic.model_validate(summary, from_attributes=True)
+        return await queries.account_summary(conn, principal, account_id)
 
 
 @router.patch("/accounts/{account_id}", response_model=AccountPublic)

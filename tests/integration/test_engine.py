@@ -289,15 +289,20 @@ async def check_invariants(conn: asyncpg.Connection, seeds: dict[tuple[int, int]
         assert o["active"] <= 1, f"order {o['id']} has {o['active']} active holds"
     # Holds, fills and ledger entries reach accounts and instruments through their orders and balances, not keys
     # of their own (migration 0015): each must name its order's account (and instrument), or an account that has
-    # a balance in the asset.
+    # a balance in the asset. Orders and entries name their instrument and ledger transaction without a key
+    # (0017): each must exist.
     strays = await conn.fetch(
         "SELECT 'hold' AS kind, h.id FROM holds h JOIN orders o ON o.id = h.order_id WHERE h.account_id <> o.account_id"
         " UNION ALL SELECT 'fill', f.id FROM fills f JOIN orders o ON o.id = f.order_id"
         " WHERE (f.account_id, f.instrument_id) <> (o.account_id, o.instrument_id)"
         " UNION ALL SELECT 'entry', e.id FROM ledger_entries e WHERE NOT EXISTS"
         " (SELECT FROM balances b WHERE b.account_id = e.account_id AND b.asset = e.asset)"
+        " UNION ALL SELECT 'order', o.id FROM orders o WHERE o.instrument_id IS NOT NULL AND NOT EXISTS"
+        " (SELECT FROM instruments i WHERE i.id = o.instrument_id)"
+        " UNION ALL SELECT 'entry', e.id FROM ledger_entries e WHERE NOT EXISTS"
+        " (SELECT FROM ledger_transactions t WHERE t.id = e.transaction_id)"
     )
-    assert strays == [], f"rows whose account or instrument is not their order's or balance's: {strays}"
+    assert strays == [], f"rows whose references are missing or not their order's or balance's: {strays}"
     fills_per_trade = await conn.fetch(
         "SELECT trade_id, count(*), array_agg(liquidity ORDER BY liquidity) AS sides FROM fills GROUP BY 1"
     )

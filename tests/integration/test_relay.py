@@ -140,3 +140,28 @@ async def test_a_commit_announcement_wakes_an_idle_relay(database_url: str, nats
         await bus.close()
         await cache.close()
         await db.close()
+
+
+async def test_stop_ends_an_idle_relay_at_once(database_url: str, nats_url: str) -> None:
+    """An idle relay waits for a wake-up or its next poll (an hour here); a stop must not wait for either."""
+    bus = create_bus(nats_url, namespace=f"t{uuid.uuid4().hex[:8]}")
+    db = Database(database_url, min_size=1, max_size=2)
+    await db.connect()
+    await bus.connect()
+    stop = asyncio.Event()
+    try:
+        await bus.setup(1)
+        relay = OutboxRelay(db, bus, idle_sleep_s=3600)
+        runner = asyncio.create_task(relay.run(stop))
+        await insert_outbox(db, "orders.0", 1)
+        relay.wake.set()
+        subscription = await bus.subscribe("orders.0", "engine")
+        assert len(await subscription.fetch(1, timeout=5)) == 1  # published: the relay is past its read, idle
+        await subscription.close()
+        stop.set()
+        await asyncio.wait_for(runner, timeout=30)  # TimeoutError if the stop waited for the poll
+    finally:
+        stop.set()
+        await bus.destroy(1)
+        await bus.close()
+        await db.close()

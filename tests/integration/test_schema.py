@@ -268,11 +268,10 @@ async def test_filled_quantity_cannot_exceed_order_quantity(db: asyncpg.Connecti
 
 
 async def test_foreign_keys_reject_orders_and_fills_for_unknown_rows(db: asyncpg.Connection) -> None:
+    """orders.instrument_id has no foreign key since 0017 (see the test below)."""
     s = await seed(db)
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await place(db, s, account_id=999_999)
-    with pytest.raises(asyncpg.ForeignKeyViolationError):
-        await place(db, s, instrument_id=999_999)
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await db.execute(
             "INSERT INTO fills (fill_id, order_id, account_id, instrument_id, side, quantity, price,"
@@ -280,6 +279,52 @@ async def test_foreign_keys_reject_orders_and_fills_for_unknown_rows(db: asyncpg
             s.account_id,
             s.instrument_id,
         )
+
+
+async def test_instruments_and_ledger_transactions_are_never_removed_or_renumbered(db: asyncpg.Connection) -> None:
+    """Orders name their instrument, and ledger entries their transaction, without a foreign key (0017): the rows
+    they name must stay, whether anything refers to them yet or not."""
+    s = await seed(db)
+    order_id = await place(db, s)
+    tx_id = await post(db, [(s.account_id, "USD", Decimal("-5")), (s.other_account_id, "USD", Decimal("5"))])
+    bare_tx_id = await db.fetchval("INSERT INTO ledger_transactions (kind) VALUES ('deposit') RETURNING id")
+    for statement in (
+        "DELETE FROM instruments",
+        f"DELETE FROM instruments WHERE id = {s.instrument_id}",
+        "TRUNCATE instruments CASCADE",
+        "UPDATE instruments SET id = id + 1000",
+        "DELETE FROM ledger_transactions",
+        f"DELETE FROM ledger_transactions WHERE id = {bare_tx_id}",
+        "TRUNCATE ledger_transactions CASCADE",
+        f"UPDATE ledger_transactions SET id = id + 1000 WHERE id = {bare_tx_id}",
+    ):
+        with pytest.raises(asyncpg.RestrictViolationError, match="never removed"):
+            await db.execute(statement)
+    # everything else about them may change (a delisting, 0016's touch of an unbalanced transaction)
+    await db.execute("UPDATE instruments SET status = 'halted', id = id WHERE id = $1", s.instrument_id)
+    await db.execute("UPDATE ledger_transactions SET kind = kind")
+    assert await db.fetchval("SELECT instrument_id FROM orders WHERE id = $1", order_id) == s.instrument_id
+    assert await db.fetchval("SELECT count(*) FROM instruments") == 1
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries WHERE transaction_id = $1", tx_id) == 2
+    assert await db.fetchval("SELECT count(*) FROM ledger_transactions") == 2
+
+
+async def test_ledger_entries_of_an_unknown_ledger_transaction_are_refused(db: asyncpg.Connection) -> None:
+    """ledger_entries.transaction_id has no foreign key since 0017: the statement check refuses the entries."""
+    s = await seed(db)
+    legs = [(999_999, s.account_id, Decimal("-5")), (999_999, s.other_account_id, Decimal("5"))]
+    known = await db.fetchval("INSERT INTO ledger_transactions (kind) VALUES ('trade') RETURNING id")
+    for rows in (legs, [(known, s.account_id, Decimal("-1")), (known, s.other_account_id, Decimal("1")), *legs]):
+        with pytest.raises(asyncpg.ForeignKeyViolationError) as caught:
+            await db.execute(
+                "INSERT INTO ledger_entries (transaction_id, account_id, asset, amount)"
+                " SELECT t, a, 'USD', m FROM unnest($1::bigint[], $2::bigint[], $3::numeric[]) AS u(t, a, m)",
+                [t for t, _, _ in rows],
+                [a for _, a, _ in rows],
+                [m for _, _, m in rows],
+            )
+        assert caught.value.constraint_name == "fk_ledger_entries_transaction_id_ledger_transactions"
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
 
 
 async def test_amounts_must_be_positive_and_house_accounts_unique(db: asyncpg.Connection) -> None:

@@ -75,21 +75,34 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; outages of PostgreSQL or the bus are waited out, never fatal."""
         backoff = 0.1
-        while not stop.is_set():
-            self.wake.clear()  # before reading: a wake-up for a row committed after the read is kept
-            try:
-                published = await self.publish_pending()
-                backoff = 0.1
-            except InfrastructureUnavailable as exc:
-                log.warning("relay waiting for infrastructure: %s", exc.detail)
-                published = 0
-                await pause(stop, backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            if published < self.batch_size:
-                # Caught up with what the read saw. A row committed since has set `wake` (cleared before the
-                # read), so this returns at once for it; no need for another read to learn the outbox is empty.
-                await pause(stop, self.idle_sleep_s, self.wake)
+        # `stop` ends the idle wait below by setting `wake`: one task for the relay's life, where ``pause`` would
+        # start and cancel two on every wake-up (one per committed placement at low rates)
+        stopping = asyncio.ensure_future(_set_when_set(stop, self.wake))
+        try:
+            while not stop.is_set():
+                self.wake.clear()  # before reading: a wake-up for a row committed after the read is kept
+                try:
+                    published = await self.publish_pending()
+                    backoff = 0.1
+                except InfrastructureUnavailable as exc:
+                    log.warning("relay waiting for infrastructure: %s", exc.detail)
+                    published = 0
+                    await pause(stop, backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if published < self.batch_size:
+                    # Caught up with what the read saw. A row committed since has set `wake` (cleared before the
+                    # read), so this returns at once for it; no need for another read to learn the outbox is empty.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.idle_sleep_s):
+                            await self.wake.wait()
+        finally:
+            stopping.cancel()
+
+
+async def _set_when_set(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 async def relay_wakeups(cache: Cache, wake: asyncio.Event, stop: asyncio.Event) -> None:

@@ -201,6 +201,7 @@ accounts = Table(
     CheckConstraint("kind = 'house' OR user_id IS NOT NULL", name="owner_unless_house"),
 )
 
+#: Never deleted, truncated or renumbered (triggers, migration 0017): entries refer to them without a foreign key.
 ledger_transactions = Table(
     "ledger_transactions",
     metadata,
@@ -219,13 +220,9 @@ ledger_entries = Table(
     "ledger_entries",
     metadata,
     identity_pk(),
-    Column(
-        "transaction_id",
-        BigInteger,
-        ForeignKey("ledger_transactions.id"),
-        nullable=False,
-        index=True,
-    ),
+    # no foreign key (migration 0017): the statement check above refuses entries of a ledger transaction that
+    # does not exist, and ledger transactions are never deleted
+    Column("transaction_id", BigInteger, nullable=False, index=True),
     # no foreign keys to accounts (migration 0015) or assets (0010): the balance row post_many moves in the same
     # statement checks both
     Column("account_id", BigInteger, nullable=False),
@@ -312,6 +309,8 @@ withdrawals = Table(
 
 # -------------------------------------------------------------------------------------------- reference
 
+#: Never deleted, truncated or renumbered (triggers, migration 0017): an instrument is delisted through its status,
+#: and orders refer to it without a foreign key.
 instruments = Table(
     "instruments",
     metadata,
@@ -367,8 +366,9 @@ orders = Table(
     metadata,
     identity_pk(),
     Column("account_id", BigInteger, ForeignKey("accounts.id"), nullable=False),
-    # NULL only for a rejected order whose symbol names no instrument (migration 0011)
-    Column("instrument_id", BigInteger, ForeignKey("instruments.id"), nullable=True),
+    # NULL only for a rejected order whose symbol names no instrument (migration 0011). No foreign key (0017): the
+    # placement reads the instrument's row in the order's transaction, and instruments are never deleted.
+    Column("instrument_id", BigInteger, nullable=True),
     Column("client_order_id", String(64), nullable=True),
     Column("side", String(4), nullable=False),
     Column("type", String(16), nullable=False),

@@ -1,6 +1,6 @@
 """Matching engine benchmark: a mixed add / cancel / marketable flow on a book about 1,000 orders deep.
 
-Run: ``.venv/bin/python tests/bench/bench_matching.py [--ops N] [--seed S] [--depth D]``
+Run: ``.venv/bin/python tests/bench/bench_matching.py [--ops N] [--seed S] [--depth D] [--record FILE]``
 
 The flow is drawn from a seeded RNG, so every run offers the engine the same commands: 60% passive limit
 adds (GTC, one of 100 accounts, within 50 ticks of the touch), 30% cancels of a random resting order, 10%
@@ -12,6 +12,10 @@ Each operation is one ``MatchingEngine.process(command)`` call timed with ``time
 the command and tracking which orders rest (to pick cancels) happen outside the timed call. Figures: ops/s
 over the summed engine time, ops/s over wall-clock time (generation included), and per-op percentiles.
 The last line is a one-line JSON summary. This is a benchmark, not a test: nothing here asserts on time.
+
+``--record FILE`` also pickles every command the engine was given, book building first, as a list: the same
+stream can then be replayed under a tool that counts instructions (``valgrind --tool=callgrind``), which
+load on the machine does not change.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import pickle
 import platform
 import random
 import sys
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--depth", type=int, default=1_000, help="target resting orders")
+    parser.add_argument("--record", metavar="FILE", help="pickle the command stream (book building first) here")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -74,6 +80,7 @@ def main() -> None:
     live = LiveOrders()
     seq = 0
     next_id = 1
+    recorded: list[NewOrder | Cancel] = []
 
     def track(events: list[object]) -> None:
         for ev in events:
@@ -89,19 +96,20 @@ def main() -> None:
         side = Side.BUY if i % 2 == 0 else Side.SELL
         offset = 1 + (i // 2) % LEVELS_PER_SIDE
         price = MID - offset if side is Side.BUY else MID + offset
-        engine.process(
-            NewOrder(
-                seq=seq,
-                ts_ns=seq,
-                symbol=SYMBOL,
-                order_id=next_id,
-                account_id=rng.randrange(ACCOUNTS),
-                side=side,
-                order_type=OrderType.LIMIT,
-                qty=rng.randint(1, 10),
-                price=price,
-            )
+        new = NewOrder(
+            seq=seq,
+            ts_ns=seq,
+            symbol=SYMBOL,
+            order_id=next_id,
+            account_id=rng.randrange(ACCOUNTS),
+            side=side,
+            order_type=OrderType.LIMIT,
+            qty=rng.randint(1, 10),
+            price=price,
         )
+        engine.process(new)
+        if args.record:
+            recorded.append(new)
         live.add(next_id)
         next_id += 1
 
@@ -176,6 +184,8 @@ def main() -> None:
         t0 = perf()
         events = process(cmd)
         latencies[n] = perf() - t0
+        if args.record:
+            recorded.append(cmd)
         if kind == "add" and cmd.order_id in book:
             live.add(cmd.order_id)
         for ev in events:
@@ -183,6 +193,9 @@ def main() -> None:
                 fills += 1
         track(events)  # type: ignore[arg-type]
     wall_ns = perf() - wall_start
+    if args.record:
+        with open(args.record, "wb") as f:
+            pickle.dump(recorded, f, protocol=pickle.HIGHEST_PROTOCOL)
 
     engine_ns = sum(latencies)
     latencies.sort()

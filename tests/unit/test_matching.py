@@ -827,7 +827,7 @@ def test_events_are_immutable_values() -> None:
 
 def test_engine_built_events_equal_class_built_ones() -> None:
     """The engine builds its events without calling their classes (``book._builder``): what comes out must be
-    the very class, equal and hashing like the class-built value, and just as frozen."""
+    the very class, equal and hashing like the class-built value, and just as frozen (no store, no delete)."""
     from dataclasses import FrozenInstanceError, fields
 
     from tradeplane.domain import book as book_module
@@ -851,6 +851,8 @@ def test_engine_built_events_equal_class_built_ones() -> None:
         assert repr(event) == repr(cls(*values))
         with pytest.raises(FrozenInstanceError):
             event.seq = 99
+        with pytest.raises(FrozenInstanceError):
+            del event.seq
     assert len(built) == len(Event.__args__)  # type: ignore[attr-defined]
 
 

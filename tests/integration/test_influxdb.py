@@ -9,11 +9,14 @@ under CI (CI=1), where that is a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -517,8 +520,11 @@ async def test_credentials_permissions_and_a_missing_database_are_retried_with_w
         await as_admin("CREATE DATABASE tp_auth")
         await _logged(caplog, "HTTP 403", 'GRANT WRITE ON "tp_auth" TO "writer"')
         assert (sink.pending, sink.stats.written, sink.stats.dropped) == (5, 0, {})  # held all along
+        assert sink.stats.last_failure is not None and sink.stats.consecutive_failures > 0
+        assert (sink.stats.last_failure.status, sink.stats.last_written_at) == (403, None)
         await as_admin("GRANT WRITE ON tp_auth TO writer")
         await settled(sink)
+        assert sink.stats.consecutive_failures == 0 and sink.stats.last_written_at is not None
     finally:
         await sink.close(drain_timeout_s=1.0)
 
@@ -530,47 +536,202 @@ async def test_credentials_permissions_and_a_missing_database_are_retried_with_w
 # ------------------------------------------------------------------------------------------------- health
 
 
-async def test_health_influxdb_follows_the_server(
-    influxdb: InfluxServer, database_url: str, redis_url: str, nats_url: str
-) -> None:
+def platform_for(url: str, database: str, database_url: str, redis_url: str, nats_url: str) -> Platform:
+    """A platform, as one process of a deployment builds it, whose sink writes to ``database`` at ``url``."""
     settings = Settings(
         database_url=database_url,
         redis_url=redis_url,
         bus_url=nats_url,
-        influxdb_url=influxdb.url,
-        influxdb_database="tp_health",
+        influxdb_url=url,
+        influxdb_database=database,
         secret_key="test-secret-key-not-for-production",
         db_pool_min=1,
     )
-    platform = build_platform(settings)
+    return build_platform(settings)
+
+
+@contextlib.asynccontextmanager
+async def market_data_worker(platform: Platform) -> AsyncIterator[None]:
+    """The market data worker on ``platform``: it writes its figures to InfluxDB and publishes its sink's status,
+    both often; stopped cleanly on exit."""
+    await list_instrument(platform)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(
+        run_marketdata(
+            platform,
+            stop,
+            simulate_rate=None,
+            bus_feed=False,
+            engine_books=False,
+            influx_interval_s=0.05,
+            sink_status_interval_s=0.05,
+        )
+    )
+    try:
+        yield
+    finally:
+        stop.set()
+        await worker
+
+
+@contextlib.asynccontextmanager
+async def api_client(platform: Platform) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(platform))
+    async with httpx.AsyncClient(transport=transport, base_url="http://tradeplane") as client:
+        yield client
+
+
+async def influx_health_until(
+    client: httpx.AsyncClient, wanted: Callable[[int, dict[str, Any]], bool]
+) -> tuple[int, dict[str, Any]]:
+    """Ask ``/health/influxdb`` until its answer is ``wanted`` (status code, body); fails after the timeout."""
+    answer: tuple[int, dict[str, Any]] | None = None
+    try:
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            while True:
+                response = await client.get("/health/influxdb")
+                answer = response.status_code, response.json()
+                if wanted(*answer):
+                    return answer
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pytest.fail(f"/health/influxdb never answered as wanted; last: {answer}")
+
+
+async def test_health_influxdb_follows_the_server(
+    influxdb: InfluxServer, database_url: str, redis_url: str, nats_url: str
+) -> None:
+    # One process, as under `tradeplane up`: the api reports the worker's sink, which is its own.
+    platform = platform_for(influxdb.url, f"tp_health_{uuid.uuid4().hex[:8]}", database_url, redis_url, nats_url)
     assert platform.influx is not None
     await platform.start()
     try:
-        transport = httpx.ASGITransport(app=create_app(platform))
-        async with httpx.AsyncClient(transport=transport, base_url="http://tradeplane") as client:
-            response = await client.get("/health/influxdb")
-            assert response.status_code == 200
-            assert response.json()["status"] == "ok"
-            assert response.json()["unconfirmed_points"] == 0
+        async with api_client(platform) as client, market_data_worker(platform):
+            status, health = await influx_health_until(client, lambda _, body: body["writer"] is not None)
+            assert (status, health["status"], health["unconfirmed_points"]) == (200, "ok", 0)
 
-            # a batch InfluxDB writes in part without counting its drops (a timestamp past its range)
+            # a batch InfluxDB writes in part without counting its drops (a timestamp past its range); the
+            # worker's figures may share it, and are then unconfirmed too
             for i, ts in enumerate([T0, 2**63 - 1, T0 + 2]):
                 platform.influx.write(Point("parsed", {}, {"n": i}, ts))
-            await settled(platform.influx)
-            health = (await client.get("/health/influxdb")).json()
-            assert (health["unconfirmed_points"], health["dropped_points"]) == (3, 0)
+            async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                while platform.influx.stats.unconfirmed < 3:  # noqa: ASYNC110 - polls the sink's count
+                    await asyncio.sleep(0.02)
+            unconfirmed = platform.influx.stats.unconfirmed
+            _, health = await influx_health_until(client, lambda _, body: body["unconfirmed_points"] == unconfirmed)
+            assert health["dropped_points"] == 0
 
             influxdb.stop()
             response = await client.get("/health/influxdb")
             assert response.status_code == 503
-            assert response.json()["status"] == "fail"
+            assert (response.json()["status"], response.json()["reason"]) == ("fail", "unreachable")
             # An optional sink being down does not make the platform unhealthy.
             assert (await client.get("/health")).status_code == 200
 
             influxdb.start()
-            assert (await client.get("/health/influxdb")).status_code == 200
+            status, health = await influx_health_until(client, lambda status, _: status == 200)
+            assert health["writer"]["consecutive_failures"] == 0
     finally:
         await platform.stop()
+
+
+async def test_health_influxdb_reports_the_writer_running_in_another_process(
+    influxdb: InfluxServer, database_url: str, redis_url: str, nats_url: str
+) -> None:
+    # `tradeplane run api` and `tradeplane run marketdata`: two platforms on the same servers.
+    database = f"tp_split_{uuid.uuid4().hex[:8]}"
+    api = platform_for(influxdb.url, database, database_url, redis_url, nats_url)
+    writer = platform_for(influxdb.url, database, database_url, redis_url, nats_url)
+    assert api.influx is not None and writer.influx is not None
+    await api.start()
+    await writer.start()
+    try:
+        async with api_client(api) as client:
+            response = await client.get("/health/influxdb")
+            assert response.status_code == 503  # InfluxDB answers its ping, but nobody writes to it
+            health = response.json()
+            assert (health["status"], health["reason"], health["writer"]) == ("fail", "writer_not_reporting", None)
+            assert "market data worker" in health["detail"]
+
+            async with market_data_worker(writer):
+                status, health = await influx_health_until(
+                    client, lambda _, body: body["writer"] is not None and body["writer"]["written_points"] > 0
+                )
+                assert (status, health["status"]) == (200, "ok")
+                reporter = health["writer"]
+                assert (reporter["service"], reporter["host"], reporter["pid"]) == (
+                    "marketdata",
+                    socket.gethostname(),
+                    os.getpid(),
+                )
+                assert (reporter["consecutive_failures"], reporter["last_failure"]) == (0, None)
+                assert reporter["last_written_at"] is not None and reporter["age_s"] >= 0
+                assert health["dropped_points"] == 0 and health["buffered_points"] is not None
+                # The figures are the writer's: the api's own sink has written nothing.
+                assert api.influx.stats.written == 0 and writer.influx.stats.written >= reporter["written_points"]
+
+            # The worker stopped cleanly: its report went with it.
+            response = await client.get("/health/influxdb")
+            assert (response.status_code, response.json()["reason"]) == (503, "writer_not_reporting")
+    finally:
+        await writer.stop()
+        await api.stop()
+
+
+async def test_health_influxdb_is_503_while_the_writer_s_writes_are_refused_and_200_once_fixed(
+    make_influxdb: Callable[[str], InfluxServer], database_url: str, redis_url: str, nats_url: str
+) -> None:
+    influxdb = make_influxdb("  auth-enabled = true")
+    admin = ("admin", "admin-secret")
+
+    async def as_admin(q: str) -> None:
+        async with httpx.AsyncClient(auth=admin) as http:
+            response = await http.post(f"{influxdb.url}/query", params={"q": q})
+        response.raise_for_status()
+        assert "error" not in response.json()["results"][0], response.text
+
+    async with httpx.AsyncClient() as http:  # the first user needs no credentials
+        q = "CREATE USER admin WITH PASSWORD 'admin-secret' WITH ALL PRIVILEGES"
+        (await http.post(f"{influxdb.url}/query", params={"q": q})).raise_for_status()
+    database = f"tp_refused_{uuid.uuid4().hex[:8]}"
+    url = influxdb.url.replace("http://", "http://writer:writer-secret@")  # no such user yet
+    api = platform_for(url, database, database_url, redis_url, nats_url)
+    writer = platform_for(url, database, database_url, redis_url, nats_url)
+    await api.start()
+    await writer.start()
+    try:
+        async with api_client(api) as client, market_data_worker(writer):
+
+            def failing_with(code: int) -> Callable[[int, dict[str, Any]], bool]:
+                def wanted(_: int, body: dict[str, Any]) -> bool:
+                    failure = (body["writer"] or {}).get("last_failure")
+                    return body.get("reason") == "writes_failing" and failure is not None and failure["status"] == code
+
+                return wanted
+
+            # /ping needs no credentials: it answers while every write is refused.
+            status, health = await influx_health_until(client, failing_with(401))
+            assert (status, health["status"]) == (503, "fail")
+            assert "latency_ms" in health and "error" not in health
+            assert health["writer"]["last_failure"]["error"] == "authorization failed"
+            assert health["writer"]["consecutive_failures"] > 0 and health["writer"]["last_written_at"] is None
+            assert "HTTP 401" in health["detail"]
+
+            await as_admin("CREATE USER writer WITH PASSWORD 'writer-secret'")
+            await as_admin(f"CREATE DATABASE {database}")
+            status, health = await influx_health_until(client, failing_with(403))  # no grant yet
+            assert status == 503
+
+            await as_admin(f"GRANT WRITE ON {database} TO writer")
+            status, health = await influx_health_until(client, lambda status, _: status == 200)
+            assert (health["status"], health["writer"]["consecutive_failures"]) == ("ok", 0)
+            assert health["writer"]["last_written_at"] is not None
+            assert health["writer"]["last_failure"]["status"] == 403  # the last failure stays on record
+    finally:
+        await writer.stop()
+        await api.stop()
+    rows = await query(influxdb, "SELECT * FROM system_metrics", database, auth=admin)
+    assert rows and rows[0]["service"] == "marketdata"  # what waited while refused was written once granted
 
 
 async def test_health_influxdb_is_not_found_when_the_sink_is_not_configured(client: httpx.AsyncClient) -> None:

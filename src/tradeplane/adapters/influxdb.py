@@ -27,6 +27,9 @@ InfluxDB:
   outage, since the points become writable once an operator fixes it: an error names what to fix. A user
   that may not ``CREATE DATABASE`` (not an admin) still writes into a database an admin made for it.
 - When it comes back, the retained points are written, oldest first.
+- ``stats`` keeps how writing goes (the last write InfluxDB took, the last failed attempt, failures in a row) and
+  ``status()`` reports it: the market data worker, the one process that writes, publishes it under
+  ``status_key(database)`` for ``/health/influxdb`` of every api process.
 
 Exact values: InfluxDB stores numbers as float64 or int64. Floats would round prices (0.1 has no float64)
 and could not be compared exactly, so prices and quantities are written as int64 counts of the instrument's
@@ -57,8 +60,9 @@ from collections import Counter as Tally
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import ClassVar
+from typing import ClassVar, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -231,19 +235,57 @@ def encode(points: Iterable[Buffered]) -> bytes:
 # ------------------------------------------------------------------------------------------------- sink
 
 
+def status_key(database: str) -> str:
+    """The Redis key (seed 000's ``system:*``) of the status published by the process writing to ``database``.
+    Named by database, so platforms sharing one Redis with databases of their own do not read each other's."""
+    return f"system:influxdb:{database}"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFailure:
+    """A write attempt that failed and is retried: ``status`` is None when no answer came (refused, timed out)."""
+
+    at: float  # time.time()
+    status: int | None
+    error: str
+
+
 @dataclass(slots=True)
 class SinkStats:
-    """Counts since the sink was created (the Prometheus counters are process-wide)."""
+    """Counts since the sink was created (the Prometheus counters are process-wide), and how writing goes."""
 
     written: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     failures: int = 0
     #: Points of partial writes whose dropped count InfluxDB did not give: neither written nor dropped.
     unconfirmed: int = 0
+    #: time.time() of the last request InfluxDB stored points of (in whole or in part).
+    last_written_at: float | None = None
+    last_failure: WriteFailure | None = None
+    #: Failed attempts since InfluxDB last settled a batch (stored, or refused for good): 0 while writes go.
+    consecutive_failures: int = 0
 
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
+
+
+class SinkStatus(TypedDict):
+    """``InfluxSink.status()``: JSON-ready, times in ISO 8601 UTC."""
+
+    database: str
+    buffered_points: int
+    written_points: int
+    dropped_points: int
+    unconfirmed_points: int
+    consecutive_failures: int
+    last_written_at: str | None
+    #: ``{"at", "status", "error"}`` of the last failed attempt, or None.
+    last_failure: dict[str, str | int | None] | None
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat()
 
 
 class InfluxSink:
@@ -330,6 +372,22 @@ class InfluxSink:
         while self.pending:
             self._wakeup.set()
             await asyncio.sleep(0.01)
+
+    def status(self) -> SinkStatus:
+        """What waits, what was lost and how writing goes: the figures ``/health/influxdb`` reports."""
+        stats, failure = self.stats, self.stats.last_failure
+        return SinkStatus(
+            database=self.database,
+            buffered_points=self.pending,
+            written_points=stats.written,
+            dropped_points=stats.dropped_total,
+            unconfirmed_points=stats.unconfirmed,
+            consecutive_failures=stats.consecutive_failures,
+            last_written_at=None if stats.last_written_at is None else _iso(stats.last_written_at),
+            last_failure=(
+                None if failure is None else {"at": _iso(failure.at), "status": failure.status, "error": failure.error}
+            ),
+        )
 
     async def ping(self) -> float:
         """Seconds for InfluxDB's ``/ping`` to answer 204; raises if it does not (for ``/health/influxdb``)."""
@@ -472,7 +530,9 @@ class InfluxSink:
             if status in (204, 400, 422):  # settled: these points are done with
                 for _ in batch:
                     self._batch.popleft()
+                self.stats.consecutive_failures = 0
                 if status == 204:
+                    self.stats.last_written_at = time.time()
                     self._count_written(Tally(point.measurement for point in batch))
                     if self._refusal_logged[0] in (401, 403, 404):
                         log.info("influxdb at %s takes the sink's writes again", self.url)
@@ -482,6 +542,8 @@ class InfluxSink:
                 backoff = self.initial_backoff_s
                 continue
             self.stats.failures += 1
+            self.stats.consecutive_failures += 1
+            self.stats.last_failure = WriteFailure(time.time(), status, error[:SAMPLE_CHARS] or reason)
             WRITE_FAILURES.inc()
             if status == 413:
                 if len(batch) > 1:
@@ -496,6 +558,7 @@ class InfluxSink:
                     )
                     continue
                 self._batch.popleft()
+                self.stats.consecutive_failures = 0  # refused for good: settled like a 400
                 log.error(
                     "influxdb refused a point as too large even alone (HTTP 413: %s): %s",
                     error[:SAMPLE_CHARS],
@@ -568,6 +631,7 @@ class InfluxSink:
             )
             self._drop(batch, "rejected")
             return
+        self.stats.last_written_at = time.time()  # written in part: InfluxDB takes the sink's writes
         dropped = int(match["dropped"])
         by_measurement = Tally(point.measurement for point in batch)
         if not 0 < dropped <= len(batch):

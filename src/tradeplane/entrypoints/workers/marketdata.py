@@ -23,7 +23,10 @@ Runs until ``stop`` is set:
   This process rather than the api: there is one market data worker per deployment (api replicas would each
   write the same figures), it owns the ingest figures and the sink's market data, and under ``tradeplane up``
   it shares the process, so the order path's Prometheus figures, with the api and engines. Run alone, the
-  order placement fields are absent (that histogram lives in the api's process).
+  order placement fields are absent (that histogram lives in the api's process). For the same reason this
+  process publishes its sink's status (``InfluxSink.status()``, with its host and pid) to Redis under
+  ``system:influxdb:<database>`` every ``SINK_STATUS_INTERVAL_S``, living ``SINK_STATUS_TTL_S``: an api
+  process's own sink writes nothing, so ``/health/influxdb`` of any api reports this one.
 
 Instruments listed after the start are adopted without a restart (``InstrumentDirectory``): every
 ``INSTRUMENT_RELOAD_S``, and at once when a feed meets one it does not know. The engine trades feed then stops
@@ -45,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import resource
 import socket
@@ -65,7 +69,7 @@ from tradeplane.adapters.db.timeseries import ensure_daily_partitions_async
 from tradeplane.adapters.feeds.bus import BusTickFeed, FeedPosition
 from tradeplane.adapters.feeds.engine_trades import EngineTradesFeed, TradeCursor, TradePrint
 from tradeplane.adapters.feeds.simulated import SimulatedFeed, SimulatedInstrument
-from tradeplane.adapters.influxdb import FieldValue, InfluxSink
+from tradeplane.adapters.influxdb import FieldValue, InfluxSink, status_key
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.ticks import InstrumentGrid, Tick
 from tradeplane.errors import TradeplaneError
@@ -81,6 +85,10 @@ CATCH_UP_WAIT_S = 30.0
 BOOK_CHANNEL_PREFIX = "tp:book:"
 #: How often performance and system_metrics points go to InfluxDB.
 INFLUX_REPORT_INTERVAL_S = 10.0
+#: How often the sink's status is published for /health/influxdb, and how long a report lives: a few periods,
+#: so a worker that stopped or cannot reach Redis reads as not reporting within seconds.
+SINK_STATUS_INTERVAL_S = 2.0
+SINK_STATUS_TTL_S = 10
 #: How often the instruments table is read again for instruments listed since (see the module docstring).
 INSTRUMENT_RELOAD_S = 2.0
 #: A symbol found unlisted by a reload is not looked up again for this long (a feed of garbage symbols must not
@@ -406,6 +414,7 @@ async def run_marketdata(
     depth_interval_s: float = 5.0,
     book_refresh_s: float = 1.0,
     influx_interval_s: float = INFLUX_REPORT_INTERVAL_S,
+    sink_status_interval_s: float = SINK_STATUS_INTERVAL_S,
 ) -> MarketDataPipeline:
     """Run the market data process on a started ``platform`` until ``stop`` is set; returns the pipeline
     (closed, its ``stats`` final)."""
@@ -553,6 +562,9 @@ async def run_marketdata(
     influx = platform.influx
     if influx is not None:
         supervise("influxdb figures", lambda: report_figures(influx, pipeline, stop, interval_s=influx_interval_s))
+        supervise(
+            "influxdb status", lambda: publish_sink_status(platform, influx, stop, interval_s=sink_status_interval_s)
+        )
     try:
         await stop.wait()
     finally:
@@ -627,6 +639,25 @@ async def report_figures(
     while not stop.is_set():
         figures.write()
         await pause(stop, interval_s)
+
+
+async def publish_sink_status(
+    platform: Platform, influx: InfluxSink, stop: asyncio.Event, *, interval_s: float = SINK_STATUS_INTERVAL_S
+) -> None:
+    """Publish ``influx``'s status with who reports it under ``status_key`` every ``interval_s`` until ``stop``,
+    then delete it: a worker that stopped reads as not reporting at once, one that died once the TTL ends."""
+    key = status_key(influx.database)
+    client = platform.cache.client
+    writer = {"service": "marketdata", "host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        while not stop.is_set():
+            report = {**writer, "reported_at": datetime.now(UTC).isoformat(), "sink": influx.status()}
+            await client.set(key, orjson.dumps(report), ex=SINK_STATUS_TTL_S)
+            await pause(stop, interval_s)
+    finally:
+        if stop.is_set():
+            with contextlib.suppress(*REDIS_ERRORS):
+                await client.delete(key)
 
 
 async def _first_of(*events: asyncio.Event, within_s: float) -> bool:

@@ -7,14 +7,17 @@ between, the fill would put the old rows back for the whole 30 s TTL; the genera
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import uuid
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import pytest
 
 from tests.integration.test_order_batch import make_book
-from tradeplane.adapters.cache import TTL_ORDER_BOOK, invalidate
+from tradeplane.adapters.cache import GENERATION_TTL, TTL_ORDER_BOOK, Cache, generation_key, invalidate
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.orders import OrderType, Side
 from tradeplane.domain.risk import OrderTerms
@@ -76,3 +79,40 @@ async def test_open_orders_read_before_a_placement_do_not_outlive_it_in_the_cach
         assert placement.order is not None
         fresh = await queries.open_orders_of_user(conn, platform.cache, user_id)
         assert [o.id for o in fresh] == [placement.order.id]
+
+
+async def test_a_commit_drops_its_owners_caches_and_wakes_the_relay(platform: Platform) -> None:
+    """After an order change commits, one call drops every owner's order_book: and positions: (bumping their
+    generations), skips a house account's missing owner, and announces the outbox rows on the relay's channel."""
+    cache = platform.cache
+    owners = [10**12 + int(uuid.uuid4().int % 10**9) for _ in range(2)]
+    keys = [key for uid in owners for key in (queries.order_book_key(uid), queries.positions_key(uid))]
+    generations = []
+    for key in keys:
+        await cache.client.set(key, b"cached", ex=TTL_ORDER_BOOK)
+        generations.append((await cache.read_through(key))[1])
+    async with cache.client.pubsub() as pubsub:
+        await pubsub.subscribe(queries.OUTBOX_WAKEUP_CHANNEL)
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+        await queries.after_order_commit(cache, owners[0], None, owners[1])
+        woken = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+    assert woken is not None and (woken["channel"], woken["data"]) == (queries.OUTBOX_WAKEUP_CHANNEL.encode(), b"")
+    for key, generation in zip(keys, generations, strict=True):
+        value, now = await cache.read_through(key)
+        assert value is None, key
+        assert now != generation, key
+        assert 0 < await cache.client.ttl(generation_key(key)) <= GENERATION_TTL
+
+
+async def test_a_commit_with_redis_away_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """The change is committed: a stale cache expires within its TTL and the relay also polls."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    away = Cache(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tradeplane.queries"):
+            await queries.after_order_commit(away, 1)
+    finally:
+        await away.close()
+    assert any("could not drop caches" in r.getMessage() for r in caplog.records)

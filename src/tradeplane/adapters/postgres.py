@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import asyncpg
+from prometheus_client import Histogram
 
 from tradeplane.errors import InfrastructureUnavailable
 from tradeplane.metrics import DATABASE_ERRORS, DATABASE_QUERY_DURATION
@@ -73,6 +74,19 @@ def _connection_lost(exc: BaseException, *, connection_open: bool) -> bool:
 # sequential scan of orders, planned while the table was small and kept until the first ANALYZE.
 # ``await conn.execute(GENERIC_PLANS)`` first thing in the transaction.
 GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+
+
+# database_query_duration_seconds' child per operation: ``labels()`` costs a lock and a tuple of strings on every
+# call, once per transaction. As bounded as the operation names, which are code constants (prometheus_client
+# keeps every child anyway).
+_DURATIONS: dict[str, Histogram] = {}
+
+
+def _duration_of(operation: str) -> Histogram:
+    child = _DURATIONS.get(operation)
+    if child is None:
+        child = _DURATIONS[operation] = DATABASE_QUERY_DURATION.labels(operation)
+    return child
 
 
 def describe_server(url: str) -> str:
@@ -149,7 +163,7 @@ class Database:
             DATABASE_ERRORS.labels(operation).inc()
             raise
         finally:
-            DATABASE_QUERY_DURATION.labels(operation).observe(time.perf_counter() - started)
+            _duration_of(operation).observe(time.perf_counter() - started)
 
     @asynccontextmanager
     async def transaction(self, operation: str) -> AsyncIterator[asyncpg.Connection]:

@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from tradeplane.adapters.cache import REDIS_ERRORS, TTL_ORDER_BOOK, TTL_POSITIONS, Cache, invalidate
+from tradeplane.adapters.cache import REDIS_ERRORS, TTL_ORDER_BOOK, TTL_POSITIONS, Cache
 from tradeplane.domain.orders import OPEN_STATUSES, OrderStatus
 from tradeplane.domain.risk import InstrumentRules
 from tradeplane.errors import InvalidRequest, NotFound
@@ -454,10 +454,7 @@ async def after_order_commit(cache: Cache, *user_ids: int | None) -> None:
     owners = {uid for uid in user_ids if uid is not None}
     keys = [key for uid in sorted(owners) for key in (order_book_key(uid), positions_key(uid))]
     try:
-        async with cache.client.pipeline(transaction=False) as pipe:
-            invalidate(pipe, *keys)
-            pipe.publish(OUTBOX_WAKEUP_CHANNEL, b"")
-            await pipe.execute()
+        await cache.invalidate_and_publish(keys, OUTBOX_WAKEUP_CHANNEL)
     except REDIS_ERRORS as exc:
         log.warning("could not drop caches %s or wake the relay: %s", keys, exc)
 

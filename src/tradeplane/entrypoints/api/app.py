@@ -27,7 +27,7 @@ from tradeplane.entrypoints.api import marketdata as marketdata_api
 from tradeplane.entrypoints.api import orders as orders_api
 from tradeplane.entrypoints.api import websocket as websocket_hub
 from tradeplane.entrypoints.api.deps import principal_of
-from tradeplane.entrypoints.api.fast_reads import AccountReadFastPath
+from tradeplane.entrypoints.api.fast_reads import ACCOUNT_PATH, AccountReadFastPath
 from tradeplane.entrypoints.api.observability import RequestMetrics
 from tradeplane.entrypoints.api.schemas import OrderCreate
 from tradeplane.errors import TradeplaneError
@@ -82,7 +82,7 @@ async def render_http(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error_body(code, exc.detail), status_code=exc.status_code)
 
 
-_ERROR_RENDERERS: dict[type[Exception], Callable[[Request, Any], Awaitable[Response]]] = {
+ERROR_RENDERERS: dict[type[Exception], Callable[[Request, Any], Awaitable[Response]]] = {
     TradeplaneError: render_error,
     asyncpg.exceptions.DeadlockDetectedError: render_contention,
     asyncpg.exceptions.SerializationError: render_contention,
@@ -221,7 +221,7 @@ class OrderPlacementFastPath:
             if body is not None:
                 response = await orders_api.place_one(body, principal, self.platform)
         except Exception as exc:
-            renderer = next((_ERROR_RENDERERS[c] for c in type(exc).__mro__ if c in _ERROR_RENDERERS), None)
+            renderer = next((ERROR_RENDERERS[c] for c in type(exc).__mro__ if c in ERROR_RENDERERS), None)
             if renderer is None:
                 # what ServerErrorMiddleware (not in debug) answers, before uvicorn logs the exception
                 await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
@@ -244,11 +244,13 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 
 class TradeplaneAPI(FastAPI):
-    """The FastAPI application, with request metrics and ``POST /api/v1/orders`` in front of FastAPI's own layers.
+    """The FastAPI application, with request metrics, ``POST /api/v1/orders`` and ``GET /api/v1/accounts/{id}`` in
+    front of FastAPI's own layers.
 
     uvicorn calls the application itself for every request, so this is the one place to answer a request before
-    ``FastAPI.__call__`` (see ``OrderPlacementFastPath``). ``RequestMetrics`` times every HTTP request here, the
-    fast path's and FastAPI's alike, once each; a request the fast path hands back is measured once too.
+    ``FastAPI.__call__`` (see ``OrderPlacementFastPath`` and ``fast_reads.AccountReadFastPath``). ``RequestMetrics``
+    times every HTTP request here, the fast paths' and FastAPI's alike, once each; a request a fast path hands back
+    is measured once too.
     """
 
     def __init__(self, platform: Platform, **settings: Any) -> None:
@@ -256,6 +258,7 @@ class TradeplaneAPI(FastAPI):
         self.state.platform = platform
         framework: ASGIApp = super().__call__
         self._orders = OrderPlacementFastPath(framework, platform)
+        self._accounts = AccountReadFastPath(framework, platform, ERROR_RENDERERS)
         self._framework = framework
         self._measured = RequestMetrics(self._dispatch)
 
@@ -266,8 +269,11 @@ class TradeplaneAPI(FastAPI):
             await self._framework(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] == "POST" and scope["path"] == _ORDERS_PATH:
+        method, path = scope["method"], scope["path"]
+        if method == "POST" and path == _ORDERS_PATH:
             await self._orders(scope, receive, send)
+        elif method == "GET" and path.startswith(ACCOUNT_PATH):
+            await self._accounts(scope, receive, send)
         else:
             await self._framework(scope, receive, send)
 
@@ -291,9 +297,8 @@ def create_app(platform: Platform) -> FastAPI:
         description="Self-hosted trading platform core. Authenticate with `Authorization: Bearer <API key>`.",
         lifespan=lifespan,
     )
-    app.add_middleware(AccountReadFastPath, platform=platform, renderers=_ERROR_RENDERERS)
     app.add_middleware(BodyLimit)
-    for exc_class, renderer in _ERROR_RENDERERS.items():
+    for exc_class, renderer in ERROR_RENDERERS.items():
         app.add_exception_handler(exc_class, renderer)
 
     @app.get("/metrics", include_in_schema=False)

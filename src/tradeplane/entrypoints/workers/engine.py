@@ -46,7 +46,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -81,10 +81,8 @@ from tradeplane.errors import InfrastructureUnavailable
 from tradeplane.services.accounts import house_account
 from tradeplane.services.queries import order_book_key, positions_key
 from tradeplane.services.settlement import (
-    FillRecord,
     InstrumentInfo,
     OrderRow,
-    Position,
     SettledBatch,
     load_instrument,
     load_instruments,
@@ -168,24 +166,21 @@ def _message(channel: str, symbol: str | None, data: Any) -> bytes:
 def execution_reports(result: SettledBatch) -> list[tuple[str, bytes]]:
     """(Redis channel, payload) for each channel with reports in ``result``, in publishing order: one message per
     channel, the envelope alone or a JSON array of them (the module docstring has the format)."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
+    trades: dict[str, list[dict[str, Any]]] = {}
     for trade in result.trades:
         envelope = {"channel": "trades", "symbol": trade.symbol, "data": trade.to_public()}
-        grouped.setdefault(trades_channel(trade.symbol), []).append(envelope)
-    private: tuple[tuple[str, Sequence[FillRecord | OrderRow | Position]], ...] = (
-        ("fills", result.fills),
-        ("orders", result.orders),
-        ("positions", result.positions),
-    )
-    for kind, reports in private:
+        trades.setdefault(trade.symbol, []).append(envelope)
+    private: dict[int, list[dict[str, Any]]] = {}
+    for kind, reports in (("fills", result.fills), ("orders", result.orders), ("positions", result.positions)):
         for report in reports:
             if report.user_id is not None:
                 envelope = {"channel": kind, "symbol": report.symbol, "data": report.to_public()}
-                grouped.setdefault(user_channel(report.user_id), []).append(envelope)
-    # Insertion order puts every trades channel first (see the module docstring).
+                private.setdefault(report.user_id, []).append(envelope)
+    # Every trades channel first (see the module docstring).
+    grouped = [(trades_channel(symbol), envelopes) for symbol, envelopes in trades.items()]
+    grouped += [(user_channel(user_id), envelopes) for user_id, envelopes in private.items()]
     return [
-        (channel, orjson.dumps(envelopes[0] if len(envelopes) == 1 else envelopes))
-        for channel, envelopes in grouped.items()
+        (channel, orjson.dumps(envelopes[0] if len(envelopes) == 1 else envelopes)) for channel, envelopes in grouped
     ]
 
 

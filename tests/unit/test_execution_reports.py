@@ -10,6 +10,7 @@ negative, integral and long ones, times with and without microseconds, a client 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import MAX_PREC, Context
 from decimal import Decimal as D
 
 from hypothesis import example, given
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from tradeplane.domain.orders import OrderStatus, OrderType, Side
 from tradeplane.entrypoints.workers.engine import execution_reports
+from tradeplane.services.queries import decimal_text
 from tradeplane.services.settlement import FillRecord, OrderRow, Position, SettledBatch, TradeRecord, dec
 
 NOW = datetime(2026, 11, 21, 10, 11, 12, 345678, tzinfo=UTC)
@@ -188,8 +190,9 @@ def test_a_batch_without_reports_publishes_nothing() -> None:
 
 
 def plain(value: D) -> str:
-    """How execution reports and the API wrote decimals before ``dec`` took shortcuts."""
-    return "0" if value == 0 else format(value.normalize(), "f")
+    """Plain notation without trailing zeros, every digit kept (``normalize()`` in the default context would round
+    past 28 significant digits, which NUMERIC(38, 18) values can have)."""
+    return "0" if value == 0 else format(value.normalize(Context(prec=MAX_PREC)), "f")
 
 
 @given(
@@ -200,9 +203,16 @@ def plain(value: D) -> str:
 @example(D("-0.000"))
 @example(D("1E+2"))
 @example(D("0.0000001000"))
-@example(D("12345678901.123456789012345678"))  # 29 digits: normalize() rounds them to 28
+@example(D("12345678901.123456789012345678"))  # 29 digits: the default context's normalize() rounds them to 28
 @example(D("99999999999999999999.999999999999999999"))
 @example(D("-1234567890123456789012345678"))
-def test_decimals_are_written_as_before(value: D) -> None:
+def test_decimals_are_written_plainly_and_exactly(value: D) -> None:
     assert dec(value) == plain(value)
     assert dec(value) == plain(value)  # again, from the texts it remembers
+    assert decimal_text(value) == plain(value)  # the API's writer: the same text
+    assert D(dec(value)) == value
+
+
+def test_a_balance_with_more_digits_than_the_default_context_keeps_them_all() -> None:
+    balance = D("12345678901.123456789012345678")  # NUMERIC(38, 18) holds it; 29 significant digits
+    assert dec(balance) == decimal_text(balance) == "12345678901.123456789012345678"

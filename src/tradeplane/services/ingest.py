@@ -92,6 +92,7 @@ from tradeplane.adapters.postgres import Database
 from tradeplane.domain.candles import Candle, CandleAggregator, Timeframe
 from tradeplane.domain.ticks import NS_PER_SECOND, DropReason, PriceScale, Tick, TickValidator
 from tradeplane.errors import InfrastructureUnavailable
+from tradeplane.services.queries import decimal_text
 
 log = logging.getLogger("tradeplane.marketdata")
 
@@ -921,11 +922,11 @@ class MarketDataPipeline:
                 "timeframe": row["timeframe"],
                 "bucket": _iso(row["bucket"]),
                 # as /candles writes them (trim_scale): 100.00 is "100", never "1E+2"
-                "open": _plain(row["open"]),
-                "high": _plain(row["high"]),
-                "low": _plain(row["low"]),
-                "close": _plain(row["close"]),
-                "volume": _plain(row["volume"]),
+                "open": decimal_text(row["open"]),
+                "high": decimal_text(row["high"]),
+                "low": decimal_text(row["low"]),
+                "close": decimal_text(row["close"]),
+                "volume": decimal_text(row["volume"]),
                 "tick_count": row["tick_count"],
             }
         for key in touched:
@@ -1062,15 +1063,15 @@ class MarketDataPipeline:
             ts_ns = max(book.ts_ns, q.last_ts_ns)
 
         def price(ticks: int | None) -> str | None:
-            return None if ticks is None else _plain(instrument.price(ticks))
+            return None if ticks is None else decimal_text(instrument.price(ticks))
 
         return {
             "symbol": instrument.symbol,
             "ts": _iso(sql.ns_to_datetime(ts_ns)),
             "bid": price(bid),
             "ask": price(ask),
-            "bid_size": None if bid is None else _plain(instrument.quantity(bid_size)),
-            "ask_size": None if ask is None else _plain(instrument.quantity(ask_size)),
+            "bid_size": None if bid is None else decimal_text(instrument.quantity(bid_size)),
+            "ask_size": None if ask is None else decimal_text(instrument.quantity(ask_size)),
             "last": price(q.last),
         }
 
@@ -1155,12 +1156,6 @@ def _highest_offsets(chunks: Sequence[_Chunk]) -> dict[str, int]:
 class _Grid:
     symbol: str
     tick_size: Decimal
-
-
-def _plain(value: Decimal) -> str:
-    """A decimal as a plain string without trailing zeros or exponent: 100.500000 -> "100.5", 1E+3 -> "1000"."""
-    text = format(value.normalize(), "f")
-    return text
 
 
 def _trade_prints(cols: TickColumns) -> list[tuple[int, int, int, int]]:

@@ -21,7 +21,7 @@ import time as monotonic_time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import MAX_PREC, Context, Decimal
 from typing import Any, Generic, TypeVar
 
 import asyncpg
@@ -49,11 +49,17 @@ def sees_all_accounts(principal: Principal) -> bool:
     return principal.role in _SEES_ALL
 
 
+#: ``normalize()`` in the default context keeps 28 significant digits and rounds the rest away; a NUMERIC(38, 18)
+#: value has up to 38. This context only strips zeros.
+_EXACT = Context(prec=MAX_PREC)
+
+
 def decimal_text(value: Decimal) -> str:
-    """Exact plain notation: Decimal('65000.000000') -> '65000', Decimal('0.50') -> '0.5', never '6.5E+4'."""
+    """Exact plain notation: Decimal('65000.000000') -> '65000', Decimal('0.50') -> '0.5', never '6.5E+4', every
+    digit kept (12345678901.123456789012345678 has 29)."""
     if value == 0:
         return "0"
-    return format(value.normalize(), "f")
+    return format(value.normalize(_EXACT), "f")
 
 
 def _opt_text(value: Decimal | None) -> str | None:

@@ -61,6 +61,7 @@ from tradeplane.domain.orders import (
 from tradeplane.domain.reservations import reservation
 from tradeplane.services import ledger
 from tradeplane.services.accounts import house_account
+from tradeplane.services.queries import decimal_text
 
 log = logging.getLogger("tradeplane.settlement")
 
@@ -258,12 +259,11 @@ _DEC_TEXTS_MAX = 4096
 
 
 def dec(value: Decimal | None) -> str | None:
-    """A decimal as the API writes it: plain notation, no trailing zeros (0.500000000000000000 -> "0.5"); the
-    text of ``format(value.normalize(), "f")``, as ``queries.decimal_text`` writes it.
+    """A decimal as the API writes it: plain notation, no trailing zeros (0.500000000000000000 -> "0.5"), every
+    digit kept; the text ``queries.decimal_text`` writes.
 
-    ``str()`` writes plain notation except for a positive exponent or a tiny number (with an ``E``), and up to
-    28 characters hold at most 28 digits, all of which ``normalize`` keeps: stripping the zeros of that text is
-    the same number, at half the cost. Anything else takes the long way.
+    ``str()`` writes plain notation except for a positive exponent or a tiny number (with an ``E``): stripping
+    the zeros of that text is the same number, at half the cost. Those and long texts take the long way.
     """
     if value is None:
         return None
@@ -272,7 +272,7 @@ def dec(value: Decimal | None) -> str | None:
     if known is not None:
         return known
     if "E" in text or len(text) > 28:
-        plain = "0" if value == 0 else format(value.normalize(), "f")
+        plain = decimal_text(value)
     elif "." in text:
         plain = text.rstrip("0").rstrip(".")
     else:

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -492,21 +492,30 @@ async def _logged(caplog: pytest.LogCaptureFixture, *words: str) -> None:
             await asyncio.sleep(0.02)
 
 
-async def test_credentials_permissions_and_a_missing_database_are_retried_with_what_to_fix(
-    make_influxdb: Callable[[str], InfluxServer], caplog: pytest.LogCaptureFixture
-) -> None:
-    influxdb = make_influxdb("  auth-enabled = true")
-    admin = ("admin", "admin-secret")
+ADMIN = ("admin", "admin-secret")  # the first user of an auth-enabled test server (``first_admin``)
+
+
+async def first_admin(influxdb: InfluxServer) -> Callable[[str], Awaitable[None]]:
+    """Create the first user of an ``auth-enabled`` server, an admin (that one needs no credentials); a function
+    that runs a query as that admin and fails on any error."""
+    async with httpx.AsyncClient() as http:
+        q = "CREATE USER admin WITH PASSWORD 'admin-secret' WITH ALL PRIVILEGES"
+        (await http.post(f"{influxdb.url}/query", params={"q": q})).raise_for_status()
 
     async def as_admin(q: str) -> None:
-        async with httpx.AsyncClient(auth=admin) as http:
+        async with httpx.AsyncClient(auth=ADMIN) as http:
             response = await http.post(f"{influxdb.url}/query", params={"q": q})
         response.raise_for_status()
         assert "error" not in response.json()["results"][0], response.text
 
-    async with httpx.AsyncClient() as http:  # the first user needs no credentials
-        q = "CREATE USER admin WITH PASSWORD 'admin-secret' WITH ALL PRIVILEGES"
-        (await http.post(f"{influxdb.url}/query", params={"q": q})).raise_for_status()
+    return as_admin
+
+
+async def test_credentials_permissions_and_a_missing_database_are_retried_with_what_to_fix(
+    make_influxdb: Callable[[str], InfluxServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    influxdb = make_influxdb("  auth-enabled = true")
+    as_admin = await first_admin(influxdb)
     url = influxdb.url.replace("http://", "http://writer:writer-secret@")
     sink = InfluxSink(url, "tp_auth", batch_size=10, flush_interval_s=0.05, initial_backoff_s=0.02, max_backoff_s=0.1)
     await sink.start()
@@ -528,7 +537,7 @@ async def test_credentials_permissions_and_a_missing_database_are_retried_with_w
     finally:
         await sink.close(drain_timeout_s=1.0)
 
-    rows = await query(influxdb, "SELECT n FROM guarded ORDER BY time", "tp_auth", auth=admin)
+    rows = await query(influxdb, "SELECT n FROM guarded ORDER BY time", "tp_auth", auth=ADMIN)
     assert [row["n"] for row in rows] == list(range(5))
     assert (sink.stats.written, sink.stats.dropped) == (5, {})
 
@@ -682,17 +691,7 @@ async def test_health_influxdb_is_503_while_the_writer_s_writes_are_refused_and_
     make_influxdb: Callable[[str], InfluxServer], database_url: str, redis_url: str, nats_url: str
 ) -> None:
     influxdb = make_influxdb("  auth-enabled = true")
-    admin = ("admin", "admin-secret")
-
-    async def as_admin(q: str) -> None:
-        async with httpx.AsyncClient(auth=admin) as http:
-            response = await http.post(f"{influxdb.url}/query", params={"q": q})
-        response.raise_for_status()
-        assert "error" not in response.json()["results"][0], response.text
-
-    async with httpx.AsyncClient() as http:  # the first user needs no credentials
-        q = "CREATE USER admin WITH PASSWORD 'admin-secret' WITH ALL PRIVILEGES"
-        (await http.post(f"{influxdb.url}/query", params={"q": q})).raise_for_status()
+    as_admin = await first_admin(influxdb)
     database = f"tp_refused_{uuid.uuid4().hex[:8]}"
     url = influxdb.url.replace("http://", "http://writer:writer-secret@")  # no such user yet
     api = platform_for(url, database, database_url, redis_url, nats_url)
@@ -730,7 +729,7 @@ async def test_health_influxdb_is_503_while_the_writer_s_writes_are_refused_and_
     finally:
         await writer.stop()
         await api.stop()
-    rows = await query(influxdb, "SELECT * FROM system_metrics", database, auth=admin)
+    rows = await query(influxdb, "SELECT * FROM system_metrics", database, auth=ADMIN)
     assert rows and rows[0]["service"] == "marketdata"  # what waited while refused was written once granted
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -26,6 +26,7 @@ from tradeplane.config import Settings
 from tradeplane.entrypoints.workers import marketdata as marketdata_worker
 from tradeplane.entrypoints.workers.marketdata import run_marketdata
 from tradeplane.errors import InfrastructureUnavailable
+from tradeplane.services.ingest import MarketDataPipeline
 from tradeplane.services.instruments import InstrumentTerms
 from tradeplane.services.instruments import list_instrument as list_new_instrument
 
@@ -74,6 +75,19 @@ async def exactly(platform: Platform, n: int, instrument: ListedInstrument) -> b
     count = await tick_count(platform, instrument)
     assert count <= n, f"{count} ticks stored, only {n} sent"  # a duplicate fails at once
     return count == n
+
+
+def simulating_worker(platform: Platform, stop: asyncio.Event) -> Coroutine[Any, Any, MarketDataPipeline]:
+    """The market data worker with only its simulated feed (200 ticks/s), until ``stop``."""
+    return run_marketdata(
+        platform,
+        stop,
+        simulate_rate=200,
+        bus_feed=False,
+        engine_trades=False,
+        engine_books=False,
+        depth_interval_s=60,
+    )
 
 
 async def test_ticks_and_trades_of_an_instrument_listed_after_the_worker_started_are_stored_once(
@@ -133,17 +147,7 @@ async def test_the_simulated_feed_walks_an_instrument_listed_after_the_worker_st
     platform = md_platform
     known = await list_instrument(platform)
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        run_marketdata(
-            platform,
-            stop,
-            simulate_rate=200,
-            bus_feed=False,
-            engine_trades=False,
-            engine_books=False,
-            depth_interval_s=60,
-        )
-    )
+    task = asyncio.create_task(simulating_worker(platform, stop))
     try:
         await until(lambda: tick_count(platform, known))  # the simulation runs
 

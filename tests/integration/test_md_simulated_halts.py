@@ -9,11 +9,15 @@ from decimal import Decimal
 
 from tests.integration.test_engine_marketdata import tick_count
 from tests.integration.test_ingest import until
-from tests.integration.test_md_new_instrument import list_fresh_instrument, md_platform  # noqa: F401 - fixture
+from tests.integration.test_md_new_instrument import (  # noqa: F401 - md_platform is a fixture
+    list_fresh_instrument,
+    md_platform,
+    simulating_worker,
+)
 from tradeplane.adapters.db.marketdata import ListedInstrument
 from tradeplane.bootstrap import Platform
 from tradeplane.domain.ticks import Tick
-from tradeplane.entrypoints.workers.marketdata import SimulatedMarket, run_marketdata
+from tradeplane.entrypoints.workers.marketdata import SimulatedMarket
 from tradeplane.services.instruments import set_status
 
 REFERENCE_TICKS = 100  # list_fresh_instrument: reference price 50, tick size 0.5
@@ -85,17 +89,7 @@ async def test_the_worker_walks_an_instrument_listed_halted_once_it_reopens(md_p
     known = await list_with_status(platform, "K", "open")
     halted = await list_with_status(platform, "H", "halted")
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        run_marketdata(
-            platform,
-            stop,
-            simulate_rate=200,
-            bus_feed=False,
-            engine_trades=False,
-            engine_books=False,
-            depth_interval_s=60,
-        )
-    )
+    task = asyncio.create_task(simulating_worker(platform, stop))
     try:
         await until(lambda: _at_least(platform, known, 20))  # the simulation runs
         assert await tick_count(platform, halted) == 0

@@ -155,13 +155,18 @@ async def test_an_accepted_order_is_committed_with_its_hold_outbox_and_audit_row
     assert (summary["cash"], summary["holds"], summary["free"]) == ("1000000", "32516.25", "967483.75")
 
 
-async def test_placement_is_all_or_nothing(platform: Platform, alice: Actor) -> None:
-    # the outbox insert fails inside the placement statement: no order, hold or audit row may survive
+async def refuse_outbox_inserts(platform: Platform) -> None:
+    """Make the outbox insert inside the placement statement fail ('outbox down')."""
     await script(
         platform,
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'outbox down'; END $$;"
         " CREATE TRIGGER refuse BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse();",
     )
+
+
+async def test_placement_is_all_or_nothing(platform: Platform, alice: Actor) -> None:
+    # the outbox insert fails inside the placement statement: no order, hold or audit row may survive
+    await refuse_outbox_inserts(platform)
     principal = Principal(alice.user_id, "alice", Role.TRADER)
     terms = OrderTerms(Side.BUY, OrderType.LIMIT, D("0.5"), price=D("65000"))
     audit_before = await one(platform, "SELECT count(*) FROM audit_log")
@@ -176,11 +181,7 @@ async def test_placement_is_all_or_nothing(platform: Platform, alice: Actor) -> 
 async def test_a_grouped_placement_is_all_or_nothing(platform: Platform, alice: Actor) -> None:
     """The placement of several orders (a batch, or single orders grouped by the placement queue) sets its plan mode
     in the same round trip as BEGIN: a failure still rolls back every row, and leaves no transaction open."""
-    await script(
-        platform,
-        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'outbox down'; END $$;"
-        " CREATE TRIGGER refuse BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse();",
-    )
+    await refuse_outbox_inserts(platform)
     principal = Principal(alice.user_id, "alice", Role.TRADER)
     terms = OrderTerms(Side.BUY, OrderType.LIMIT, D("0.5"), price=D("65000"))
     request = OrderRequest(alice.account_id or 0, "BTC-USD", terms)

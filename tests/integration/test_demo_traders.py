@@ -55,12 +55,19 @@ async def test_demo_traders_place_orders_through_the_api(platform: Platform) -> 
             run_demo_traders(base_url, participants.api_keys, participants.account_ids, stop, seed=42)
         )
         async with platform.db.connection("test.demo") as conn:
-            for _ in range(300):  # until every trader has had an order acknowledged (a hang guard, not a timer)
+            # until every trader has had an order acknowledged and the market maker has quoted both sides of every
+            # symbol (it quotes one symbol after another: the traders can be quicker) (a hang guard, not a timer)
+            for _ in range(300):
                 traders_with_orders = await conn.fetchval(
                     "SELECT count(DISTINCT account_id) FROM orders WHERE account_id = ANY($1) AND status <> 'rejected'",
                     list(participants.account_ids[1:]),
                 )
-                if traders_with_orders == len(DEMO_TRADERS):
+                sides_quoted = await conn.fetchval(
+                    "SELECT count(DISTINCT (instrument_id, side)) FROM orders WHERE account_id = $1"
+                    " AND status <> 'rejected'",
+                    participants.market_maker.account_id,
+                )
+                if traders_with_orders == len(DEMO_TRADERS) and sides_quoted == 2 * len(DEMO_SYMBOLS):
                     break
                 await asyncio.sleep(0.1)
         stop.set()

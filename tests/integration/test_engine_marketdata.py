@@ -354,13 +354,16 @@ async def test_the_book_quotes_a_symbol_again_once_its_external_feed_went_quiet(
 ) -> None:
     a = await list_instrument(platform)
     pubsub = await quotes_of(a.symbol)
-    pipeline = MarketDataPipeline(platform.db, [a], cache=platform.cache, commit_interval_s=0.05, external_quote_s=0.2)
+    # the feed's window is long while the test checks that the book does not quote over it (a slow machine must
+    # not see it end early), then ends: the feed has gone quiet
+    pipeline = MarketDataPipeline(platform.db, [a], cache=platform.cache, commit_interval_s=0.05, external_quote_s=60)
     await pipeline.start()
     try:
         await pipeline.submit([Tick(T0, a.symbol, 9_990, 9_995, 7, 8, None, 0)])
         await pipeline.flush()
         assert ((await next_quote(pubsub))["data"]["bid"]) == "99.9"
         assert not pipeline.note_engine_book(a.symbol, 1, (Decimal("100"), Decimal("1")), None)
+        pipeline.external_quote_s = 0.0
         await until(lambda: not pipeline._externally_quoted(0))
         pipeline.refresh_book_quotes()
         await pipeline.flush()
